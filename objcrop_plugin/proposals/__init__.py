@@ -4,9 +4,9 @@ from .jsonl import JsonLinesImporter, ProposalFileError, export_jsonl, import_js
 from .store import (
     MissingProposalsError,
     ProposalRecord,
+    Proposals,
     ProposalStore,
     ProposalStoreWriter,
-    Proposals,
     StoreFormatError,
     normalize_key,
 )

@@ -1,0 +1,158 @@
+"""The ``objcrop`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+DEFAULT_HOME = Path(os.environ.get("OBJCROP_HOME", Path.home() / ".cache" / "objcrop-plugin"))
+
+
+def _demo_data(args: argparse.Namespace):
+    from .data.synthetic import write_dataset
+
+    root = Path(args.data_dir) if args.data_dir else DEFAULT_HOME / "demo"
+    size = tuple(int(v) for v in args.image_size.lower().split("x"))
+    return write_dataset(root, n_images=args.n_images, size=size, seed=args.data_seed)
+
+
+def _add_demo_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", help="where the demo data lives (default: $OBJCROP_HOME/demo)")
+    p.add_argument("--n-images", type=int, default=200, help="demo images to generate (default 200)")
+    p.add_argument("--image-size", default="640x480", help="demo image size WxH (default 640x480)")
+    p.add_argument("--data-seed", type=int, default=0, help="demo data seed (default 0)")
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .proposals.store import ProposalStore
+    from .viz import crops_figure
+
+    if args.root:
+        root = Path(args.root)
+        store = ProposalStore(args.proposals) if args.proposals else None
+        from .engine.cpu import list_images
+
+        keys = list_images(root)
+    else:
+        demo = _demo_data(args)
+        root, keys = demo.root, list(demo.keys)
+        store = ProposalStore(args.proposals or demo.proposals_path)
+    keys = args.keys or keys[args.first : args.first + args.n]
+    out = crops_figure(
+        root, keys, store, recipes=args.views, out=args.out, seed=args.seed,
+        photometrics=args.photometrics,
+    )
+    print(f"wrote {out} ({len(keys)} images, recipes: {', '.join(args.views)})")
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    demo = _demo_data(args)
+    print(f"demo data: {len(demo.keys)} images in {demo.image_dir}")
+    print(f"labels: {demo.labels_path}")
+    print(f"ground-truth proposals: {demo.proposals_path}")
+    return 0
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    from .registry import list_policies, list_proposal_sources
+
+    print("crop policies and view recipes:", ", ".join(list_policies()))
+    print("proposal sources:", ", ".join(list_proposal_sources()))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from .proposals.jsonl import import_jsonl
+
+    n = import_jsonl(args.src, args.out)
+    print(f"wrote {args.out} ({n} images)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .proposals.jsonl import export_jsonl
+    from .proposals.store import ProposalStore
+
+    n = export_jsonl(ProposalStore(args.store), args.out)
+    print(f"wrote {args.out} ({n} images)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .proposals.store import ProposalStore
+
+    store = ProposalStore(args.store)
+    print(json.dumps({"path": str(store.path), "images": len(store), "boxes": store.n_boxes,
+                      "meta": store.meta}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="objcrop",
+        description="Object-aware cropping for self-supervised learning (lightly, solo-learn).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log fallbacks and details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("show", help="write a PNG of proposals and the views recipes cut from them")
+    p.add_argument("--root", help="image folder (default: the embedded demo data)")
+    p.add_argument("--proposals", help="proposal store (default: the demo's ground truth)")
+    p.add_argument("--views", nargs="+", default=["scene_scene", "obj_obj_dilate"],
+                   help="view recipes to show (default: scene_scene obj_obj_dilate)")
+    p.add_argument("--n", type=int, default=4, help="images to show (default 4)")
+    p.add_argument("--first", type=int, default=0, help="index of the first image")
+    p.add_argument("--keys", nargs="*", help="show these image keys instead")
+    p.add_argument("--photometrics", default="none",
+                   help="apply a photometric preset to the views (default none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="crops.png", help="output PNG (default crops.png)")
+    _add_demo_data_args(p)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("demo-data", help="generate the embedded demo data set")
+    _add_demo_data_args(p)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("policies", help="list registered crop policies and proposal sources")
+    p.set_defaults(func=cmd_policies)
+
+    prop = sub.add_parser("proposals", help="proposal stores").add_subparsers(
+        dest="proposals_command", required=True
+    )
+    p = prop.add_parser("import", help="JSON Lines -> proposal store")
+    p.add_argument("src")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_import)
+    p = prop.add_parser("export", help="proposal store -> JSON Lines")
+    p.add_argument("store")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+    p = prop.add_parser("info", help="counts and metadata of a store")
+    p.add_argument("store")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError, LookupError, OSError) as exc:
+        print(f"objcrop: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Image decoding for the view engines: EXIF orientation, any mode to RGB, JPEG draft mode.
+
+Boxes in a proposal store refer to the *displayed* image: the decoded pixels with the EXIF
+orientation applied (what every image viewer shows and what the proposal build sees). This
+module is the one place that defines those pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "ImageDecodeError",
+    "OpenedImage",
+    "draft_factor",
+    "load_rgb",
+    "open_image",
+    "to_rgb",
+]
+
+# EXIF orientation -> the PIL transpose that shows the image upright (as ImageOps.exif_transpose)
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_ORIENTATION_TAG = 0x0112
+
+
+class ImageDecodeError(OSError):
+    """An image file that cannot be read; the message names the file."""
+
+
+@dataclass
+class OpenedImage:
+    """A lazily opened image: the header is read, the pixels are not yet decoded.
+
+    Attributes:
+        image: the PIL image (not loaded).
+        orientation: EXIF orientation, 1..8 (1 = as stored).
+        size: ``(width, height)`` of the *displayed* image (after the EXIF orientation).
+        path: where it came from, for error messages.
+    """
+
+    image: Image.Image
+    orientation: int
+    size: tuple[int, int]
+    path: str
+
+    @property
+    def is_jpeg(self) -> bool:
+        return self.image.format == "JPEG"
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = int(img.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # a broken EXIF block is not worth failing a sample for
+        return 1
+    return value if value in _TRANSPOSE else 1
+
+
+def open_image(path: str | os.PathLike[str]) -> OpenedImage:
+    """Open an image and read its displayed size without decoding the pixels."""
+    try:
+        img = Image.open(path)
+    except Exception as exc:
+        raise ImageDecodeError(
+            f"{path}: cannot open as an image ({type(exc).__name__}: {exc}). "
+            "Fix: remove or replace the file."
+        ) from exc
+    orientation = _orientation(img)
+    w, h = img.size
+    size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return OpenedImage(img, orientation, size, os.fspath(path))
+
+
+def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img)
+    if arr.dtype.kind == "f":
+        hi = float(np.nanmax(arr)) if arr.size else 1.0
+        scale = 255.0 if hi <= 1.0 else 255.0 / max(hi, 1e-12) if hi > 255 else 1.0
+        arr8 = np.clip(np.nan_to_num(arr) * scale, 0, 255).astype(np.uint8)
+    else:
+        arr = arr.astype(np.int64)
+        hi = int(arr.max()) if arr.size else 0
+        if img.mode.startswith("I;16") or 255 < hi <= 65535:
+            arr8 = (np.clip(arr, 0, 65535) >> 8).astype(np.uint8)
+        elif hi > 65535:
+            arr8 = (np.clip(arr, 0, None) * (255.0 / hi)).astype(np.uint8)
+        else:
+            arr8 = np.clip(arr, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr8)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB.
+
+    16- and 32-bit integer images (``I;16``, ``I``) map their full range to 8 bits (PIL's own
+    conversion would clip them to white); float images (``F``) map [0, 1] or [0, max]. Modes
+    with alpha drop it, as torchvision's and lightly's loaders do; palette and CMYK images are
+    converted by PIL.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _sixteen_bit_to_l(img)
+    return img.convert("RGB")
+
+
+def draft_factor(
+    windows: Sequence[Sequence[float]], sizes: Sequence[Sequence[int]], max_factor: int = 8
+) -> int:
+    """The largest JPEG DCT reduction (1, 2, 4 or 8) that upsamples no view.
+
+    A view cut from window ``(x1, y1, x2, y2)`` to ``(height, width)`` pixels can be decoded at
+    ``1/r`` resolution without losing detail when the window is still at least ``r`` times the
+    output size on both axes.
+    """
+    slack = math.inf
+    for (x1, y1, x2, y2), (oh, ow) in zip(windows, sizes):
+        slack = min(slack, (x2 - x1) / ow, (y2 - y1) / oh)
+    factor = 1
+    while factor * 2 <= min(slack, max_factor):
+        factor *= 2
+    return factor
+
+
+def load_rgb(opened: OpenedImage, reduce: int = 1) -> Image.Image:
+    """Decode to displayed RGB pixels; JPEGs may be decoded at ``1/reduce`` via draft mode.
+
+    Returns the image in the displayed orientation. Its size may be smaller than
+    ``opened.size`` by up to ``reduce`` (rounded up); callers scale their windows by the ratio.
+    """
+    img = opened.image
+    try:
+        if reduce > 1 and opened.is_jpeg:
+            w, h = img.size
+            # PIL picks the largest DCT scale s with w // request >= s: request floor(w / r)
+            img.draft(None, (max(1, w // reduce), max(1, h // reduce)))
+        img.load()
+        img = to_rgb(img)
+    except Exception as exc:
+        raise ImageDecodeError(
+            f"{opened.path}: cannot decode ({type(exc).__name__}: {exc}). "
+            "Fix: remove or replace the file."
+        ) from exc
+    method = _TRANSPOSE.get(opened.orientation)
+    return img.transpose(method) if method is not None else img

@@ -1,0 +1,126 @@
+"""Pictures of what the crop policies do: proposals, windows and views, side by side."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from ._random import sample_rng
+from .engine.cpu import ViewEngine
+from .engine.decode import load_rgb, open_image
+from .proposals.store import ProposalStore
+
+__all__ = ["crops_figure"]
+
+# view colours: distinguishable, colour-blind friendly (Okabe-Ito)
+_COLOURS = [
+    (230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66),
+    (0, 114, 178), (213, 94, 0), (204, 121, 167), (255, 255, 255),
+]
+_PROPOSAL = (255, 60, 60)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _fit(img: Image.Image, tile: int) -> tuple[Image.Image, float]:
+    scale = tile / max(img.size)
+    size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
+    return img.resize(size, Image.Resampling.BILINEAR), scale
+
+
+def crops_figure(
+    root: str | os.PathLike[str],
+    keys: Sequence[str],
+    store: ProposalStore | None,
+    recipes: Sequence[str] = ("scene_scene", "obj_obj_dilate"),
+    out: str | os.PathLike[str] = "crops.png",
+    tile: int = 168,
+    seed: int = 0,
+    top_k: int = 10,
+    photometrics: str = "none",
+    recipe_kwargs: dict[str, Any] | None = None,
+) -> Path:
+    """Write a PNG: per image, the image with its proposals and each recipe's views.
+
+    Each row is one image. First column: the image with its top-``top_k`` proposals (thin red),
+    and every view's crop window in that view's colour. Then, per recipe, its views (before
+    photometrics unless ``photometrics`` names a preset), framed in the same colours.
+
+    Returns:
+        the path written (atomically).
+    """
+    engines = [ViewEngine(r, photometrics="none", **(recipe_kwargs or {}).get(r, {})) for r in recipes]
+    if store is None and any(e.recipe.needs_proposals for e in engines):
+        raise ValueError("the recipes crop from proposals but no proposal store was given")
+    pad, head = 6, 22
+    font, small = _font(14), _font(11)
+    n_cols = 1 + sum(len(e.recipe.views) for e in engines)
+    width = pad + n_cols * (tile + pad) + pad * len(engines)
+    height = head + len(keys) * (tile + pad + 14) + pad
+    canvas = Image.new("RGB", (width, height), (24, 24, 28))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 4), "image + proposals", fill=(220, 220, 220), font=font)
+    x = pad + tile + pad
+    for e in engines:
+        draw.text((x + 2, 4), e.recipe.name, fill=(220, 220, 220), font=font)
+        x += len(e.recipe.views) * (tile + pad) + pad
+
+    for row, key in enumerate(keys):
+        y = head + row * (tile + pad + 14)
+        opened = open_image(Path(root) / key)
+        image = load_rgb(opened)
+        props = store.lookup(key, image.size) if store is not None else None
+        thumb, scale = _fit(image, tile)
+        tdraw = ImageDraw.Draw(thumb)
+        if props is not None:
+            order = np.argsort(-np.nan_to_num(props.scores.astype(np.float64), nan=-np.inf))
+            for b in props.boxes[order[:top_k]]:
+                if np.isfinite(b).all():
+                    tdraw.rectangle([float(v) * scale for v in b], outline=_PROPOSAL, width=1)
+        x = pad + tile + pad
+        colour_i = 0
+        cells = []
+        for ei, e in enumerate(engines):
+            rng = sample_rng(seed, row, ei)
+            windows = e.recipe(image.size, None if props is None else props.boxes,
+                               None if props is None else props.scores, rng=rng, key=key)
+            pset = None if photometrics == "none" else photometrics
+            crops = e.crops(image, windows)
+            for w, crop in zip(windows, crops):
+                colour = _COLOURS[colour_i % len(_COLOURS)]
+                colour_i += 1
+                tdraw.rectangle([v * scale for v in w.box], outline=colour, width=2)
+                if pset is not None:
+                    from .engine.photometric import photometrics as presets
+
+                    phot = presets(pset, normalize=False).for_view(0, w.local)
+                    arr = phot(crop, rng).mul(255).round().byte().permute(1, 2, 0).numpy()
+                    crop = Image.fromarray(arr)
+                cell, _ = _fit(crop, tile - 4)
+                cells.append((x, cell, colour, w))
+                x += tile + pad
+            x += pad
+        canvas.paste(thumb, (pad, y))
+        draw.text((pad, y + thumb.size[1] + 1), key, fill=(170, 170, 170), font=small)
+        for cx, cell, colour, w in cells:
+            draw.rectangle([cx, y, cx + cell.size[0] + 3, y + cell.size[1] + 3], outline=colour, width=2)
+            canvas.paste(cell, (cx + 2, y + 2))
+            label = w.policy + (" (fallback)" if w.fallback else "")
+            draw.text((cx, y + cell.size[1] + 5), label, fill=colour, font=small)
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    canvas.save(tmp, format="PNG")
+    os.replace(tmp, out)
+    return out
