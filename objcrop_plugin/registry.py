@@ -43,7 +43,7 @@ class RegistryError(LookupError):
     """A name that no installed distribution registers, or one that fails to load."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _entry_points(group: str) -> dict[str, list[metadata.EntryPoint]]:
     found: dict[str, list[metadata.EntryPoint]] = {}
     for ep in metadata.entry_points(group=group):
