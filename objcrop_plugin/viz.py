@@ -32,8 +32,8 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def _fit(img: Image.Image, tile: int) -> tuple[Image.Image, float]:
-    scale = tile / max(img.size)
+def _fit(img: Image.Image, tile: int, tile_h: int | None = None) -> tuple[Image.Image, float]:
+    scale = min(tile / img.size[0], (tile_h or tile) / img.size[1])
     size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
     return img.resize(size, Image.Resampling.BILINEAR), scale
 
@@ -64,30 +64,32 @@ def crops_figure(
         raise ValueError("the recipes crop from proposals but no proposal store was given")
     pad, head = 6, 22
     font, small = _font(14), _font(11)
-    n_cols = 1 + sum(len(e.recipe.views) for e in engines)
-    width = pad + n_cols * (tile + pad) + pad * len(engines)
-    height = head + len(keys) * (tile + pad + 14) + pad
+    row_h = tile + 22
+    big_w = int((row_h - 14) * 4 / 3)  # the annotated image gets a wider column (4:3)
+    n_views = sum(len(e.recipe.views) for e in engines)
+    width = pad + big_w + pad + n_views * (tile + pad) + pad * len(engines)
+    height = head + len(keys) * (row_h + pad) + pad
     canvas = Image.new("RGB", (width, height), (24, 24, 28))
     draw = ImageDraw.Draw(canvas)
     draw.text((pad, 4), "image + proposals", fill=(220, 220, 220), font=font)
-    x = pad + tile + pad
+    x = pad + big_w + pad
     for e in engines:
         draw.text((x + 2, 4), e.recipe.name, fill=(220, 220, 220), font=font)
         x += len(e.recipe.views) * (tile + pad) + pad
 
     for row, key in enumerate(keys):
-        y = head + row * (tile + pad + 14)
+        y = head + row * (row_h + pad)
         opened = open_image(Path(root) / key)
         image = load_rgb(opened)
         props = store.lookup(key, image.size) if store is not None else None
-        thumb, scale = _fit(image, tile)
+        thumb, scale = _fit(image, big_w, row_h - 14)
         tdraw = ImageDraw.Draw(thumb)
         if props is not None:
             order = np.argsort(-np.nan_to_num(props.scores.astype(np.float64), nan=-np.inf))
             for b in props.boxes[order[:top_k]]:
                 if np.isfinite(b).all():
                     tdraw.rectangle([float(v) * scale for v in b], outline=_PROPOSAL, width=1)
-        x = pad + tile + pad
+        x = pad + big_w + pad
         colour_i = 0
         cells = []
         for ei, e in enumerate(engines):
