@@ -177,6 +177,13 @@ def fit_window(window: Sequence[float], image_size: Size) -> Box:
                 lo, hi = 0.0, need
             elif hi > length:
                 lo, hi = length - need, length
+            # centre +- need/2 can round to a hair under `need` (1.9999999999999998): widen by
+            # ulps so the >= MIN_WINDOW contract holds exactly, staying inside the image
+            while hi - lo < need:
+                if hi < length:
+                    hi = min(math.nextafter(hi, math.inf), length)
+                else:
+                    lo = max(math.nextafter(lo, -math.inf), 0.0)
         out.append((lo, hi))
     (x1, x2), (y1, y2) = out
     return (x1, y1, x2, y2)

@@ -39,7 +39,7 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[ProposalRecord]:
                 raise ProposalFileError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(obj, dict):
                 raise ProposalFileError(f"{path}:{lineno}: expected a JSON object per line")
-            missing = [k for k in ("key", "width", "height") if k not in obj]
+            missing = [k for k in ("key", "width", "height", "boxes") if k not in obj]
             if missing:
                 raise ProposalFileError(
                     f"{path}:{lineno}: missing field(s) {missing}; each line needs key, width, "

@@ -137,14 +137,20 @@ class ProposalRecord:
     image_size: tuple[int, int]
 
     def to_json(self) -> dict[str, Any]:
-        scores = [None if not np.isfinite(s) else round(float(s), 6) for s in self.scores]
+        # str() of a float32 is the shortest decimal that reads back as the same float32, so an
+        # export -> import round trip is exact (rounding to a few decimals merged close scores)
+        scores = [None if not np.isfinite(s) else float(str(s)) for s in _f32(self.scores)]
         return {
             "key": self.key,
             "width": int(self.image_size[0]),
             "height": int(self.image_size[1]),
-            "boxes": [[round(float(v), 3) for v in b] for b in self.boxes],
+            "boxes": [[float(str(v)) for v in b] for b in _f32(self.boxes)],
             "scores": scores,
         }
+
+
+def _f32(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)
 
 
 def _as_record(item: Any) -> ProposalRecord:
@@ -342,7 +348,8 @@ def _write_sections(path: Path, sections: dict[str, np.ndarray], n: int, meta: d
         yield blob
         for off, arr in placed:
             yield b"\0" * (off - written)
-            yield memoryview(arr).cast("B")
+            if arr.nbytes:  # memoryview cannot cast an empty array (a store with no boxes)
+                yield memoryview(arr).cast("B")
             written = off + arr.nbytes
 
     _atomic_write(path, chunks())
@@ -438,7 +445,9 @@ class ProposalStore:
             self._t, self._kh = self._table, self._key_hash
             self._ko, self._bo = self._key_offsets, self._box_offsets
         self._keys_off = head["sections"]["keys"]["offset"]
-        self._fingerprint = (size, int(head["sections"]["table"]["crc32"]))
+        # the header holds every section's CRC-32: a rebuild with the same keys but other boxes
+        # changes it, where the table's CRC alone would not
+        self._fingerprint = (size, int(hcrc))
 
     # -- pickling: by path, so workers map the file instead of copying it --------------------
     def __getstate__(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from PIL import Image, ImageOps
 from objcrop_plugin.engine import ObjectCropDataset, ViewEngine, load_rgb, open_image, to_rgb
 from objcrop_plugin.engine.decode import ImageDecodeError, draft_factor
 from objcrop_plugin.policies import CropPolicy, ViewRecipe, ViewSpec, make_recipe
-from objcrop_plugin.proposals import ProposalStore, Proposals
+from objcrop_plugin.proposals import Proposals, ProposalStore
 
 W, H = 160, 120
 SQUARE = (100, 20, 140, 60)  # xyxy on the displayed image

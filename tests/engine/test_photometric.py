@@ -8,7 +8,12 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageFilter
 
-from objcrop_plugin.engine.photometric import Photometric, PhotometricParams, photometrics, to_tensor
+from objcrop_plugin.engine.photometric import (
+    Photometric,
+    PhotometricParams,
+    photometrics,
+    to_tensor,
+)
 
 lightly_transforms = pytest.importorskip("lightly.transforms", reason="lightly is not installed")
 
