@@ -39,6 +39,8 @@ def sample_rng(
     worker and the epoch). The DDP rank is always mixed in, so ranks never share a stream.
     """
     base = _torch_seed() if seed is None else int(seed)
+    if base < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     rank = distributed_rank() if rank is None else rank
     return np.random.default_rng(np.random.SeedSequence([base, int(epoch), int(index), rank]))
 

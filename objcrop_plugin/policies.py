@@ -447,6 +447,8 @@ class ViewRecipe:
                 self._fallback("missing", key, "no entry in the proposal store")
             else:
                 b = B.as_boxes(boxes)
+                if scores is not None and len(scores) != len(b):
+                    raise ValueError(f"{key or '<no key>'}: {len(b)} boxes but {len(scores)} scores")
                 candidates = self.choice.candidates(image_size, b, scores)
                 if len(candidates) == 0:
                     self._fallback(
@@ -494,7 +496,9 @@ class ViewRecipe:
 
 # --------------------------------------------------------------------------- factories
 
-def _call_with(factory: Any, name: str, kwargs: Mapping[str, Any]) -> Any:
+def _call_with(
+    factory: Any, name: str, kwargs: Mapping[str, Any], extra: Sequence[str] = ()
+) -> Any:
     try:
         sig = inspect.signature(factory)
     except (TypeError, ValueError):  # builtins without a signature
@@ -503,6 +507,7 @@ def _call_with(factory: Any, name: str, kwargs: Mapping[str, Any]) -> Any:
     unknown = [k for k in kwargs if k not in sig.parameters]
     if unknown and not accepts_any:
         allowed = [p for p in sig.parameters if p not in ("self", "args", "kwargs")]
+        allowed += [p for p in extra if p not in allowed]
         raise TypeError(
             f"'{name}' got unknown parameter(s) {unknown}; it accepts: {', '.join(allowed)}"
         )
@@ -594,7 +599,11 @@ def make_recipe(spec: Any = "obj_obj_dilate", **kwargs: Any) -> ViewRecipe:
         size = _out_size(kw.pop("size", 224))
         n_views = int(kw.pop("n_views", 2))
         opts = _recipe_options(kw)
-        policy = _call_with(factory, spec, kw)
+        policy = _call_with(
+            factory, spec, kw,
+            extra=("size", "n_views", "top_k", "min_area", "max_area", "strict", "shuffle_globals",
+                   "proposal_per_view"),
+        )
         return ViewRecipe([ViewSpec(policy, size) for _ in range(n_views)], name=spec, **opts)
     recipe = _call_with(factory, spec, kwargs)
     if not isinstance(recipe, ViewRecipe):
@@ -692,9 +701,11 @@ def obj_obj_dilate(
     box (scale ``object_scale``, default 0.2-1) and one inside the box dilated by ``dilation``
     (default 0.1 of the image side per side, scale 0.2-1).
 
-    ``released_code=True`` reproduces the authors' released code exactly: object scale
-    ``(0, 1)``, coordinate-proportional dilation by 0.2, and boxes narrower than 224 px grown by
-    112 px per side; any argument given explicitly still wins.
+    ``released_code=True`` takes the authors' released code's settings: object scale
+    ``(0, 1)``, coordinate-proportional dilation by 0.2, and box sides shorter than 224 px grown
+    by 112 px at each end (then clipped to the image; the released code's own handling of boxes
+    at the image border and its integer truncation are not copied). Any argument given
+    explicitly still wins.
 
     Reference: Mishra et al., TMLR 2022, Sec. 3 ("Obj-Obj+Dilate").
     """

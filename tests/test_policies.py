@@ -600,3 +600,20 @@ def test_a_custom_policy_subclass_is_made_usable_by_the_recipe():
     recipe = make_recipe([Wild(), "scene"])
     for w in recipe((50, 40), None, rng=np.random.default_rng(0)):
         assert_usable(w.box, (50, 40))
+
+
+def test_scores_of_another_length_than_boxes_name_the_key():
+    recipe = make_recipe("obj_obj_dilate")
+    with pytest.raises(ValueError, match="img.jpg: 2 boxes but 3 scores"):
+        recipe((100, 100), np.array([[0, 0, 50, 50], [10, 10, 60, 60.0]]), np.ones(3),
+               rng=np.random.default_rng(0), key="img.jpg")
+
+
+def test_negative_seed_is_a_clear_error():
+    with pytest.raises(ValueError, match="non-negative"):
+        sample_rng(-1, 0)
+
+
+def test_unknown_parameter_error_lists_recipe_level_parameters_too():
+    with pytest.raises(TypeError, match="top_k"):
+        make_recipe("object", bogus=1)

@@ -486,8 +486,11 @@ class ProposalStore:
     def _index(self, key: str) -> int:
         kb = key.encode("utf-8")
         h = _hash(kb)
+        try:
+            t, kh, ko, mm, base = self._t, self._kh, self._ko, self._mm, self._keys_off
+        except AttributeError:
+            raise ValueError(f"{self.path}: lookup in a closed proposal store") from None
         i = h & self._mask
-        t, kh, ko, mm, base = self._t, self._kh, self._ko, self._mm, self._keys_off
         while True:
             r = t[i]
             if r < 0:

@@ -353,3 +353,11 @@ def test_store_is_read_by_dataloader_workers(written, context):
             np.testing.assert_array_equal(scores.numpy(), np.asarray(want_scores, np.float32))
         seen += 1
     assert seen == len(keys)
+
+
+def test_lookup_after_close_is_a_clear_error(tmp_path):
+    ProposalStore.write(tmp_path / "s.objcrop", [("a.jpg", [[0, 0, 4, 4]], [1.0], (8, 8))])
+    store = ProposalStore(tmp_path / "s.objcrop")
+    store.close()
+    with pytest.raises(ValueError, match="closed"):
+        store.lookup("a.jpg")
