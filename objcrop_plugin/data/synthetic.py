@@ -46,7 +46,7 @@ import math
 import multiprocessing
 import os
 import re
-import tempfile
+import uuid
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -88,6 +88,11 @@ _PARTIAL = ".synthetic.partial.json"
 _LABELS = "labels.json"
 _STORE = "proposals_gt.objcrop"
 _IMAGE_NAME = re.compile(r"^\d{6}\.jpg$")
+# temporary files of an interrupted write (ours, and the proposal store's)
+_TEMP_NAME = re.compile(
+    r"^\.(\d{6}\.jpg|labels\.json|synthetic\.json|\.synthetic\.partial\.json"
+    r"|proposals_gt\.objcrop)\..+\.tmp$"
+)
 
 # Hue (fraction of the colour circle) around which each class draws its colour; with the
 # default spread of 0.4 every hue is shared by about three classes, so colour is a weak cue.
@@ -493,9 +498,10 @@ def render_scene(
 
 def _atomic_bytes(path: Path, write: Any) -> None:
     """Write via ``write(fileobj)`` to a temporary file beside ``path``, then rename it."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # not mkstemp: its files are private (0600), these should get the umask's permissions
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
         os.replace(tmp, path)
     except BaseException:
@@ -574,10 +580,14 @@ def _remove_ours(root: Path) -> None:
     for name in (_MANIFEST, _PARTIAL, _LABELS, _STORE):
         with contextlib.suppress(FileNotFoundError):
             (root / name).unlink()
-    image_dir = root / "images"
-    if image_dir.is_dir():
-        for entry in os.scandir(image_dir):
-            if _IMAGE_NAME.match(entry.name) and entry.is_file():
+    for folder, pattern in ((root / "images", _IMAGE_NAME), (root, _TEMP_NAME)):
+        if folder.is_dir():
+            for entry in os.scandir(folder):
+                if pattern.match(entry.name) and entry.is_file():
+                    os.unlink(entry.path)
+    if (root / "images").is_dir():
+        for entry in os.scandir(root / "images"):
+            if _TEMP_NAME.match(entry.name) and entry.is_file():
                 os.unlink(entry.path)
 
 
@@ -612,7 +622,7 @@ def write_dataset(
         n_images: number of images (>= 1).
         size: ``(width, height)`` of every image.
         seed: dataset seed (see :func:`render_scene`).
-        quality: JPEG quality, 1-95.
+        quality: JPEG quality, 1-100 (Pillow advises at most 95).
         workers: processes rendering in parallel; the output is identical for any value.
         overwrite: replace a dataset with other parameters at ``root`` (deletes only the
             files this function writes).
@@ -656,15 +666,14 @@ def write_dataset(
                 "Pass overwrite=True to replace it, or choose another folder."
             )
         _remove_ours(root)
-        existing = None
+        existing = manifest = None
     if manifest == params and _complete(ds):
         return ds
 
     # (re)generate; images already on disk with these parameters are kept
     resume = existing == params
     ds.image_dir.mkdir(parents=True, exist_ok=True)
-    if manifest is not None:
-        (root / _MANIFEST).unlink()
+    (root / _MANIFEST).unlink(missing_ok=True)  # incomplete until written again
     _atomic_json(root / _PARTIAL, params)
     jobs = [
         (str(root), i, size, seed, quality, min_objects, max_objects, resume)
@@ -700,7 +709,6 @@ def write_dataset(
             "source": "ground_truth",
             "generator": "objcrop_plugin.data.synthetic",
             "classes": list(CLASSES),
-            "box_labels": [e["box_labels"] for e in entries],
             "seed": int(seed),
         },
     )

@@ -195,6 +195,8 @@ def _atomic_write(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp makes the file owner-only; keep an existing file's mode, else rw-r--r--
+        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
