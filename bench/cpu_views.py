@@ -47,12 +47,12 @@ def views_per_second(dataset, workers: int, batch_size: int, n_views: int) -> fl
     return count / (time.perf_counter() - start)
 
 
-def bench_views(root: Path, store: Path, repeats: int) -> dict[str, float]:
+def bench_views(root: Path, keys: list[str], store: Path, repeats: int) -> dict[str, float]:
     from lightly.data import LightlyDataset
     from lightly.transforms import MoCoV2Transform
 
-    ours = ObjectCropDataset(root / "images", store, views="obj_obj_dilate", photometrics="mocov2",
-                             keys=None)
+    ours = ObjectCropDataset(root, store, views="obj_obj_dilate", photometrics="mocov2",
+                             keys=keys)
     theirs = LightlyDataset(str(root / "images"), transform=MoCoV2Transform())
     results = {}
     for workers in (0, 2):
@@ -142,7 +142,7 @@ def main() -> int:
     t0 = time.perf_counter()
     demo = write_dataset(work / "demo", n_images=args.images, size=(640, 480), seed=0, workers=2)
     print(f"demo data: {len(demo.keys)} JPEGs 640x480 ({time.perf_counter() - t0:.1f}s)")
-    r = bench_views(demo.root, demo.proposals_path, args.repeats)
+    r = bench_views(demo.root, list(demo.keys), demo.proposals_path, args.repeats)
     print(f"\n{'views/s':<34}{'workers=0':>12}{'workers=2':>12}")
     print(f"{'objcrop obj_obj_dilate + MoCo-v2':<34}{r['ours_w0']:>12.0f}{r['ours_w2']:>12.0f}")
     print(f"{'lightly MoCoV2Transform (scene)':<34}{r['lightly_w0']:>12.0f}{r['lightly_w2']:>12.0f}")
