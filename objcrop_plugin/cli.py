@@ -94,6 +94,52 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_params(items: list[str] | None) -> dict:
+    params = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--param expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            params[k] = json.loads(v)
+        except json.JSONDecodeError:
+            params[k] = v
+    return params
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from .proposals.build import build_store, resolve_shard
+
+    params = _parse_params(args.param)
+    params.setdefault("top_k", args.top_k)
+    params.setdefault("max_side", args.max_side)
+    if args.bing_model:
+        params["model_dir"] = str(args.bing_model)
+    shard = resolve_shard(args.shard)
+    summary = build_store(
+        args.images_dir, args.out, method=args.method, params=params, workers=args.workers,
+        shard=shard, chunk_size=args.chunk_size, max_pixels=args.max_pixels,
+        progress=not args.no_progress,
+    )
+    print(summary.format())
+    if summary.failure_rate > args.max_failure_rate:
+        print(
+            f"objcrop: {len(summary.failures)} of {summary.images} images failed "
+            f"({summary.failure_rate:.1%} > --max-failure-rate {args.max_failure_rate:.1%})",
+            file=sys.stderr,
+        )
+        return 3
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .proposals.build import merge_stores
+
+    n = merge_stores(args.out, args.stores)
+    print(f"wrote {args.out} ({n} images from {len(args.stores)} stores)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="objcrop",
@@ -135,6 +181,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+    p = prop.add_parser(
+        "build", help="run a proposal generator over an image folder (parallel, resumable)",
+        description="Run a proposal generator over every image under IMAGES_DIR. Resumable: "
+        "run the same command again after an interruption. Exit status 3 when more than "
+        "--max-failure-rate of the images could not be read (they are listed in "
+        "STORE.failures.tsv either way).",
+    )
+    p.add_argument("images_dir")
+    p.add_argument("--out", required=True, help="the store to write")
+    p.add_argument("--method", default="graph_segments",
+                   help="generator: bing, bing_opencv, graph_segments, selective_search")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--top-k", type=int, default=10, help="boxes kept per image (default 10)")
+    p.add_argument("--max-side", type=int, default=512, help="working resolution (default 512)")
+    p.add_argument("--bing-model", help="BING model folder (opencv_contrib "
+                   "modules/saliency/samples/ObjectnessTrainedModel)")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="another generator parameter (repeatable)")
+    p.add_argument("--shard", help="i/N: build every N-th image from i (default: RANK/"
+                   "WORLD_SIZE or SLURM array variables, else 0/1)")
+    p.add_argument("--chunk-size", type=int, default=64, help="images per resumable unit")
+    p.add_argument("--max-pixels", type=int, default=89_478_485,
+                   help="larger images are failures (default 89478485, PIL's limit)")
+    p.add_argument("--max-failure-rate", type=float, default=0.01,
+                   help="exit 3 above this fraction of failed images (default 0.01)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_build)
+    p = prop.add_parser("merge", help="join shard stores into one")
+    p.add_argument("stores", nargs="+")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge)
     p = prop.add_parser("info", help="counts and metadata of a store")
     p.add_argument("store")
     p.set_defaults(func=cmd_info)

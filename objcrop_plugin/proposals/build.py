@@ -1,0 +1,359 @@
+"""Building a proposal store for a whole image folder: parallel, sharded, resumable.
+
+The images under the root (sorted keys) are split into fixed chunks. Worker processes run the
+generator over each chunk and write the chunk's results to ``.<store>.parts/chunk-NNNNNN.jsonl``
+atomically; a chunk file either exists complete or not at all. A killed build (``kill -9``,
+node preempted) is resumed by running the same command again: finished chunks are skipped.
+When every chunk is done they are assembled, in key order, into the store (atomic write), the
+failures into ``<store>.failures.tsv``, and the parts folder is removed. The result does not
+depend on the number of workers, on interruptions, or on sharding (after ``merge``).
+
+Sharding across machines: ``shard=(i, n)`` takes every n-th key starting at i; the index and
+count come from ``--shard i/N``, or from ``RANK``/``WORLD_SIZE`` (torchrun) or
+``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT`` (SLURM arrays). :func:`merge_stores` joins
+the shard stores into one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..engine.cpu import list_images
+from ..engine.decode import load_rgb, open_image
+from ..registry import load_proposal_source
+from .generators import ProposalGenerator
+from .store import ProposalRecord, ProposalStore, ProposalStoreWriter, _atomic_write, _record_from
+
+__all__ = [
+    "BuildSummary",
+    "build_store",
+    "make_generator",
+    "merge_stores",
+    "resolve_shard",
+    "shard_path",
+]
+
+log = logging.getLogger("objcrop_plugin")
+
+#: images above this many pixels are failures, not decoded (PIL's own bomb limit is 89.5 M)
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+def make_generator(name: str, **params: Any) -> ProposalGenerator:
+    """A registered proposal generator by name, with keyword parameters."""
+    factory = load_proposal_source(name)
+    if getattr(factory, "kind", None) != "generator":
+        raise ValueError(
+            f"proposal source '{name}' is an importer, not a generator: use "
+            f"`objcrop proposals import` for it"
+        )
+    try:
+        return factory(**params)
+    except TypeError as exc:
+        raise TypeError(f"proposal generator '{name}': {exc}") from None
+
+
+def resolve_shard(shard: str | None = None, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """``(index, count)`` from ``"i/N"``, else torchrun's or SLURM's environment, else (0, 1)."""
+    env = os.environ if env is None else env
+    if shard:
+        try:
+            i, n = (int(v) for v in shard.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard must look like i/N (e.g. 0/4), got {shard!r}") from None
+    elif "WORLD_SIZE" in env and "RANK" in env:
+        i, n = int(env["RANK"]), int(env["WORLD_SIZE"])
+    elif "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        i = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        n = int(env["SLURM_ARRAY_TASK_COUNT"])
+    else:
+        i, n = 0, 1
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"shard index must satisfy 0 <= i < N, got {i}/{n}")
+    return i, n
+
+
+def shard_path(out: str | os.PathLike[str], index: int, count: int) -> Path:
+    """Where shard ``index`` of ``count`` writes: ``out`` itself when there is one shard."""
+    out = Path(out)
+    if count == 1:
+        return out
+    return out.with_name(f"{out.stem}.shard-{index:05d}-of-{count:05d}{out.suffix}")
+
+
+@dataclass
+class BuildSummary:
+    """What a build did."""
+
+    out: Path
+    images: int = 0
+    boxes: int = 0
+    empty: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    resumed_images: int = 0
+    seconds: float = 0.0
+
+    @property
+    def failure_rate(self) -> float:
+        return len(self.failures) / self.images if self.images else 0.0
+
+    def format(self) -> str:
+        lines = [
+            f"store: {self.out}",
+            f"images: {self.images}  boxes: {self.boxes}  "
+            f"images without proposals: {self.empty}  failures: {len(self.failures)}",
+        ]
+        if self.resumed_images:
+            lines.append(f"resumed: {self.resumed_images} images were already done")
+        if self.failures:
+            lines.append(f"failures listed in: {failures_path(self.out)}")
+        return "\n".join(lines)
+
+
+def failures_path(out: Path) -> Path:
+    return out.with_name(out.name + ".failures.tsv")
+
+
+def _parts_dir(out: Path) -> Path:
+    return out.with_name(f".{out.name}.parts")
+
+
+# ----------------------------------------------------------------------------- workers
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(method: str, params: dict[str, Any], root: str, max_pixels: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # parallelism comes from processes
+    try:
+        import cv2
+
+        cv2.setNumThreads(1)
+    except ImportError:
+        pass
+    _WORKER.update(
+        generator=make_generator(method, **params), root=Path(root), max_pixels=max_pixels
+    )
+
+
+def propose_file(
+    generator: ProposalGenerator, path: Path, key: str, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ProposalRecord:
+    """Proposals for one image file, in pixels of its displayed (EXIF-rotated) full size.
+
+    Raises:
+        OSError / ValueError: the file cannot be used; the message is the failure reason.
+    """
+    opened = open_image(path)
+    w, h = opened.size
+    if w * h > max_pixels:
+        opened.image.close()
+        raise ValueError(f"{w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+    reduce = 1
+    while max(w, h) // (reduce * 2) >= generator.max_side and reduce < 8:
+        reduce *= 2  # JPEG DCT scaling: decode no more than the working resolution needs
+    image = load_rgb(opened, reduce)
+    boxes, scores = generator(image)
+    if image.size != (w, h):
+        boxes = boxes * np.array([w / image.size[0], h / image.size[1]] * 2, dtype=np.float32)
+    return _record_from(key, boxes, scores, (w, h))
+
+
+def _run_chunk(task: tuple[int, list[str], str]) -> tuple[int, int]:
+    index, keys, chunk_file = task
+    gen, root, max_pixels = _WORKER["generator"], _WORKER["root"], _WORKER["max_pixels"]
+    lines = []
+    for key in keys:
+        try:
+            rec = propose_file(gen, root / key, key, max_pixels)
+            lines.append(json.dumps(rec.to_json(), separators=(",", ":")))
+        except Exception as exc:  # one bad image must not stop a million-image build
+            reason = f"{type(exc).__name__}: {exc}".replace("\t", " ").replace("\n", " ")
+            lines.append(json.dumps({"key": key, "error": reason}))
+    _atomic_write(Path(chunk_file), [("\n".join(lines) + "\n").encode("utf-8")])
+    return index, len(keys)
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _manifest(method: str, params: dict[str, Any], keys: Sequence[str], chunk_size: int,
+              shard: tuple[int, int], max_pixels: int) -> dict[str, Any]:
+    digest = hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
+    return {
+        "method": method, "params": params, "keys_sha256": digest, "images": len(keys),
+        "chunk_size": chunk_size, "shard": list(shard), "max_pixels": max_pixels,
+    }
+
+
+def _read_chunk(path: Path) -> Iterator[tuple[ProposalRecord | None, str, str | None]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            obj = json.loads(line)
+            if "error" in obj:
+                yield None, obj["key"], obj["error"]
+            else:
+                rec = _record_from(obj["key"], obj["boxes"], obj["scores"],
+                                   (obj["width"], obj["height"]))
+                yield rec, rec.key, None
+
+
+def build_store(
+    images_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    method: str = "graph_segments",
+    params: dict[str, Any] | None = None,
+    workers: int = 1,
+    shard: tuple[int, int] = (0, 1),
+    chunk_size: int = 64,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    progress: bool = True,
+    mp_context: str = "spawn",
+) -> BuildSummary:
+    """Run a proposal generator over every image under ``images_dir`` into a store.
+
+    Args:
+        images_dir: dataset root; keys are paths relative to it.
+        out: the store to write (for a shard of several, :func:`shard_path` of it).
+        method: a registered generator (``bing``, ``graph_segments``, ``selective_search``...).
+        params: the generator's parameters (``top_k``, ``max_side``, ``model_dir``...).
+        workers: processes (each single-threaded).
+        shard: ``(index, count)``: this process builds every count-th image from index.
+        chunk_size: images per resumable unit of work.
+        max_pixels: larger images are recorded as failures without being decoded.
+
+    Returns:
+        a :class:`BuildSummary`; failures are also written to ``<out>.failures.tsv``.
+    """
+    t0 = time.perf_counter()
+    params = dict(params or {})
+    root = Path(images_dir)
+    out = shard_path(out, *shard)
+    keys = list_images(root)[shard[0] :: shard[1]]
+    make_generator(method, **params)  # fail fast on a bad method / parameters / model folder
+    parts = _parts_dir(out)
+    manifest = _manifest(method, params, keys, chunk_size, shard, max_pixels)
+    manifest_file = parts / "manifest.json"
+    if manifest_file.exists():
+        previous = json.loads(manifest_file.read_text())
+        if previous != manifest:
+            raise ValueError(
+                f"{parts} holds an unfinished build with other settings or images "
+                f"({previous.get('method')}, {previous.get('images')} images). Fix: run the same "
+                f"command as before to resume it, or delete {parts} to start over."
+            )
+    else:
+        parts.mkdir(parents=True, exist_ok=True)
+        _atomic_write(manifest_file, [json.dumps(manifest, sort_keys=True).encode()])
+
+    chunks = [keys[s : s + chunk_size] for s in range(0, len(keys), chunk_size)]
+    files = [parts / f"chunk-{c:06d}.jsonl" for c in range(len(chunks))]
+    todo = [(c, chunks[c], str(files[c])) for c in range(len(chunks)) if not files[c].exists()]
+    summary = BuildSummary(out=out)
+    summary.resumed_images = sum(len(chunks[c]) for c in range(len(chunks)) if files[c].exists())
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(keys), initial=summary.resumed_images, unit="img", smoothing=0.1,
+                   desc=f"proposals ({method})", dynamic_ncols=True)
+    try:
+        if todo and workers <= 1:
+            _init_worker(method, params, str(root), max_pixels)
+            for task in todo:
+                _, n = _run_chunk(task)
+                if bar is not None:
+                    bar.update(n)
+        elif todo:
+            ctx = mp.get_context(mp_context)
+            with ctx.Pool(workers, _init_worker, (method, params, str(root), max_pixels)) as pool:
+                for _, n in pool.imap_unordered(_run_chunk, todo):
+                    if bar is not None:
+                        bar.update(n)
+    finally:
+        if bar is not None:
+            bar.close()
+
+    # assemble, in key order, into the store and the failures file
+    def records() -> Iterator[ProposalRecord]:
+        for f in files:
+            for rec, key, error in _read_chunk(f):
+                if rec is None:
+                    summary.failures.append((key, error or "unknown error"))
+                    continue
+                summary.boxes += len(rec.boxes)
+                summary.empty += len(rec.boxes) == 0
+                yield rec
+
+    meta = {"method": method, "params": params, "generator": "objcrop_plugin"}
+    with ProposalStoreWriter(out, meta) as writer:
+        for rec in records():
+            writer.add_record(rec)
+    summary.images = len(keys)
+    fail_file = failures_path(out)
+    if summary.failures:
+        body = "key\treason\n" + "".join(f"{k}\t{r}\n" for k, r in summary.failures)
+        _atomic_write(fail_file, [body.encode("utf-8")])
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            fail_file.unlink()
+    shutil.rmtree(parts, ignore_errors=True)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def merge_stores(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]]) -> int:
+    """Join stores (e.g. the shards of a build) into one, keys sorted; returns the image count.
+
+    Raises:
+        ValueError: a key in more than one input (the message names both files).
+    """
+    if not inputs:
+        raise ValueError("merge needs at least one input store")
+    stores = [ProposalStore(p) for p in inputs]
+    owner: dict[str, int] = {}
+    for si, store in enumerate(stores):
+        for key in store:
+            if key in owner:
+                raise ValueError(
+                    f"key '{key}' is in both {stores[owner[key]].path} and {store.path}. "
+                    "Fix: merge each shard once, and shards of the same build only."
+                )
+            owner[key] = si
+    metas = [{k: v for k, v in s.meta.items() if k != "shard"} for s in stores]
+    meta = metas[0] if all(m == metas[0] for m in metas) else {"merged_from": [str(p) for p in inputs]}
+
+    def records() -> Iterator[ProposalRecord]:
+        for key in sorted(owner):
+            p = stores[owner[key]][key]
+            yield ProposalRecord(key, np.array(p.boxes), np.array(p.scores), p.image_size)
+
+    ProposalStore.write(out, records(), meta)
+    # the shards' failure lists follow their stores
+    failures = []
+    for p in inputs:
+        f = failures_path(Path(p))
+        if f.exists():
+            failures += f.read_text(encoding="utf-8").splitlines()[1:]
+    if failures:
+        body = "key\treason\n" + "".join(line + "\n" for line in sorted(failures))
+        _atomic_write(failures_path(Path(out)), [body.encode("utf-8")])
+    return len(owner)
