@@ -42,7 +42,7 @@ def make_folder(root: Path, n: int) -> Path:
 def test_build_then_rebuild_with_other_worker_count_is_identical(tmp_path):
     root = make_folder(tmp_path / "imgs", 12)
     a = build_store(root, tmp_path / "a.objcrop", METHOD, workers=1, chunk_size=5, progress=False)
-    b = build_store(root, tmp_path / "b.objcrop", METHOD, workers=2, chunk_size=5, progress=False)
+    build_store(root, tmp_path / "b.objcrop", METHOD, workers=2, chunk_size=5, progress=False)
     assert a.images == 12 and not a.failures and a.boxes > 0
     assert (tmp_path / "a.objcrop").read_bytes() == (tmp_path / "b.objcrop").read_bytes()
     store = ProposalStore(tmp_path / "a.objcrop")
@@ -98,7 +98,7 @@ def test_bad_images_are_listed_and_the_run_goes_on(tmp_path):
     good = (root / "ok0.jpg").read_bytes()
     (root / "truncated.jpg").write_bytes(good[: len(good) // 3])
     Image.new("RGB", (400, 300), (200, 10, 10)).save(root / "huge.png")
-    Image.fromarray((np.asarray(scene(7).convert("L")).astype(np.uint16) * 257)).save(root / "deep16.png")
+    Image.fromarray(np.asarray(scene(7).convert("L")).astype(np.uint16) * 257).save(root / "deep16.png")
     scene(8).convert("CMYK").save(root / "cmyk.jpg")
     out = tmp_path / "p.objcrop"
     rc = cli_main(["proposals", "build", str(root), "--out", str(out), "--method", METHOD,
