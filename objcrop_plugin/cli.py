@@ -132,6 +132,56 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_coco(args: argparse.Namespace) -> int:
+    from .proposals.importers import CocoImporter, import_to_store
+
+    imp = CocoImporter(
+        args.annotations, images_json=args.images_json, images_root=args.images_root,
+        key_prefix=args.key_prefix, include_crowd=args.include_crowd, min_score=args.min_score,
+    )
+    n = import_to_store(imp, args.out)
+    print(f"wrote {args.out} ({n} images)")
+    missing = getattr(imp, "missing", [])
+    if missing:
+        print(f"{len(missing)} images listed in the JSON are not under --images-root (skipped)")
+    return 0
+
+
+def cmd_import_openimages(args: argparse.Namespace) -> int:
+    from .proposals.importers import OpenImagesImporter, import_to_store
+
+    imp = OpenImagesImporter(args.boxes_csv, args.images_root, key_format=args.key_format,
+                             include_group_of=not args.no_group_of)
+    n = import_to_store(imp, args.out)
+    print(f"wrote {args.out} ({n} images)")
+    if imp.missing or imp.unreadable:
+        print(f"skipped: {len(imp.missing)} images not found, {len(imp.unreadable)} unreadable")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .proposals.evaluate import format_stats, proposal_stats
+    from .proposals.store import ProposalStore
+
+    stats = proposal_stats(ProposalStore(args.store))
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .proposals.evaluate import format_recall, recall
+    from .proposals.importers import CocoImporter
+    from .proposals.store import ProposalStore
+
+    if str(args.gt).endswith(".json"):
+        gt = CocoImporter(args.gt, images_json=args.gt_images_json, key_prefix=args.key_prefix)
+    else:
+        gt = ProposalStore(args.gt)
+    result = recall(ProposalStore(args.store), gt, tuple(args.iou), tuple(args.k))
+    print(json.dumps(result, indent=2) if args.json else format_recall(result))
+    return 0
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from .proposals.build import merge_stores
 
@@ -212,6 +262,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stores", nargs="+")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_merge)
+    p = prop.add_parser("import-coco", help="COCO annotations or detection results -> store")
+    p.add_argument("annotations", help="COCO annotations JSON, or a detection results JSON list")
+    p.add_argument("--out", required=True)
+    p.add_argument("--images-json", help="annotations file giving image ids, names and sizes "
+                   "(needed for a detection results file)")
+    p.add_argument("--images-root", help="dataset root: images whose file is missing are skipped")
+    p.add_argument("--key-prefix", default="", help="prepended to file_name to make the key, "
+                   "e.g. 'train2017/' (mind the trailing slash)")
+    p.add_argument("--include-crowd", action="store_true")
+    p.add_argument("--min-score", type=float)
+    p.set_defaults(func=cmd_import_coco)
+    p = prop.add_parser("import-openimages", help="OpenImages box CSV -> store")
+    p.add_argument("boxes_csv")
+    p.add_argument("--images-root", required=True, help="dataset root (image sizes are read here)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--key-format", default="{image_id}.jpg", help="key of an ImageID, e.g. "
+                   "'train/{image_id}.jpg' (default '{image_id}.jpg')")
+    p.add_argument("--no-group-of", action="store_true", help="drop IsGroupOf boxes")
+    p.set_defaults(func=cmd_import_openimages)
+    p = prop.add_parser("stats", help="boxes per image, box sizes, images without proposals")
+    p.add_argument("store")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stats)
+    p = prop.add_parser("eval", help="recall of a store against ground-truth boxes")
+    p.add_argument("store")
+    p.add_argument("--gt", required=True, help="COCO annotations JSON or a store of ground truth")
+    p.add_argument("--gt-images-json")
+    p.add_argument("--key-prefix", default="")
+    p.add_argument("--iou", type=float, nargs="+", default=[0.5, 0.7])
+    p.add_argument("--k", type=int, nargs="+", default=[1, 10, 100])
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
     p = prop.add_parser("info", help="counts and metadata of a store")
     p.add_argument("store")
     p.set_defaults(func=cmd_info)

@@ -62,3 +62,25 @@ def test_import_export_info_round_trip(tmp_path, capsys):
     assert main(["proposals", "info", str(tmp_path / "s.objcrop")]) == 0
     assert '"images": 1' in capsys.readouterr().out
     assert main(["proposals", "info", str(tmp_path / "missing.objcrop")]) == 2
+
+
+def test_stats_eval_and_coco_import_commands(tmp_path, capsys):
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80}],
+        "annotations": [{"id": 1, "image_id": 1, "bbox": [10, 10, 30, 20], "category_id": 3,
+                         "iscrowd": 0}],
+        "categories": [{"id": 3, "name": "cat"}],
+    }
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(coco))
+    gt = tmp_path / "gt.objcrop"
+    assert main(["proposals", "import-coco", str(ann), "--out", str(gt)]) == 0
+    assert ProposalStore(gt)["a.jpg"].boxes.tolist() == [[10, 10, 40, 30]]
+    ProposalStore.write(tmp_path / "p.objcrop", [("a.jpg", [[11, 10, 40, 30], [0, 0, 5, 5]],
+                                                  [0.9, 0.1], (100, 80))])
+    capsys.readouterr()
+    assert main(["proposals", "stats", str(tmp_path / "p.objcrop"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["images"] == 1
+    assert main(["proposals", "eval", str(tmp_path / "p.objcrop"), "--gt", str(ann), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["recall"]["0.5"]["1"] == 1.0
