@@ -11,7 +11,33 @@ from .store import (
     normalize_key,
 )
 
+# heavier parts load on first use (they import the engine, which imports the store)
+_LAZY = {
+    "CocoImporter": "importers",
+    "OpenImagesImporter": "importers",
+    "coco_labels": "importers",
+    "import_to_store": "importers",
+    "proposal_stats": "evaluate",
+    "format_stats": "evaluate",
+    "recall": "evaluate",
+    "format_recall": "evaluate",
+    "ProposalGenerator": "generators",
+    "build_store": "build",
+    "merge_stores": "build",
+    "make_generator": "build",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "JsonLinesImporter",
     "MissingProposalsError",
     "ProposalFileError",
