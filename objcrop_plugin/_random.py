@@ -38,11 +38,26 @@ def sample_rng(
     With ``seed=None`` the worker's torch seed takes the place of ``seed`` (so it changes with the
     worker and the epoch). The DDP rank is always mixed in, so ranks never share a stream.
     """
-    base = _torch_seed() if seed is None else int(seed)
-    if base < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     rank = distributed_rank() if rank is None else rank
-    return np.random.default_rng(np.random.SeedSequence([base, int(epoch), int(index), rank]))
+    if seed is None:
+        # torch's seed does not change in the main process (num_workers=0) or in persistent
+        # workers: a per-process draw counter keeps epochs from repeating their crops
+        # (restarted whenever the torch seed changes, so re-seeding torch replays the stream)
+        global _DRAWS, _LAST_SEED
+        torch_seed = _torch_seed()
+        if torch_seed != _LAST_SEED:
+            _DRAWS, _LAST_SEED = 0, torch_seed
+        _DRAWS += 1
+        entropy = [torch_seed, int(epoch), int(index), rank, _DRAWS]
+    else:
+        if int(seed) < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        entropy = [int(seed), int(epoch), int(index), rank]
+    return np.random.default_rng(np.random.SeedSequence(entropy))
+
+
+_DRAWS = 0
+_LAST_SEED: int | None = None
 
 
 _PROCESS_RNG: dict[tuple[int, int, int, int], np.random.Generator] = {}

@@ -111,8 +111,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     from .proposals.build import build_store, resolve_shard
 
     params = _parse_params(args.param)
-    params.setdefault("top_k", args.top_k)
-    params.setdefault("max_side", args.max_side)
+    # only what the user set: the same build from the API or the CLI has the same settings
+    if args.top_k is not None:
+        params["top_k"] = args.top_k
+    if args.max_side is not None:
+        params["max_side"] = args.max_side
     if args.bing_model:
         params["model_dir"] = str(args.bing_model)
     shard = resolve_shard(args.shard)
@@ -243,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="graph_segments",
                    help="generator: bing, bing_opencv, graph_segments, selective_search")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--top-k", type=int, default=10, help="boxes kept per image (default 10)")
-    p.add_argument("--max-side", type=int, default=512, help="working resolution (default 512)")
+    p.add_argument("--top-k", type=int, help="boxes kept per image (default 10)")
+    p.add_argument("--max-side", type=int, help="working resolution (default 512)")
     p.add_argument("--bing-model", help="BING model folder (opencv_contrib "
                    "modules/saliency/samples/ObjectnessTrainedModel)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE",

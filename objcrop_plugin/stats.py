@@ -32,7 +32,9 @@ class FallbackCounter:
 
     def __init__(self, values: dict[str, int] | None = None) -> None:
         self._values = mp.RawArray("q", len(self.FIELDS))
-        self._lock = mp.Lock()
+        # a spawn-context lock can be sent to fork, spawn and forkserver workers alike; a
+        # fork-context one is refused by spawn/forkserver DataLoaders
+        self._lock = mp.get_context("spawn").Lock()
         self._logged = 0
         for name, value in (values or {}).items():
             self._values[self.FIELDS.index(name)] = int(value)

@@ -1,0 +1,331 @@
+"""lightly adapter: object-aware views in lightly's batch format.
+
+Two ways in, each a one-line change to a lightly training script:
+
+- :class:`ObjectAwareCollate`: keep ``LightlyDataset(input_dir)`` (with ``transform=None``)
+  and pass ``collate_fn=ObjectAwareCollate(proposals)`` to the DataLoader instead of the
+  transform. Works with any dataset yielding ``(PIL image, target, filename)``.
+- :class:`ObjectAwareDataset`: replace ``LightlyDataset(input_dir, transform=...)`` by
+  ``ObjectAwareDataset(input_dir, proposals)``. Faster for folders of JPEGs: the image is
+  decoded once, at 1/2, 1/4 or 1/8 resolution when every view allows it.
+
+Either way the batches are exactly those of lightly's ``MultiViewCollate`` (or of the default
+collate with a ``MultiViewTransform``): ``(views, targets, filenames)`` with ``views`` a list
+of ``(B, C, H, W)`` tensors, global views first, so every lightly method trains unchanged.
+
+Example:
+    >>> from lightly.data import LightlyDataset  # doctest: +SKIP
+    >>> from torch.utils.data import DataLoader
+    >>> from objcrop_plugin.lightly import ObjectAwareCollate
+    >>> dataset = LightlyDataset("data/train")  # doctest: +SKIP
+    >>> collate_fn = ObjectAwareCollate("data/train.objcrop", size=224)  # doctest: +SKIP
+    >>> loader = DataLoader(dataset, batch_size=256, collate_fn=collate_fn)  # doctest: +SKIP
+    >>> for batch in loader:  # doctest: +SKIP
+    ...     x0, x1 = batch[0]
+
+Reference:
+    Mishra et al., "Object-aware Cropping for Self-Supervised Learning", TMLR 2022,
+    https://arxiv.org/abs/2112.00319
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+
+try:
+    from lightly.data import LightlyDataset, MultiViewCollate
+except ImportError as _exc:  # lightly absent, or installed but broken
+    raise ImportError(
+        "objcrop_plugin.lightly needs the lightly package, which could not be imported "
+        f"({type(_exc).__name__}: {_exc}). Fix: pip install \"objcrop-plugin[lightly]\""
+    ) from _exc
+
+from .._random import process_rng
+from ..engine.cpu import ObjectCropDataset, ViewEngine
+from ..engine.decode import OpenedImage, _orientation
+from ..engine.photometric import PhotometricSet
+from ..policies import ViewRecipe
+from ..proposals.store import ProposalStore, normalize_key
+
+__all__ = ["ObjectAwareCollate", "ObjectAwareDataset"]
+
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _open_store(proposals: ProposalStore | str | os.PathLike[str] | None) -> ProposalStore | None:
+    if proposals is None or isinstance(proposals, ProposalStore):
+        return proposals
+    return ProposalStore(proposals)
+
+
+def _require_store(store: ProposalStore | None, recipe: ViewRecipe) -> None:
+    if store is None and recipe.needs_proposals:
+        raise ValueError(
+            f"view recipe '{recipe.name}' crops from object proposals but no proposal store was "
+            "given. Fix: pass proposals=PATH (see `objcrop proposals build`), or use "
+            "views='scene_scene'."
+        )
+
+
+class ObjectAwareCollate:
+    """Collate function that turns a batch of PIL images into object-aware views.
+
+    A drop-in for lightly's ``MultiViewCollate`` + ``MultiViewTransform``: the dataset yields
+    undecorated images (``LightlyDataset(input_dir, transform=None)``), and this function cuts
+    each image's views from its object proposals (Obj-Obj+Dilate by default), then applies the
+    method's photometric augmentations and ImageNet normalisation.
+
+    Input to this collate function:
+        A list of ``(image, target, filename)`` tuples, as ``LightlyDataset`` yields them:
+        ``image`` a PIL image (loaded, or lazily opened: then JPEGs are decoded at reduced
+        size when ``draft``), ``target`` an int, ``filename`` the path relative to the
+        dataset root (the proposal store's key convention).
+
+    Output of this collate function:
+        ``(views, targets, filenames)``, exactly as ``MultiViewCollate`` returns them:
+        ``views`` a list with one float tensor ``(B, 3, H_i, W_i)`` per view, global views
+        first, then local ones; ``targets`` a ``torch.long`` tensor ``(B,)``; ``filenames``
+        a list of ``B`` strings.
+
+    Applies the following by default:
+        - Obj-Obj+Dilate crops: both views from one proposal drawn among the image's 10 best,
+          one inside the box, one inside the box dilated by 10% of the image side, each a
+          RandomResizedCrop (scale 0.2-1, ratio 3/4-4/3) resized to 224 px, in random order
+        - MoCo-v2 photometrics: colour jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale p=0.2,
+          Gaussian blur (sigma 0.1-2) p=0.5, horizontal flip p=0.5
+        - ImageNet normalisation
+
+    Images without a usable proposal (no entry in the store, or only unusable boxes) get scene
+    crops instead, counted in ``collate_fn.recipe.fallbacks`` across all DataLoader workers.
+    Boxes refer to the displayed image: an image whose EXIF orientation tag is still set (as
+    lightly's loader leaves it) is turned upright before cropping.
+
+    Randomness comes from a stream per process (see
+    :func:`objcrop_plugin._random.process_rng`): keyed by the DataLoader worker's torch seed
+    and the DDP rank, so workers, epochs and ranks draw different crops, reproducibly once
+    ``torch.manual_seed`` is set.
+
+    Args:
+        proposals: a :class:`~objcrop_plugin.proposals.ProposalStore` or the path to one
+            (``None`` only for recipes without object views, e.g. ``"scene_scene"``).
+        views: a view recipe name (``"obj_obj_dilate"``, ``"obj_scene"``, ``"obj_obj"``,
+            ``"scene_scene"``, ``"multi_crop"``), a list of views, or a
+            :class:`~objcrop_plugin.policies.ViewRecipe`.
+        photometrics: ``"mocov2"``, ``"simclr"``, ``"byol"``, ``"vicreg"``, ``"none"`` or a
+            :class:`~objcrop_plugin.engine.photometric.PhotometricSet`.
+        root: folder the store's keys are relative to; absolute filenames are made relative
+            to it. Not needed for ``LightlyDataset``, whose filenames already are.
+        seed: an integer mixed into every stream (``None``: the torch seed alone).
+        draft: decode lazily opened JPEGs at reduced resolution when no view needs more.
+        key_fn: maps a filename to its store key, for datasets whose filenames are not the
+            store's keys (e.g. ``lambda f: "train/" + f``; with the ``spawn`` start method it
+            must be picklable, so a module-level function).
+        recipe_kwargs: the recipe's parameters, e.g. ``size=224``, ``dilation=0.2``,
+            ``top_k=10``, ``strict=True``; for ``multi_crop`` ``global_size``,
+            ``local_size``, ``n_local``.
+
+    Raises:
+        ValueError: an object recipe without a proposal store, or a negative seed.
+        FileNotFoundError, StoreFormatError: the store cannot be opened.
+
+    - [0]: Object-aware Cropping for Self-Supervised Learning, TMLR 2022,
+      https://arxiv.org/abs/2112.00319
+
+    Examples:
+        >>> from lightly.data import LightlyDataset  # doctest: +SKIP
+        >>> dataset = LightlyDataset("data/train")  # doctest: +SKIP
+        >>> collate_fn = ObjectAwareCollate("data/train.objcrop", size=224)  # doctest: +SKIP
+        >>> views, targets, filenames = collate_fn([dataset[0], dataset[1]])  # doctest: +SKIP
+        >>> [v.shape for v in views]  # doctest: +SKIP
+        [torch.Size([2, 3, 224, 224]), torch.Size([2, 3, 224, 224])]
+    """
+
+    def __init__(
+        self,
+        proposals: ProposalStore | str | os.PathLike[str] | None,
+        views: Any = "obj_obj_dilate",
+        photometrics: str | PhotometricSet = "mocov2",
+        root: str | os.PathLike[str] | None = None,
+        seed: int | None = None,
+        draft: bool = True,
+        key_fn: Callable[[str], str] | None = None,
+        **recipe_kwargs: Any,
+    ) -> None:
+        if seed is not None and int(seed) < 0:
+            raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        self.engine = ViewEngine(views, photometrics, draft, **recipe_kwargs)
+        self.store = _open_store(proposals)
+        _require_store(self.store, self.engine.recipe)
+        self.root = None if root is None else os.path.abspath(os.fspath(root))
+        self.seed = None if seed is None else int(seed)
+        self.key_fn = key_fn
+        self._collate = MultiViewCollate()
+
+    @property
+    def recipe(self) -> ViewRecipe:
+        """The view recipe; ``recipe.fallbacks`` counts scene-crop fallbacks of all workers."""
+        return self.engine.recipe
+
+    def key(self, filename: str | os.PathLike[str]) -> str:
+        """The proposal store key of a dataset filename."""
+        if self.key_fn is not None:
+            return normalize_key(self.key_fn(os.fspath(filename)))
+        name = os.fspath(filename)
+        if self.root is not None and os.path.isabs(name):
+            return normalize_key(name, self.root)
+        return normalize_key(name)
+
+    def views(self, image: Image.Image, key: str, rng: Any) -> list[torch.Tensor]:
+        """The views of one image: ``(3, h_i, w_i)`` float tensors, globals first."""
+        # As ViewEngine.from_path, but from an image the dataset opened: read the EXIF
+        # orientation (lightly's loader keeps the tag without applying it), plan in displayed
+        # pixels, decode (draft mode if still lazy) and resample each window once.
+        orientation = _orientation(image)
+        w, h = image.size
+        size = (h, w) if orientation in _TRANSPOSED else (w, h)
+        opened = OpenedImage(image, orientation, size, key)
+        store = self.store
+        proposals = (lambda s: store.lookup(key, s)) if store is not None else None
+        planned = self.engine.plan(opened, proposals, rng, key)
+        pixels = self.engine.decode(planned)
+        return self.engine.render(pixels, planned.windows, rng, from_size=size)
+
+    def __call__(
+        self, batch: Sequence[tuple[Image.Image, int, str]]
+    ) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
+        """Turns ``[(image, target, filename), ...]`` into ``(views, targets, filenames)``."""
+        rng = process_rng(self.seed)
+        items = []
+        for item in batch:
+            try:
+                image, target, filename = item
+            except (TypeError, ValueError):
+                raise TypeError(
+                    "ObjectAwareCollate expects (image, target, filename) items as "
+                    f"LightlyDataset yields them, got {type(item).__name__}. Fix: use "
+                    "lightly.data.LightlyDataset(input_dir), or a dataset with that item format."
+                ) from None
+            if not isinstance(image, Image.Image):
+                raise TypeError(
+                    f"{filename}: ObjectAwareCollate needs a PIL image, got "
+                    f"{type(image).__name__}. Fix: create the dataset with transform=None "
+                    "(this collate function crops and augments the views itself)."
+                )
+            items.append((self.views(image, self.key(filename), rng), target, filename))
+        return self._collate(items)
+
+    def __repr__(self) -> str:
+        store = None if self.store is None else str(self.store.path)
+        return (
+            f"{type(self).__name__}(proposals={store!r}, views={self.recipe.name!r}, "
+            f"n_views={len(self.recipe.views)}, seed={self.seed!r})"
+        )
+
+
+class ObjectAwareDataset(ObjectCropDataset):
+    """A folder of images with object-aware views, item for item like ``LightlyDataset``.
+
+    A drop-in for ``LightlyDataset(input_dir, transform=MultiViewTransform(...))``: the same
+    images in the same order with the same targets and filenames (lightly's own folder listing
+    is used), but each item's views are cut from the image's object proposals. The image is
+    decoded once per item, JPEGs at reduced resolution when no view needs the full one, so
+    this is faster than :class:`ObjectAwareCollate` on folders of files.
+
+    Input to this dataset:
+        An image folder as ``LightlyDataset`` reads it: images directly in ``root`` (target
+        0), or in class subfolders (ImageFolder targets); a proposal store whose keys are the
+        images' paths relative to ``root``.
+
+    Output of this dataset:
+        ``(views, target, filename)`` per item: ``views`` a list of float tensors
+        ``(3, H_i, W_i)``, global views first; ``target`` an int; ``filename`` the path
+        relative to ``root``. Lightly's default collate or ``MultiViewCollate`` batch it.
+
+    Applies the following by default:
+        - Obj-Obj+Dilate crops (see :class:`ObjectAwareCollate`)
+        - MoCo-v2 photometrics and ImageNet normalisation
+
+    Randomness: with ``seed=None`` each DataLoader worker's torch seed drives the crops (so
+    they change every epoch); with an integer seed they depend only on ``(seed, epoch, index,
+    DDP rank)``: then call ``dataset.set_epoch(epoch)`` before each epoch. Fallbacks to scene
+    crops are counted in ``dataset.recipe.fallbacks`` across workers.
+
+    Args:
+        root: the image folder (lightly's ``input_dir``).
+        proposals: a :class:`~objcrop_plugin.proposals.ProposalStore` or a path to one
+            (``None`` only for recipes without object views).
+        views, photometrics, recipe_kwargs: as for :class:`ObjectAwareCollate`.
+        seed: see above.
+        draft: decode JPEGs at reduced resolution when no view needs more.
+        filenames: only these files (paths relative to ``root``), as ``LightlyDataset``'s
+            ``filenames`` argument.
+
+    Raises:
+        ValueError: ``root`` holds videos (lightly reads them frame by frame; use
+            :class:`ObjectAwareCollate` with ``LightlyDataset``), no images, or an object
+            recipe without a proposal store.
+
+    - [0]: Object-aware Cropping for Self-Supervised Learning, TMLR 2022,
+      https://arxiv.org/abs/2112.00319
+
+    Examples:
+        >>> from torch.utils.data import DataLoader
+        >>> dataset = ObjectAwareDataset("data/train", "train.objcrop", size=224)  # doctest: +SKIP
+        >>> views, target, filename = dataset[0]  # doctest: +SKIP
+        >>> loader = DataLoader(dataset, batch_size=256, num_workers=8)  # doctest: +SKIP
+        >>> for batch in loader:  # doctest: +SKIP
+        ...     x0, x1 = batch[0]
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        proposals: ProposalStore | str | os.PathLike[str] | None,
+        views: Any = "obj_obj_dilate",
+        photometrics: str | PhotometricSet = "mocov2",
+        seed: int | None = None,
+        draft: bool = True,
+        filenames: Sequence[str] | None = None,
+        **recipe_kwargs: Any,
+    ) -> None:
+        # lightly's own listing, so order, targets and filenames are LightlyDataset's exactly
+        # (its subfolder walk order and extensions differ from objcrop's list_images)
+        listing = LightlyDataset(
+            os.fspath(root), filenames=None if filenames is None else list(filenames)
+        ).dataset
+        samples = getattr(listing, "samples", None)
+        if samples is None:
+            raise ValueError(
+                f"{root}: lightly reads this folder as {type(listing).__name__} (videos), not as "
+                "a folder of images. Fix: use ObjectAwareCollate with "
+                "lightly.data.LightlyDataset(input_dir)."
+            )
+        self.filenames = [os.path.relpath(path, listing.root) for path, _ in samples]
+        self._targets = [int(target) for _, target in samples]
+        super().__init__(
+            root,
+            _open_store(proposals),
+            views,
+            photometrics,
+            draft,
+            seed,
+            keys=[normalize_key(f) for f in self.filenames],
+            **recipe_kwargs,
+        )
+        self.classes = list(getattr(listing, "classes", []))
+
+    def target(self, index: int) -> int:
+        return self._targets[index]
+
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int, str]:
+        views, target, _key = super().__getitem__(index)
+        return views, target, self.filenames[index]
+
+    def get_filenames(self) -> list[str]:
+        """All filenames, as ``LightlyDataset.get_filenames``."""
+        return list(self.filenames)
