@@ -47,12 +47,25 @@ def postprocess(
         raise ValueError(f"{len(b)} boxes but {len(s)} scores")
     keep = np.isfinite(s) & B.valid_mask(b, image_size, min_side=min_side)
     b, s = B.clip(b[keep], image_size), s[keep]
+    order = np.argsort(-s, kind="stable")
     if len(b) and nms_iou is not None:
         import torchvision
 
-        idx = torchvision.ops.nms(torch.from_numpy(b), torch.from_numpy(s), float(nms_iou)).numpy()
+        # Greedy NMS decides each box from the better-scored ones only, so NMS on a prefix of
+        # the ranking keeps exactly the global result's first boxes: try a short prefix first
+        # (BING yields thousands of raw boxes; full NMS would cost more than BING itself).
+        prefix = 50 * top_k
+        while True:
+            cand = order[:prefix]
+            kept = torchvision.ops.nms(
+                torch.from_numpy(b[cand]), torch.from_numpy(s[cand]), float(nms_iou)
+            ).numpy()
+            if len(kept) >= top_k or prefix >= len(order):
+                break
+            prefix *= 4
+        idx = cand[kept]
     else:
-        idx = np.argsort(-s, kind="stable")
+        idx = order
     idx = idx[:top_k]
     return b[idx].astype(np.float32), s[idx].astype(np.float32)
 
