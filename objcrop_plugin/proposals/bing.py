@@ -595,7 +595,12 @@ class BingGenerator(ProposalGenerator):
         min_side: smallest box side kept, in working-image pixels.
         color_space: ``"MAXBGR"`` (default, OpenCV's first), ``"HSV"`` or ``"I"`` (gray).
         device: torch device for the computation, e.g. ``"cuda"``.
-        per_size: windows kept per window size before the final sort (OpenCV: 250).
+        per_size: windows kept per window size before the final sort (OpenCV: 250), as
+            :meth:`objectness` returns them.
+        candidates_per_size: the same limit when only the ``top_k`` best boxes are wanted
+            (``__call__`` / :meth:`raw`); default ``max(40, 4 * top_k)``. The best boxes of a
+            size come first in its list, so a short list gives the same top-k as OpenCV's full
+            one (tested) at about 1.8x the speed; ``None`` on the instance means ``per_size``.
         num_threads: torch intra-op threads during a call on the CPU (``None``: torch's current
             setting). The work is many small tensor ops that gain little from more threads and
             slow down badly when the cores are shared; for throughput run one process per core.
@@ -626,8 +631,12 @@ class BingGenerator(ProposalGenerator):
         device: str | torch.device = "cpu",
         per_size: int = _PER_SIZE,
         num_threads: int | None = 1,
+        candidates_per_size: int | None = -1,
     ) -> None:
         super().__init__(top_k=top_k, max_side=max_side, nms_iou=nms_iou, min_side=min_side)
+        if candidates_per_size == -1:
+            candidates_per_size = max(40, 4 * self.top_k)
+        self.candidates_per_size = candidates_per_size
         self.model_dir = _resolve_model_dir(model_dir)
         self.color_space = _check_color_space(color_space)
         self.device = str(device)
@@ -684,7 +693,11 @@ class BingGenerator(ProposalGenerator):
             ``minX``/``minY`` (pixel columns ``minX - 1 .. maxX - 1``), and ``scores (N,)
             float32`` calibrated objectness, descending; ``N <= per_size * sizes``.
         """
+        return self._run(image, self.per_size)
+
+    def _run(self, image: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray]:
         threads = self.num_threads if self._dev.type == "cpu" else None
+        self._limit = int(limit)
         with torch.no_grad(), _torch_threads(threads):
             return self._objectness(image)
 
@@ -785,8 +798,8 @@ class BingGenerator(ProposalGenerator):
         # Among a block's m best windows at least m / 25 are kept (a kept window suppresses at
         # most 24), so 25 * per_size always suffice; most blocks need far fewer: try a shorter
         # prefix first and redo only the blocks that came short.
-        full = 25 * self.per_size
-        want = {b: min(c, 12 * self.per_size) for b, c in enumerate(lay.block_count)}
+        full = 25 * self._limit
+        want = {b: min(c, 12 * self._limit) for b, c in enumerate(lay.block_count)}
         out: dict[int, torch.Tensor] = {}
         while want:
             cand, seg, blocks = self._top_windows(val, lay, want)
@@ -795,13 +808,13 @@ class BingGenerator(ProposalGenerator):
             kseg = seg.index_select(0, kidx)
             nk = torch.bincount(kseg, minlength=len(blocks))
             krank = torch.arange(kidx.numel(), device=dev) - (torch.cumsum(nk, 0) - nk).index_select(0, kseg)
-            take = torch.nonzero(krank < self.per_size).squeeze(1)
+            take = torch.nonzero(krank < self._limit).squeeze(1)
             kc = cand.index_select(0, kidx.index_select(0, take))
             ks = kseg.index_select(0, take)
             nk_list = nk.tolist()
             retry = {}
             for i, b in enumerate(blocks):
-                if nk_list[i] < self.per_size and want[b] < min(lay.block_count[b], full):
+                if nk_list[i] < self._limit and want[b] < min(lay.block_count[b], full):
                     retry[b] = min(lay.block_count[b], full)
                 else:
                     out[b] = kc[ks == i]
@@ -844,8 +857,12 @@ class BingGenerator(ProposalGenerator):
         )
 
     def raw(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate boxes ``(N, 4)`` float32 xyxy and calibrated scores ``(N,)``, best first."""
-        boxes, scores = self.objectness(image)
+        """Candidate boxes ``(N, 4)`` float32 xyxy and calibrated scores ``(N,)``, best first
+        (each size's ``candidates_per_size`` best; see the class)."""
+        limit = self.per_size
+        if self.candidates_per_size is not None:
+            limit = min(limit, int(self.candidates_per_size))
+        boxes, scores = self._run(image, limit)
         return _vec4i_to_xyxy(boxes), scores
 
 

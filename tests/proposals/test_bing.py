@@ -107,10 +107,22 @@ def test_boxes_identical_to_opencv(model_dir, cv2, color_space, scene):
 def test_raw_and_top_k_identical_to_opencv(model_dir, cv2):
     img = _scene(7, 400, 300)
     ref = OpenCVBingGenerator(model_dir, top_k=100, nms_iou=None)
+    full = BingGenerator(model_dir, top_k=100, nms_iou=None, candidates_per_size=None)
+    np.testing.assert_array_equal(full.raw(img)[0], ref.raw(img)[0])
+    # without box NMS the best 100 are the head of OpenCV's list, also from the short lists
     ours = BingGenerator(model_dir, top_k=100, nms_iou=None)
-    np.testing.assert_array_equal(ours.raw(img)[0], ref.raw(img)[0])
-    # without box NMS the best 100 are the head of OpenCV's list
     np.testing.assert_array_equal(ours(img)[0], ref(img)[0])
+
+
+def test_short_candidate_lists_give_opencvs_top_k(model_dir, cv2):
+    ref = OpenCVBingGenerator(model_dir)
+    ours = BingGenerator(model_dir)
+    assert ours.candidates_per_size == 40
+    for i in range(6):
+        img = _scene(i, 512, 384)
+        b, s = ours(img)
+        np.testing.assert_array_equal(b, ref(img)[0])
+        assert len(ours.raw(img)[0]) < len(ref.raw(img)[0])
 
 
 def test_rank_ties_follow_opencv(model_dir, cv2):
