@@ -193,6 +193,32 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .eval import evaluate_backbone, load_backbone
+
+    if args.coco:
+        from .proposals.importers import coco_labels
+
+        keys, labels, _ = coco_labels(args.coco, key_prefix=args.key_prefix)
+    else:
+        from .data.synthetic import load_labels
+
+        keys, labels, _ = load_labels(args.labels or Path(args.root) / "labels.json")
+    net = load_backbone(args.model, args.checkpoint, args.prefix)
+    size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
+    res = evaluate_backbone(
+        net, args.root, keys, labels, train_fraction=args.train_fraction, seed=args.seed,
+        image_size=size, batch_size=args.batch_size, num_workers=args.workers,
+        probe={"epochs": args.epochs}, knn_kwargs={"k": args.k},
+    )
+    summary = {k: float(res[k]) for k in ("probe_map", "knn_map", "prevalence_map")}
+    summary.update(n_train=int(res["n_train"]), n_test=int(res["n_test"]))
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="objcrop",
@@ -219,6 +245,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-data", help="generate the embedded demo data set")
     _add_demo_data_args(p)
     p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("eval", help="multi-label linear probe (mAP) and kNN on frozen features")
+    p.add_argument("--root", required=True, help="dataset root (label keys are relative to it)")
+    p.add_argument("--labels", help="labels.json of the demo data format (default ROOT/labels.json)")
+    p.add_argument("--coco", help="COCO annotations JSON: multi-hot of the categories present")
+    p.add_argument("--key-prefix", default="")
+    p.add_argument("--model", default="resnet18", help="timm model name")
+    p.add_argument("--checkpoint", help="weights to load (a timm state dict or a training checkpoint)")
+    p.add_argument("--prefix", help="key prefix of the backbone inside the checkpoint")
+    p.add_argument("--image-size", type=int, nargs="+", default=[224])
+    p.add_argument("--train-fraction", type=float, default=0.7)
+    p.add_argument("--epochs", type=int, default=100, help="linear probe epochs (default 100)")
+    p.add_argument("--k", type=int, default=20, help="kNN neighbours (default 20)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the numbers here")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("policies", help="list registered crop policies and proposal sources")
     p.set_defaults(func=cmd_policies)

@@ -84,3 +84,15 @@ def test_stats_eval_and_coco_import_commands(tmp_path, capsys):
     assert main(["proposals", "eval", str(tmp_path / "p.objcrop"), "--gt", str(ann), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["recall"]["0.5"]["1"] == 1.0
+
+
+def test_eval_command_on_demo_data(tmp_path, capsys):
+    from objcrop_plugin.data.synthetic import write_dataset
+
+    demo = write_dataset(tmp_path / "demo", n_images=12, size=(96, 72), seed=0)
+    rc = main(["eval", "--root", str(demo.root), "--model", "resnet10t", "--image-size", "64",
+               "--epochs", "5", "--k", "3", "--json", str(tmp_path / "r.json")])
+    assert rc == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert set(res) >= {"probe_map", "knn_map", "prevalence_map"}
+    assert 0 <= res["probe_map"] <= 100 and res["n_train"] + res["n_test"] == 12
