@@ -96,3 +96,13 @@ def test_eval_command_on_demo_data(tmp_path, capsys):
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res) >= {"probe_map", "knn_map", "prevalence_map"}
     assert 0 <= res["probe_map"] <= 100 and res["n_train"] + res["n_test"] == 12
+
+
+def test_demo_command_quick_budget_writes_results_picture_and_ends_with_result(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--budget", "quick", "--out", str(out), "--data-dir", str(tmp_path / "d")]) == 0
+    assert (out / "crops.png").exists()
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["runs"]) == {"random", "scene_scene", "obj_obj_dilate"}
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("RESULT scene_map=") and "delta=" in last

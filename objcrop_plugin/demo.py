@@ -1,0 +1,434 @@
+"""``objcrop demo``: scene crops vs object-aware crops, end to end, on a laptop CPU.
+
+The demo reproduces the paper's comparison in miniature (Mishra et al., TMLR 2022, Table 1):
+
+1. write the embedded synthetic dataset (:mod:`objcrop_plugin.data.synthetic`) with its
+   ground-truth boxes as the proposal store;
+2. pretrain the same small timm backbone with SimCLR twice, from the same initialisation,
+   seed and budget: views ``scene_scene`` (the usual random resized crops) and
+   ``obj_obj_dilate`` (view 1 inside a proposal, view 2 inside the dilated proposal);
+3. evaluate both, and the randomly initialised network, with a multi-label linear probe on
+   frozen features of the whole scene (mAP over classes, in percent);
+4. print a table, write ``results.json``, and end with one line
+   ``RESULT scene_map=<x> obj_obj_dilate_map=<x> random_map=<x> delta=<x>``.
+
+Budgets (:data:`BUDGETS`): ``"quick"`` (seconds, for tests), ``"default"`` (under 10 minutes on
+a 2-core CPU, data generation included) and ``"full"`` (longer pretraining, more data). Every
+setting is a plain keyword, so ``run_demo(..., epochs=5)`` overrides one of them.
+
+Example:
+    >>> from objcrop_plugin.demo import run_demo
+    >>> res = run_demo("demo_out", budget="quick")  # doctest: +SKIP
+    >>> sorted(res["runs"])  # doctest: +SKIP
+    ['obj_obj_dilate', 'random', 'scene_scene']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+__all__ = ["BUDGETS", "average_precision", "linear_probe_map", "run_demo", "scene_features"]
+
+#: Settings of each budget. See docs/demo-design.md for how they were chosen (measured on a
+#: 2-core CPU).
+BUDGETS: dict[str, dict[str, Any]] = {
+    "quick": dict(
+        n_train=48, n_test=32, image_size=(96, 72), view_size=32, model="test_efficientnet",
+        epochs=1, batch_size=16, lr=1e-2, weight_decay=1e-4, optimizer="adamw",
+        temperature=0.2, photometrics="simclr", num_workers=0, eval_scale=1.0,
+        pooling="avgmax", probe_steps=50, dilation=0.1, scene_scale=(0.2, 1.0),
+        object_scale=(0.2, 1.0), dilated_scale=(0.2, 1.0), proj_dim=64,
+    ),
+    "default": dict(
+        n_train=2000, n_test=1000, image_size=(128, 96), view_size=48,
+        model="test_efficientnet", epochs=25, batch_size=128, lr=1e-2, weight_decay=1e-4,
+        optimizer="adamw", temperature=0.2, photometrics="simclr", num_workers=1,
+        eval_scale=2.0, pooling="avgmax", probe_steps=300, dilation=0.1,
+        scene_scale=(0.2, 1.0), object_scale=(0.2, 1.0), dilated_scale=(0.2, 1.0),
+        proj_dim=128,
+    ),
+}
+BUDGETS["full"] = dict(BUDGETS["default"], n_train=4000, n_test=2000, epochs=50)
+
+RUNS = ("random", "scene_scene", "obj_obj_dilate")
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation: multi-label linear probe on frozen whole-scene features
+# --------------------------------------------------------------------------------------------
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Exact average precision of each class, as sklearn's ``average_precision_score``.
+
+    Args:
+        scores: ``(N, C)`` real scores, higher = more likely present.
+        targets: ``(N, C)`` 0/1.
+
+    Returns:
+        ``(C,)`` float64 AP in [0, 1]; NaN for a class without positives. Tied scores form one
+        threshold (``AP = sum_n (R_n - R_{n-1}) P_n`` over distinct thresholds).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    targets = np.asarray(targets, dtype=np.float64)
+    out = np.full(scores.shape[1], np.nan)
+    for c in range(scores.shape[1]):
+        y = targets[:, c]
+        npos = y.sum()
+        if npos == 0:
+            continue
+        order = np.argsort(-scores[:, c], kind="mergesort")
+        s, y = scores[order, c], y[order]
+        tp = np.cumsum(y)
+        # the last index of each run of tied scores is a threshold
+        last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+        tp, n = tp[last], last + 1.0
+        recall = tp / npos
+        precision = tp / n
+        out[c] = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return out
+
+
+def linear_probe_map(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    steps: int = 300,
+    lr: float = 0.01,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+) -> float:
+    """Multi-label linear probe: standardise, one linear layer with BCE (full batch, Adam).
+
+    Args:
+        train_x, test_x: ``(N, D)`` frozen features.
+        train_y, test_y: ``(N, C)`` multi-hot labels.
+
+    Returns:
+        test mAP over classes with positives, in percent (0-100).
+    """
+    g = torch.Generator().manual_seed(seed)
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
+    layer = nn.Linear(xtr.shape[1], train_y.shape[1])
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.01)
+        layer.bias.zero_()
+    opt = torch.optim.Adam(layer.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(layer(xtr), train_y).backward()
+        opt.step()
+    with torch.no_grad():
+        scores = layer(xte)
+    ap = average_precision(scores.numpy(), test_y.numpy())
+    return float(np.nanmean(ap) * 100.0)
+
+
+def _pool(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
+    avg = fmap.mean((2, 3))
+    if pooling == "avg":
+        return avg
+    mx = fmap.amax((2, 3))
+    if pooling == "max":
+        return mx
+    if pooling == "avgmax":
+        return torch.cat([avg, mx], 1)
+    raise ValueError(f"pooling must be 'avg', 'max' or 'avgmax', got {pooling!r}")
+
+
+@torch.no_grad()
+def scene_features(
+    backbone: nn.Module,
+    root: str | os.PathLike[str],
+    keys: Sequence[str],
+    scale: float = 1.0,
+    pooling: str = "avgmax",
+    batch_size: int = 128,
+) -> torch.Tensor:
+    """Frozen features of whole scene images: ``(N, D)`` float32.
+
+    Each image is read, resized by ``scale`` (bilinear), ImageNet-normalised, run through
+    ``backbone.forward_features`` (the timm feature map) and pooled (``avg``, ``max``, or both
+    concatenated: small objects show in the max more than in the mean).
+    """
+    from .engine.photometric import to_tensor
+
+    was_training = backbone.training
+    backbone.eval()
+    feats = []
+    for i in range(0, len(keys), batch_size):
+        batch = []
+        for key in keys[i : i + batch_size]:
+            with Image.open(Path(root) / key) as im:
+                im = im.convert("RGB")
+                if scale != 1.0:
+                    w, h = im.size
+                    im = im.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
+                batch.append(to_tensor(im))
+        x = torch.stack(batch).contiguous(memory_format=torch.channels_last)
+        feats.append(_pool(backbone.forward_features(x), pooling).float())
+    backbone.train(was_training)
+    return torch.cat(feats)
+
+
+# --------------------------------------------------------------------------------------------
+# pretraining
+# --------------------------------------------------------------------------------------------
+
+
+def _backbone(model: str, seed: int) -> nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    net = timm.create_model(model, pretrained=False, num_classes=0)
+    return net.to(memory_format=torch.channels_last)
+
+
+def _recipe_kwargs(views: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    if views == "scene_scene":
+        return {"scale": tuple(cfg["scene_scale"])}
+    if views == "obj_obj_dilate":
+        return {
+            "object_scale": tuple(cfg["object_scale"]),
+            "dilated_scale": tuple(cfg["dilated_scale"]),
+            "dilation": cfg["dilation"],
+        }
+    return {}
+
+
+def pretrain_simclr(
+    backbone: nn.Module,
+    root: str | os.PathLike[str],
+    proposals: str | os.PathLike[str],
+    keys: Sequence[str],
+    views: str,
+    cfg: dict[str, Any],
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """SimCLR (NT-Xent, 2-layer projection head) on ``views`` crops; trains ``backbone`` in place.
+
+    Crops depend only on ``(seed, epoch, index)`` and the batch order on ``seed``, so two runs
+    with the same arguments see the same data regardless of ``num_workers``.
+
+    Returns:
+        ``{"seconds", "images_per_s", "final_loss", "losses"}`` (mean loss per epoch).
+    """
+    from lightly.loss import NTXentLoss
+    from lightly.models.modules import SimCLRProjectionHead
+
+    from .engine import ObjectCropDataset
+
+    torch.manual_seed(seed)
+    dim = backbone.num_features
+    head = SimCLRProjectionHead(dim, dim, cfg["proj_dim"])
+    params = list(backbone.parameters()) + list(head.parameters())
+    if cfg["optimizer"] == "adamw":
+        opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    elif cfg["optimizer"] == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
+    else:
+        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {cfg['optimizer']!r}")
+    loss_fn = NTXentLoss(temperature=cfg["temperature"])
+    ds = ObjectCropDataset(
+        root, proposals if views != "scene_scene" else None, views=views,
+        photometrics=cfg["photometrics"], seed=seed, keys=list(keys), size=cfg["view_size"],
+        **_recipe_kwargs(views, cfg),
+    )
+    g = torch.Generator().manual_seed(seed)
+    workers = int(cfg["num_workers"])
+    # workers are not persistent so that set_epoch reaches them (new crops every epoch)
+    loader_kw: dict[str, Any] = dict(
+        batch_size=cfg["batch_size"], shuffle=True, drop_last=True, generator=g,
+        num_workers=workers,
+    )
+    if workers > 0:
+        loader_kw["prefetch_factor"] = 4
+    steps_per_epoch = len(ds) // cfg["batch_size"]
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"batch_size {cfg['batch_size']} exceeds the {len(ds)} training images; lower it"
+        )
+    total = steps_per_epoch * cfg["epochs"]
+    warmup = max(1, total // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (s + 1) / warmup if s < warmup
+        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
+    )
+    backbone.train()
+    head.train()
+    losses = []
+    t0 = time.perf_counter()
+    for epoch in range(cfg["epochs"]):
+        ds.set_epoch(epoch)
+        run, n = 0.0, 0
+        for (v1, v2), _, _ in torch.utils.data.DataLoader(ds, **loader_kw):
+            x = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
+            z = head(backbone(x))
+            loss = loss_fn(*z.chunk(2))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            run += loss.item()
+            n += 1
+        losses.append(run / max(1, n))
+        log(f"  [{views}] epoch {epoch + 1}/{cfg['epochs']} loss {losses[-1]:.3f} "
+            f"({time.perf_counter() - t0:.0f}s)")
+    secs = time.perf_counter() - t0
+    return {
+        "seconds": secs,
+        "images_per_s": steps_per_epoch * cfg["batch_size"] * cfg["epochs"] / secs,
+        "final_loss": losses[-1],
+        "losses": losses,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the demo
+# --------------------------------------------------------------------------------------------
+
+
+def run_demo(
+    out_dir: str | os.PathLike[str],
+    budget: str = "default",
+    seed: int = 0,
+    data_dir: str | os.PathLike[str] | None = None,
+    log: Callable[[str], None] = print,
+    quick: bool = False,
+    runs: Sequence[str] = RUNS,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Pretrain with scene and object-aware crops, probe both and a random init; write results.
+
+    Args:
+        out_dir: where ``results.json`` goes (created if needed).
+        budget: ``"default"`` (< 10 min on 2 CPU cores), ``"full"``, or ``"quick"`` (seconds).
+        seed: seeds the data, the initialisation (shared by all runs), the crops, the batch
+            order and the probe.
+        data_dir: where the synthetic dataset is written (default ``out_dir/data``); an
+            existing dataset with the same parameters is reused.
+        log: called with each progress line.
+        quick: shorthand for ``budget="quick"``.
+        runs: which of ``random``, ``scene_scene``, ``obj_obj_dilate`` to run.
+        overrides: any key of :data:`BUDGETS` entries (e.g. ``epochs=5``).
+
+    Returns:
+        the results dictionary written to ``out_dir/results.json``: ``runs[name]`` has
+        ``map`` (percent), ``pretrain_seconds`` and (pretrained runs) ``images_per_s``,
+        ``final_loss``; plus ``delta`` (obj_obj_dilate minus scene_scene mAP), ``config``,
+        ``data_seconds``, ``total_seconds``.
+    """
+    from .data.synthetic import load_labels, write_dataset
+
+    if quick:
+        budget = "quick"
+    if budget not in BUDGETS:
+        raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}")
+    unknown = set(overrides) - set(BUDGETS[budget])
+    if unknown:
+        raise TypeError(f"unknown demo settings {sorted(unknown)}; known: {sorted(BUDGETS[budget])}")
+    bad = set(runs) - set(RUNS)
+    if bad:
+        raise ValueError(f"unknown runs {sorted(bad)}; choose among {RUNS}")
+    cfg = dict(BUDGETS[budget], **overrides)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
+
+    t_start = time.perf_counter()
+    n_total = cfg["n_train"] + cfg["n_test"]
+    w, h = cfg["image_size"]
+    data_root = Path(data_dir) if data_dir is not None else out / "data"
+    log(f"objcrop demo: budget={budget} seed={seed}; writing {n_total} scenes {w}x{h} "
+        f"to {data_root}")
+    ds = write_dataset(
+        data_root / f"synthetic_{w}x{h}_n{n_total}_s{seed}", n_total, size=(w, h), seed=seed,
+        workers=min(2, os.cpu_count() or 1),
+    )
+    keys, multi_hot, classes = load_labels(ds.labels_path)
+    y = torch.as_tensor(np.asarray(multi_hot), dtype=torch.float32)
+    train_keys, test_keys = list(keys[: cfg["n_train"]]), list(keys[cfg["n_train"] :])
+    y_train, y_test = y[: cfg["n_train"]], y[cfg["n_train"] :]
+    data_secs = time.perf_counter() - t_start
+    log(f"data ready in {data_secs:.1f}s ({len(classes)} classes, "
+        f"{y.sum(1).mean():.1f} classes per image)")
+
+    def probe(net: nn.Module) -> float:
+        kw = dict(scale=cfg["eval_scale"], pooling=cfg["pooling"])
+        ftr = scene_features(net, ds.root, train_keys, **kw)
+        fte = scene_features(net, ds.root, test_keys, **kw)
+        return linear_probe_map(ftr, y_train, fte, y_test, steps=cfg["probe_steps"], seed=seed)
+
+    results: dict[str, Any] = {}
+    for name in runs:
+        net = _backbone(cfg["model"], seed)  # same initialisation for every run
+        info: dict[str, Any] = {"pretrain_seconds": 0.0}
+        if name != "random":
+            log(f"pretraining {cfg['model']} with SimCLR, views={name}")
+            tr = pretrain_simclr(net, ds.root, ds.proposals_path, train_keys, name, cfg, seed, log)
+            info.update(
+                pretrain_seconds=round(tr["seconds"], 1),
+                images_per_s=round(tr["images_per_s"], 1),
+                final_loss=round(tr["final_loss"], 4),
+                losses=[round(v, 4) for v in tr["losses"]],
+            )
+        t = time.perf_counter()
+        info["map"] = round(probe(net), 2)
+        info["probe_seconds"] = round(time.perf_counter() - t, 1)
+        results[name] = info
+        log(f"{name}: probe mAP {info['map']:.2f}")
+    torch.set_num_threads(threads)
+
+    total = time.perf_counter() - t_start
+
+    def _map(name: str) -> float | None:
+        return results[name]["map"] if name in results else None
+
+    s, o, r = _map("scene_scene"), _map("obj_obj_dilate"), _map("random")
+    delta = round(o - s, 2) if s is not None and o is not None else None
+    summary = {
+        "budget": budget,
+        "seed": seed,
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "data_root": str(ds.root),
+        "classes": list(classes),
+        "runs": results,
+        "delta": delta,
+        "data_seconds": round(data_secs, 1),
+        "total_seconds": round(total, 1),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    log("")
+    log(f"{'run':<16}{'probe mAP':>10}{'pretrain s':>12}")
+    for name, info in results.items():
+        log(f"{name:<16}{info['map']:>10.2f}{info['pretrain_seconds']:>12.1f}")
+    log(f"total {total:.0f}s; results in {out / 'results.json'}")
+
+    def fmt(v: float | None) -> str:
+        return "nan" if v is None else f"{v:.2f}"
+
+    log(f"RESULT scene_map={fmt(s)} obj_obj_dilate_map={fmt(o)} random_map={fmt(r)} "
+        f"delta={fmt(delta)}")
+    return summary

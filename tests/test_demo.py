@@ -1,0 +1,75 @@
+"""`objcrop demo` end to end on the quick budget: structure, RESULT line, determinism.
+
+Learning itself is not asserted here (that is the benchmark's job: the default budget)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from objcrop_plugin.demo import BUDGETS, average_precision, run_demo
+
+RESULT = re.compile(
+    r"^RESULT scene_map=(\S+) obj_obj_dilate_map=(\S+) random_map=(\S+) delta=(\S+)$"
+)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    lines: list[str] = []
+    res = run_demo(root / "out", budget="quick", seed=0, data_dir=root / "data", log=lines.append)
+    return root, res, lines
+
+
+def test_quick_demo_writes_results_and_result_line(quick_run):
+    root, res, lines = quick_run
+    on_disk = json.loads((root / "out" / "results.json").read_text())
+    assert on_disk["runs"].keys() == {"random", "scene_scene", "obj_obj_dilate"}
+    for info in on_disk["runs"].values():
+        assert 0.0 <= info["map"] <= 100.0
+        assert info["pretrain_seconds"] >= 0.0
+    assert on_disk["runs"]["random"]["pretrain_seconds"] == 0.0
+    assert on_disk["runs"]["scene_scene"]["pretrain_seconds"] > 0.0
+    m = RESULT.match(lines[-1])
+    assert m, lines[-1]
+    scene, obj, rnd, delta = map(float, m.groups())
+    assert scene == res["runs"]["scene_scene"]["map"]
+    assert obj == res["runs"]["obj_obj_dilate"]["map"]
+    assert rnd == res["runs"]["random"]["map"]
+    assert delta == pytest.approx(obj - scene, abs=0.011)
+
+
+def test_quick_demo_is_deterministic_given_seed(quick_run, tmp_path):
+    root, res, _ = quick_run
+    again = run_demo(tmp_path / "out", budget="quick", seed=0, data_dir=root / "data",
+                     log=lambda s: None)
+    for name in ("random", "scene_scene", "obj_obj_dilate"):
+        assert again["runs"][name]["map"] == res["runs"][name]["map"]
+    assert again["runs"]["scene_scene"]["losses"] == res["runs"]["scene_scene"]["losses"]
+    assert again["data_root"] == res["data_root"]  # the dataset is reused, not rewritten
+
+
+def test_unknown_setting_and_budget_are_refused(tmp_path):
+    with pytest.raises(TypeError, match="unknown demo settings"):
+        run_demo(tmp_path, budget="quick", epoch=3)
+    with pytest.raises(ValueError, match="budget"):
+        run_demo(tmp_path, budget="huge")
+
+
+def test_budgets_share_their_keys():
+    assert set(BUDGETS) >= {"quick", "default", "full"}
+    assert {frozenset(b) for b in BUDGETS.values()} == {frozenset(BUDGETS["default"])}
+
+
+def test_average_precision_matches_hand_computed_values():
+    scores = np.array([[0.9], [0.8], [0.7], [0.6]])
+    targets = np.array([[1], [0], [1], [0]])
+    # precision at the two positives: 1/1 and 2/3
+    assert average_precision(scores, targets)[0] == pytest.approx((1 + 2 / 3) / 2)
+    # ties form one threshold: all four at the same score -> precision 2/4
+    assert average_precision(np.zeros((4, 1)), targets)[0] == pytest.approx(0.5)
+    assert np.isnan(average_precision(scores, np.zeros((4, 1)))[0])
