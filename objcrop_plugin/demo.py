@@ -71,34 +71,11 @@ RUNS = ("random", "scene_scene", "obj_obj_dilate")
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Exact average precision of each class, as sklearn's ``average_precision_score``.
+    """Exact per-class AP as sklearn's, ``(C,)`` float64, NaN for a class without positives
+    (:func:`objcrop_plugin.eval.average_precision` as a numpy array)."""
+    from .eval import average_precision as per_class_ap
 
-    Args:
-        scores: ``(N, C)`` real scores, higher = more likely present.
-        targets: ``(N, C)`` 0/1.
-
-    Returns:
-        ``(C,)`` float64 AP in [0, 1]; NaN for a class without positives. Tied scores form one
-        threshold (``AP = sum_n (R_n - R_{n-1}) P_n`` over distinct thresholds).
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    targets = np.asarray(targets, dtype=np.float64)
-    out = np.full(scores.shape[1], np.nan)
-    for c in range(scores.shape[1]):
-        y = targets[:, c]
-        npos = y.sum()
-        if npos == 0:
-            continue
-        order = np.argsort(-scores[:, c], kind="mergesort")
-        s, y = scores[order, c], y[order]
-        tp = np.cumsum(y)
-        # the last index of each run of tied scores is a threshold
-        last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
-        tp, n = tp[last], last + 1.0
-        recall = tp / npos
-        precision = tp / n
-        out[c] = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-    return out
+    return per_class_ap(np.asarray(scores), np.asarray(targets)).numpy()
 
 
 def linear_probe_map(
