@@ -443,6 +443,20 @@ def _train_linear(
     return weight.detach(), bias.detach(), last_loss
 
 
+def _check_split(train_x, train_y, test_x, test_y):
+    """Features and targets of a train/test split as tensors, with matching shapes."""
+    xtr, xte = _features("train_x", train_x), _features("test_x", test_x)
+    ytr = _targets("train_y", train_y, xtr.shape[0]).float()
+    yte = _targets("test_y", test_y, xte.shape[0])
+    if xtr.shape[1] != xte.shape[1]:
+        raise ValueError(f"train_x has {xtr.shape[1]} dims, test_x has {xte.shape[1]}")
+    if ytr.shape[1] != yte.shape[1]:
+        raise ValueError(f"train_y has {ytr.shape[1]} classes, test_y has {yte.shape[1]}")
+    if xtr.shape[0] == 0:
+        raise ValueError("train_x is empty")
+    return xtr, ytr, xte, yte
+
+
 def linear_probe(
     train_x: ArrayLike,
     train_y: ArrayLike,
@@ -507,15 +521,7 @@ def linear_probe(
         >>> res["map"] > 95, sorted(k for k in res if k.endswith("map"))
         (True, ['map', 'train_map'])
     """
-    xtr, xte = _features("train_x", train_x), _features("test_x", test_x)
-    ytr = _targets("train_y", train_y, xtr.shape[0]).float()
-    yte = _targets("test_y", test_y, xte.shape[0])
-    if xtr.shape[1] != xte.shape[1]:
-        raise ValueError(f"train_x has {xtr.shape[1]} dims, test_x has {xte.shape[1]}")
-    if ytr.shape[1] != yte.shape[1]:
-        raise ValueError(f"train_y has {ytr.shape[1]} classes, test_y has {yte.shape[1]}")
-    if xtr.shape[0] == 0:
-        raise ValueError("train_x is empty")
+    xtr, ytr, xte, yte = _check_split(train_x, train_y, test_x, test_y)
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
     if optimizer not in ("adam", "sgd"):
@@ -605,15 +611,7 @@ def knn(
     Raises:
         ValueError: mismatched shapes, empty train set, ``k < 1`` or ``temperature <= 0``.
     """
-    xtr, xte = _features("train_x", train_x), _features("test_x", test_x)
-    ytr = _targets("train_y", train_y, xtr.shape[0]).float()
-    yte = _targets("test_y", test_y, xte.shape[0])
-    if xtr.shape[1] != xte.shape[1]:
-        raise ValueError(f"train_x has {xtr.shape[1]} dims, test_x has {xte.shape[1]}")
-    if ytr.shape[1] != yte.shape[1]:
-        raise ValueError(f"train_y has {ytr.shape[1]} classes, test_y has {yte.shape[1]}")
-    if xtr.shape[0] == 0:
-        raise ValueError("train_x is empty")
+    xtr, ytr, xte, yte = _check_split(train_x, train_y, test_x, test_y)
     if k < 1 or temperature <= 0:
         raise ValueError(f"need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
     device = torch.device(device)

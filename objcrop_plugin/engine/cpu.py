@@ -28,7 +28,8 @@ from .._random import sample_rng
 from ..policies import CropWindow, ViewRecipe, make_recipe
 from ..proposals.store import Proposals, ProposalStore, normalize_key
 from .decode import OpenedImage, draft_factor, load_rgb, open_image
-from .photometric import PhotometricSet, photometrics
+from .photometric import PhotometricSet
+from .photometric import photometrics as photometrics_set
 
 __all__ = ["IMAGE_EXTENSIONS", "ObjectCropDataset", "ViewEngine", "list_images"]
 
@@ -71,7 +72,7 @@ class ViewEngine:
         **recipe_kwargs: Any,
     ) -> None:
         self.recipe: ViewRecipe = make_recipe(views, **recipe_kwargs)
-        self.photometrics = _photometrics(photometrics)
+        self.photometrics = photometrics_set(photometrics)
         self.draft = draft
         self.resample = resample
 
@@ -159,10 +160,6 @@ class ViewEngine:
         opened = OpenedImage(image, 1, image.size, key or "<image>")
         planned = self.plan(opened, proposals, rng, key)
         return self.render(image, planned.windows, rng)
-
-
-def _photometrics(spec: Any) -> PhotometricSet:
-    return photometrics(spec)
 
 
 def list_images(root: str | os.PathLike[str]) -> list[str]:
