@@ -78,6 +78,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train.config import load_recipe, to_dict
+
+    overrides = [o for o in args.overrides if o != "--print-config"]
+    print_config = args.print_config or len(overrides) < len(args.overrides)
+    cfg = load_recipe(args.recipe, overrides)
+    if print_config:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from .train.runner import train
+
+    result = train(cfg)
+    if "eval" in result:
+        e = result["eval"]
+        print(f"RESULT probe_map={e['probe_map']:.2f} knn_map={e['knn_map']:.2f} "
+              f"images_per_s={result['images_per_s']:.1f}")
+    return 0
+
+
 def cmd_demo_data(args: argparse.Namespace) -> int:
     demo = _demo_data(args)
     print(f"demo data: {len(demo.keys)} images in {demo.image_dir}")
@@ -283,6 +304,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="where the training data is generated "
                    "(default: $OBJCROP_HOME/demo-train)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "train", help="pretrain from a YAML recipe (SimCLR, MoCo-v2, BYOL, VICReg; lightly)",
+        description="Pretrain a timm backbone from a recipe. Overrides are dotted.key=value "
+        "(values parsed as YAML), e.g. trainer.epochs=10 crop.params.top_k=5. Rerunning the "
+        "same command resumes from OUT_DIR/checkpoints/last.ckpt.",
+    )
+    p.add_argument("recipe", help="recipe YAML (see recipes/lightly/)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help="dotted.key=value overrides")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved recipe and exit")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("demo-data", help="generate the embedded demo data set")
     _add_demo_data_args(p)

@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import time
@@ -63,6 +62,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
 BUDGETS["full"] = dict(BUDGETS["default"], n_train=4000, n_test=2000, epochs=50)
 
 RUNS = ("random", "scene_scene", "obj_obj_dilate")
+VIEWS = ("random", "scene_scene", "obj_scene", "obj_obj_dilate")
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,16 +176,51 @@ def _backbone(model: str, seed: int) -> nn.Module:
     return net.to(memory_format=torch.channels_last)
 
 
-def _recipe_kwargs(views: str, cfg: dict[str, Any]) -> dict[str, Any]:
+def _crop_params(views: str, cfg: dict[str, Any]) -> dict[str, Any]:
     if views == "scene_scene":
-        return {"scale": tuple(cfg["scene_scale"])}
-    if views == "obj_obj_dilate":
-        return {
-            "object_scale": tuple(cfg["object_scale"]),
-            "dilated_scale": tuple(cfg["dilated_scale"]),
-            "dilation": cfg["dilation"],
-        }
+        return {"scale": list(cfg["scene_scale"])}
+    if views in ("obj_obj_dilate", "obj_scene"):
+        params: dict[str, Any] = {"object_scale": list(cfg["object_scale"])}
+        if views == "obj_obj_dilate":
+            params.update(dilated_scale=list(cfg["dilated_scale"]), dilation=cfg["dilation"])
+        else:
+            params["scene_scale"] = list(cfg["scene_scale"])
+        return params
     return {}
+
+
+def demo_recipe(
+    views: str,
+    cfg: dict[str, Any],
+    root: str | os.PathLike[str],
+    proposals: str | os.PathLike[str] | None,
+    out_dir: str | os.PathLike[str],
+    seed: int = 0,
+) -> Any:
+    """The demo's SimCLR run as a recipe for :func:`objcrop_plugin.train.train` (the same
+    recipe as ``recipes/lightly/demo_simclr.yaml`` at the default budget)."""
+    from .train.config import parse_recipe
+
+    return parse_recipe(
+        {
+            "name": views,
+            "data": {"train_path": str(root), "proposals": None if views == "scene_scene"
+                     else str(proposals), "num_workers": int(cfg["num_workers"])},
+            "crop": {"type": "scene" if views == "scene_scene" else "object_aware",
+                     "views": views, "size": int(cfg["view_size"]),
+                     "params": _crop_params(views, cfg), "photometrics": cfg["photometrics"]},
+            "method": {"name": "simclr", "params": {
+                "temperature": cfg["temperature"], "proj_dim": cfg["proj_dim"]}},
+            "backbone": {"name": cfg["model"]},
+            "optimizer": {"name": cfg["optimizer"], "lr": cfg["lr"],
+                          "weight_decay": cfg["weight_decay"]},
+            "schedule": {"scheduler": "cosine", "warmup_fraction": 0.1},
+            "trainer": {"epochs": int(cfg["epochs"]), "batch_size": int(cfg["batch_size"]),
+                        "accelerator": "cpu", "devices": 1, "out_dir": str(out_dir),
+                        "seed": seed, "progress_bar": False, "resume": "never"},
+        },
+        source=f"demo recipe {views}",
+    )
 
 
 def pretrain_simclr(
@@ -197,83 +232,27 @@ def pretrain_simclr(
     cfg: dict[str, Any],
     seed: int = 0,
     log: Callable[[str], None] = print,
+    out_dir: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """SimCLR (NT-Xent, 2-layer projection head) on ``views`` crops; trains ``backbone`` in place.
+    """SimCLR on ``views`` crops through the recipe runner; trains ``backbone`` in place.
 
-    Crops depend only on ``(seed, epoch, index)`` and the batch order on ``seed``, so two runs
-    with the same arguments see the same data regardless of ``num_workers``.
+    Crops depend only on ``(seed, epoch, index)`` and the batch order on ``(seed, epoch)``,
+    so two runs with the same arguments see the same data regardless of ``num_workers``.
 
     Returns:
-        ``{"seconds", "images_per_s", "final_loss", "losses"}`` (mean loss per epoch).
+        ``{"seconds", "images_per_s", "final_loss"}``.
     """
-    from lightly.loss import NTXentLoss
-    from lightly.models.modules import SimCLRProjectionHead
+    import tempfile
 
-    from .engine import ObjectCropDataset
+    from .train.runner import train
 
-    torch.manual_seed(seed)
-    dim = backbone.num_features
-    head = SimCLRProjectionHead(dim, dim, cfg["proj_dim"])
-    params = list(backbone.parameters()) + list(head.parameters())
-    if cfg["optimizer"] == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    elif cfg["optimizer"] == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, weight_decay=cfg["weight_decay"])
-    else:
-        raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {cfg['optimizer']!r}")
-    loss_fn = NTXentLoss(temperature=cfg["temperature"])
-    ds = ObjectCropDataset(
-        root, proposals if views != "scene_scene" else None, views=views,
-        photometrics=cfg["photometrics"], seed=seed, keys=list(keys), size=cfg["view_size"],
-        **_recipe_kwargs(views, cfg),
-    )
-    g = torch.Generator().manual_seed(seed)
-    workers = int(cfg["num_workers"])
-    # workers are not persistent so that set_epoch reaches them (new crops every epoch)
-    loader_kw: dict[str, Any] = dict(
-        batch_size=cfg["batch_size"], shuffle=True, drop_last=True, generator=g,
-        num_workers=workers,
-    )
-    if workers > 0:
-        loader_kw["prefetch_factor"] = 4
-    steps_per_epoch = len(ds) // cfg["batch_size"]
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"batch_size {cfg['batch_size']} exceeds the {len(ds)} training images; lower it"
-        )
-    total = steps_per_epoch * cfg["epochs"]
-    warmup = max(1, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (s + 1) / warmup if s < warmup
-        else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup))),
-    )
-    backbone.train()
-    head.train()
-    losses = []
-    t0 = time.perf_counter()
-    for epoch in range(cfg["epochs"]):
-        ds.set_epoch(epoch)
-        run, n = 0.0, 0
-        for (v1, v2), _, _ in torch.utils.data.DataLoader(ds, **loader_kw):
-            x = torch.cat([v1, v2]).contiguous(memory_format=torch.channels_last)
-            z = head(backbone(x))
-            loss = loss_fn(*z.chunk(2))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            run += loss.item()
-            n += 1
-        losses.append(run / max(1, n))
-        log(f"  [{views}] epoch {epoch + 1}/{cfg['epochs']} loss {losses[-1]:.3f} "
-            f"({time.perf_counter() - t0:.0f}s)")
-    secs = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(prefix="objcrop-demo-") as tmp:
+        recipe = demo_recipe(views, cfg, root, proposals, out_dir or tmp, seed)
+        res = train(recipe, keys=keys, backbone=backbone, echo=log)
     return {
-        "seconds": secs,
-        "images_per_s": steps_per_epoch * cfg["batch_size"] * cfg["epochs"] / secs,
-        "final_loss": losses[-1],
-        "losses": losses,
+        "seconds": res["train_seconds"],
+        "images_per_s": res["images_per_s"],
+        "final_loss": res["final_loss"],
     }
 
 
@@ -290,6 +269,7 @@ def run_demo(
     log: Callable[[str], None] = print,
     quick: bool = False,
     runs: Sequence[str] = RUNS,
+    proposal_params: dict[str, dict[str, Any]] | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Pretrain with scene and object-aware crops, probe both and a random init; write results.
@@ -303,7 +283,12 @@ def run_demo(
             existing dataset with the same parameters is reused.
         log: called with each progress line.
         quick: shorthand for ``budget="quick"``.
-        runs: which of ``random``, ``scene_scene``, ``obj_obj_dilate`` to run.
+        runs: what to run: ``random`` (no pretraining), a view recipe (``scene_scene``,
+            ``obj_scene``, ``obj_obj_dilate``) cropped from the ground-truth boxes, or
+            ``VIEWS@SOURCE`` with proposals from a generator (``obj_obj_dilate@bing``,
+            ``@graph_segments``, ``@selective_search``; built once into the data folder).
+        proposal_params: a generator's parameters by name (e.g.
+            ``{"bing": {"model_dir": ...}}``).
         overrides: any key of :data:`BUDGETS` entries (e.g. ``epochs=5``).
 
     Returns:
@@ -321,9 +306,13 @@ def run_demo(
     unknown = set(overrides) - set(BUDGETS[budget])
     if unknown:
         raise TypeError(f"unknown demo settings {sorted(unknown)}; known: {sorted(BUDGETS[budget])}")
-    bad = set(runs) - set(RUNS)
-    if bad:
-        raise ValueError(f"unknown runs {sorted(bad)}; choose among {RUNS}")
+    for name in runs:
+        views, _, source = name.partition("@")
+        if views not in VIEWS or (views in ("random", "scene_scene") and source):
+            raise ValueError(
+                f"unknown run {name!r}; choose among {VIEWS}, object-aware ones optionally "
+                "with @SOURCE (a proposal generator, e.g. obj_obj_dilate@graph_segments)"
+            )
     cfg = dict(BUDGETS[budget], **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -348,30 +337,52 @@ def run_demo(
     log(f"data ready in {data_secs:.1f}s ({len(classes)} classes, "
         f"{y.sum(1).mean():.1f} classes per image)")
 
-    def probe(net: nn.Module) -> float:
+    def probe(net: nn.Module) -> tuple[float, float]:
+        from .eval import knn
+
         kw = dict(scale=cfg["eval_scale"], pooling=cfg["pooling"])
         ftr = scene_features(net, ds.root, train_keys, **kw)
         fte = scene_features(net, ds.root, test_keys, **kw)
-        return linear_probe_map(ftr, y_train, fte, y_test, steps=cfg["probe_steps"], seed=seed)
+        linear = linear_probe_map(ftr, y_train, fte, y_test, steps=cfg["probe_steps"], seed=seed)
+        return linear, float(knn(ftr, y_train, fte, y_test)["map"])
+
+    stores: dict[str, Path] = {"gt": Path(ds.proposals_path)}
+
+    def store_for(source: str) -> Path:
+        if source not in stores:
+            from .proposals.build import build_store
+
+            path = Path(ds.root) / f"proposals_{source}.objcrop"
+            t = time.perf_counter()
+            log(f"building {source} proposals for {len(keys)} images")
+            build_store(ds.root, path, method=source, params=(proposal_params or {}).get(source),
+                        workers=min(2, os.cpu_count() or 1), progress=False)
+            log(f"  {path.name} in {time.perf_counter() - t:.1f}s")
+            stores[source] = path
+        return stores[source]
 
     results: dict[str, Any] = {}
     for name in runs:
+        views, _, source = name.partition("@")
         net = _backbone(cfg["model"], seed)  # same initialisation for every run
         info: dict[str, Any] = {"pretrain_seconds": 0.0}
-        if name != "random":
-            log(f"pretraining {cfg['model']} with SimCLR, views={name}")
-            tr = pretrain_simclr(net, ds.root, ds.proposals_path, train_keys, name, cfg, seed, log)
+        if views != "random":
+            store = store_for(source or "gt")
+            log(f"pretraining {cfg['model']} with SimCLR, views={views}, "
+                f"proposals={source or 'ground truth'}")
+            tr = pretrain_simclr(net, ds.root, store, train_keys, views, cfg, seed, log,
+                                 out_dir=out / "runs" / name.replace("@", "_"))
             info.update(
                 pretrain_seconds=round(tr["seconds"], 1),
                 images_per_s=round(tr["images_per_s"], 1),
-                final_loss=round(tr["final_loss"], 4),
-                losses=[round(v, 4) for v in tr["losses"]],
+                final_loss=tr["final_loss"],
             )
         t = time.perf_counter()
-        info["map"] = round(probe(net), 2)
+        linear, nn_map = probe(net)
+        info.update(map=round(linear, 2), knn_map=round(nn_map, 2))
         info["probe_seconds"] = round(time.perf_counter() - t, 1)
         results[name] = info
-        log(f"{name}: probe mAP {info['map']:.2f}")
+        log(f"{name}: probe mAP {info['map']:.2f}, kNN mAP {info['knn_map']:.2f}")
     torch.set_num_threads(threads)
 
     total = time.perf_counter() - t_start
@@ -398,9 +409,11 @@ def run_demo(
     (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     log("")
-    log(f"{'run':<16}{'probe mAP':>10}{'pretrain s':>12}")
+    width = max(16, *(len(n) + 2 for n in results))
+    log(f"{'run':<{width}}{'probe mAP':>10}{'kNN mAP':>10}{'pretrain s':>12}")
     for name, info in results.items():
-        log(f"{name:<16}{info['map']:>10.2f}{info['pretrain_seconds']:>12.1f}")
+        log(f"{name:<{width}}{info['map']:>10.2f}{info['knn_map']:>10.2f}"
+            f"{info['pretrain_seconds']:>12.1f}")
     log(f"total {total:.0f}s; results in {out / 'results.json'}")
 
     def fmt(v: float | None) -> str:

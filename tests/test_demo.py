@@ -49,8 +49,21 @@ def test_quick_demo_is_deterministic_given_seed(quick_run, tmp_path):
                      log=lambda s: None)
     for name in ("random", "scene_scene", "obj_obj_dilate"):
         assert again["runs"][name]["map"] == res["runs"][name]["map"]
-    assert again["runs"]["scene_scene"]["losses"] == res["runs"]["scene_scene"]["losses"]
+    assert again["runs"]["scene_scene"]["final_loss"] == res["runs"]["scene_scene"]["final_loss"]
+    assert again["runs"]["obj_obj_dilate"]["knn_map"] == res["runs"]["obj_obj_dilate"]["knn_map"]
     assert again["data_root"] == res["data_root"]  # the dataset is reused, not rewritten
+
+
+def test_runs_with_generated_proposals_and_obj_scene(quick_run, tmp_path):
+    root, _, _ = quick_run
+    res = run_demo(tmp_path / "out", budget="quick", seed=0, data_dir=root / "data",
+                   runs=["obj_scene", "obj_obj_dilate@graph_segments"], log=lambda s: None)
+    assert set(res["runs"]) == {"obj_scene", "obj_obj_dilate@graph_segments"}
+    built = list((root / "data").glob("*/proposals_graph_segments.objcrop"))
+    assert len(built) == 1
+    assert res["delta"] is None  # no scene_scene / obj_obj_dilate pair in this run
+    with pytest.raises(ValueError, match="unknown run"):
+        run_demo(tmp_path / "bad", budget="quick", runs=["scene_scene@bing"], log=lambda s: None)
 
 
 def test_unknown_setting_and_budget_are_refused(tmp_path):

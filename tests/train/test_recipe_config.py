@@ -1,0 +1,114 @@
+"""Recipe files: schema validation, overrides, saved configs, the shipped recipes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from objcrop_plugin.train.config import (
+    RecipeError,
+    apply_overrides,
+    load_recipe,
+    parse_recipe,
+    save_recipe,
+    to_dict,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = {"data": {"train_path": "imgs", "proposals": "p.objcrop"}}
+
+
+def write(tmp_path: Path, raw: dict, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_defaults_and_shorthands():
+    cfg = parse_recipe({**BASE, "crop": "object_aware", "method": "byol", "backbone": "resnet18"})
+    assert cfg.crop.type == "object_aware" and cfg.views == "obj_obj_dilate"
+    assert cfg.method.name == "byol" and cfg.backbone.name == "resnet18"
+    assert cfg.trainer.batch_size == 256 and cfg.optimizer.name == "sgd"
+    scene = parse_recipe({"data": {"train_path": "imgs"}, "crop": "scene"})
+    assert scene.views == "scene_scene" and scene.data.proposals is None
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({**BASE, "trainer": {"epoch": 3}}, r"unknown key 'trainer\.epoch'.*'trainer\.epochs'"),
+        ({**BASE, "optimiser": {}}, r"unknown key 'optimiser'.*'optimizer'"),
+        ({**BASE, "trainer": {"epochs": "ten"}}, r"trainer\.epochs: expected an integer"),
+        ({**BASE, "trainer": {"epochs": True}}, r"trainer\.epochs: expected an integer"),
+        ({**BASE, "optimizer": {"lr": "fast"}}, r"optimizer\.lr: expected a number"),
+        ({**BASE, "method": {"name": "swav"}}, r"method\.name: expected one of"),
+        ({**BASE, "crop": {"engine": "tpu"}}, r"crop\.engine: expected one of 'cpu' \| 'gpu'"),
+        ({**BASE, "crop": {"params": {"dilaton": 0.1}}}, r"crop\.params.*dilaton.*dilation"),
+        ({**BASE, "crop": {"views": "obj_obj_dilat"}}, r"crop\.views: unknown crop policy"),
+        ({**BASE, "method": {"params": {"temprature": 0.1}}}, r"method\.params\.temperature"),
+        ({**BASE, "crop": {"type": "scene", "views": "obj_obj"}}, r"crop\.type is scene"),
+        ({**BASE, "crop": {"views": "scene_scene"}}, r"never uses proposals"),
+        ({"data": {"train_path": "imgs"}}, r"data\.proposals is not set.*proposals build"),
+        ({"data": {}}, r"data\.train_path is required"),
+        ({**BASE, "data": "imgs"}, r"data: expected a mapping"),
+    ],
+)
+def test_bad_recipes_are_clear_errors(raw, match):
+    with pytest.raises(RecipeError, match=match):
+        parse_recipe(raw, "my.yaml")
+
+
+def test_error_names_the_file(tmp_path):
+    path = write(tmp_path, {**BASE, "trainer": {"batch_size": "x"}})
+    with pytest.raises(RecipeError, match=rf"^{path}: trainer\.batch_size"):
+        load_recipe(path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(FileNotFoundError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_overrides_parse_yaml_values_and_create_sections():
+    raw = apply_overrides(
+        {"crop": "object_aware"},
+        ["trainer.epochs=5", "crop.params.top_k=3", "crop.size=[32, 48]", "data.labels=null",
+         "+method.name=vicreg", "trainer.precision=16-mixed"],
+    )
+    assert raw["trainer"]["epochs"] == 5
+    assert raw["crop"] == {"type": "object_aware", "params": {"top_k": 3}, "size": [32, 48]}
+    assert raw["data"]["labels"] is None and raw["method"]["name"] == "vicreg"
+    assert raw["trainer"]["precision"] == "16-mixed"
+    with pytest.raises(RecipeError, match="dotted.key=value"):
+        apply_overrides({}, ["trainer.epochs"])
+    with pytest.raises(RecipeError, match="not a mapping"):
+        apply_overrides({"trainer": {"epochs": 3}}, ["trainer.epochs.x=1"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_recipe(write(tmp_path, BASE), ["method.name=mocov2", "crop.params.top_k=4"])
+    save_recipe(cfg, tmp_path / "out" / "config.yaml")
+    again = load_recipe(tmp_path / "out" / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_paths_relative_to_recipe(tmp_path):
+    sub = tmp_path / "recipes"
+    sub.mkdir()
+    raw = {"data": {"train_path": "imgs", "proposals": "p.objcrop",
+                    "paths_relative_to_recipe": True}}
+    cfg = load_recipe(write(sub, raw))
+    assert cfg.data.train_path == str(sub.resolve() / "imgs")
+    plain = load_recipe(write(sub, BASE, "plain.yaml"))
+    assert plain.data.train_path == "imgs"  # relative to the current directory, as given
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "lightly").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipes_are_valid(path):
+    cfg = load_recipe(path)
+    assert cfg.name == path.stem
+    assert cfg.crop.type == "object_aware" and cfg.data.proposals

@@ -1,0 +1,185 @@
+"""``objcrop train``: the four methods, multi-crop, export, resume after a kill, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("lightly")
+pytest.importorskip("pytorch_lightning")
+timm = pytest.importorskip("timm")
+
+from objcrop_plugin.data.synthetic import write_dataset  # noqa: E402
+from objcrop_plugin.train import RecipeError, load_recipe, train  # noqa: E402
+from objcrop_plugin.train.methods import METHODS  # noqa: E402
+
+SMALL_HEADS = {
+    "simclr": {"proj_dim": 32},
+    "mocov2": {"memory_bank_size": 64, "proj_hidden_dim": 64, "proj_dim": 32},
+    "byol": {"proj_hidden_dim": 64, "proj_dim": 32, "pred_hidden_dim": 64},
+    "vicreg": {"proj_hidden_dim": 64, "proj_dim": 64},
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("train_data"), 24, size=(96, 72), seed=3,
+                         workers=1)
+
+
+def recipe(tmp_path: Path, ds, name: str = "r.yaml", **sections) -> Path:
+    raw = {
+        "data": {"train_path": str(ds.root), "proposals": str(ds.proposals_path),
+                 "num_workers": 0},
+        "crop": {"type": "object_aware", "views": "obj_obj_dilate", "size": 32},
+        "method": {"name": "simclr", "params": SMALL_HEADS["simclr"]},
+        "backbone": {"name": "test_efficientnet"},
+        "optimizer": {"name": "adamw", "lr": 0.01},
+        "trainer": {"epochs": 1, "batch_size": 8, "accelerator": "cpu", "devices": 1,
+                    "out_dir": str(tmp_path / "run"), "progress_bar": False},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_each_method_trains_and_exports_a_timm_checkpoint(tmp_path, data, method):
+    path = recipe(tmp_path, data, method={"name": method, "params": SMALL_HEADS[method]},
+                  trainer={"max_steps": 2, "epochs": 5})
+    res = train(load_recipe(path), echo=lambda s: None)
+    out = tmp_path / "run"
+    assert res["steps"] == 2 and res["method"] == method
+    assert res["final_loss"] is not None and res["final_loss"] == res["final_loss"]  # not NaN
+    assert res["fallbacks"]["samples"] >= 16 and res["fallbacks"]["missing"] == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method"]["name"] == method and saved["trainer"]["max_steps"] == 2
+    assert json.loads((out / "results.json").read_text())["steps"] == 2
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    # the exported weights load into a plain timm model and equal the trained backbone
+    net = timm.create_model("test_efficientnet", pretrained=False, num_classes=0,
+                            checkpoint_path=str(out / "backbone.pth"))
+    fresh = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
+    state = torch.load(out / "backbone.pth", weights_only=True)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, state[k])
+    assert any(not torch.equal(v, fresh.state_dict()[k]) for k, v in state.items()
+               if v.is_floating_point())
+
+
+@pytest.mark.parametrize("method", ["mocov2", "byol"])
+def test_object_aware_multi_crop(tmp_path, data, method):
+    path = recipe(
+        tmp_path, data, method={"name": method, "params": SMALL_HEADS[method]},
+        crop={"views": "multi_crop", "size": 32,
+              "params": {"n_global": 2, "n_local": 3, "local_size": 16}},
+        trainer={"max_steps": 2, "epochs": 5},
+    )
+    res = train(load_recipe(path), echo=lambda s: None)
+    assert res["steps"] == 2 and res["views"] == "multi_crop"
+
+
+def test_scene_crops_need_no_proposals_and_eval_runs(tmp_path, data):
+    path = recipe(tmp_path, data, crop={"type": "scene", "views": "scene_scene"},
+                  data={"proposals": None, "labels": str(data.labels_path)},
+                  eval={"image_size": [72, 96], "probe": {"epochs": 5}})
+    res = train(load_recipe(path), echo=lambda s: None)
+    assert res["crop"] == "scene" and res["fallbacks"]["missing"] == 0
+    assert 0 <= res["eval"]["probe_map"] <= 100 and 0 <= res["eval"]["knn_map"] <= 100
+    assert res["eval"]["n_train"] + res["eval"]["n_test"] == 24
+
+
+def _backbone_state(out: Path) -> dict[str, torch.Tensor]:
+    return torch.load(out / "backbone.pth", weights_only=True)
+
+
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data):
+    """SIGKILL a real `objcrop train` process after its first checkpoint, rerun the same
+    command: it resumes and ends with exactly the weights of an uninterrupted run."""
+    common = dict(method={"name": "mocov2", "params": SMALL_HEADS["mocov2"]},
+                  trainer={"epochs": 6})
+    ref = recipe(tmp_path, data, "ref.yaml", **common)
+    train(load_recipe(ref, [f"trainer.out_dir={tmp_path / 'ref'}"]), echo=lambda s: None)
+
+    path = recipe(tmp_path, data, "killed.yaml", **common)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "objcrop_plugin.cli", "train", str(path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 120
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert last.exists(), "the run ended before writing a checkpoint"
+    assert not (out / "results.json").exists(), "the run finished before it was killed"
+
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["resumed_from"] == str(last) and res["epochs"] == 6
+    a, b = _backbone_state(tmp_path / "ref"), _backbone_state(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_resuming_a_different_recipe_is_refused(tmp_path, data):
+    path = recipe(tmp_path, data)
+    train(load_recipe(path), echo=lambda s: None)
+    with pytest.raises(RecipeError, match=r"different recipe \(differs in method\.name\)"):
+        train(load_recipe(path, ["method.name=byol"]), echo=lambda s: None)
+    # more epochs is a continuation, not a different run
+    res = train(load_recipe(path, ["trainer.epochs=2"]), echo=lambda s: None)
+    assert res["resumed_from"] and res["epochs"] == 2
+
+
+def test_cli_errors_name_the_key_and_the_fix(tmp_path, data):
+    path = recipe(tmp_path, data)
+    from objcrop_plugin.cli import main
+
+    def run(*args: str) -> int:
+        return main(["train", str(path), *args])
+
+    assert run(f"data.proposals={tmp_path / 'nope.objcrop'}") == 2
+    assert run("trainer.batch_size=1000") == 2
+    assert run("trainer.epoch=1") == 2
+    other = write_dataset(tmp_path / "other", 4, size=(64, 48), seed=9, workers=1)
+    with pytest.raises(RecipeError, match="has an entry in"):
+        train(load_recipe(path, [f"data.train_path={other.image_dir}"]), echo=lambda s: None)
+    with pytest.raises(FileNotFoundError, match=r"data\.proposals: proposal store not found"):
+        train(load_recipe(path, [f"data.proposals={tmp_path / 'x.objcrop'}"]), echo=lambda s: None)
+    with pytest.raises(RecipeError, match=r"batch_size 1000 exceeds the 24"):
+        train(load_recipe(path, ["trainer.batch_size=1000"]), echo=lambda s: None)
+    with pytest.raises(RecipeError, match="timm has no model 'no_such_net'"):
+        train(load_recipe(path, ["backbone.name=no_such_net"]), echo=lambda s: None)
+
+
+def test_cli_print_config_resolves_overrides(tmp_path, data, capsys):
+    from objcrop_plugin.cli import main
+
+    path = recipe(tmp_path, data)
+    assert main(["train", str(path), "trainer.epochs=7", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["epochs"] == 7 and printed["crop"]["views"] == "obj_obj_dilate"
+    assert not (tmp_path / "run").exists()
+
+
+def test_vit_with_views_of_several_sizes_needs_dynamic_img_size(tmp_path, data):
+    path = recipe(tmp_path, data, backbone={"name": "test_vit"},
+                  crop={"views": "multi_crop", "params": {"n_local": 2, "local_size": 16}})
+    with pytest.raises(RecipeError, match="dynamic_img_size: true"):
+        train(load_recipe(path), echo=lambda s: None)
