@@ -304,12 +304,9 @@ def parse_recipe(raw: Mapping[str, Any] | None, source: str = "<recipe>") -> Rec
         RecipeError: naming ``source`` and the offending key.
     """
     raw = dict(raw or {})
-    if isinstance(raw.get("crop"), str):
-        raw["crop"] = {"type": raw["crop"]}
-    if isinstance(raw.get("method"), str):
-        raw["method"] = {"name": raw["method"]}
-    if isinstance(raw.get("backbone"), str):
-        raw["backbone"] = {"name": raw["backbone"]}
+    for section, key in _SHORTHAND.items():
+        if isinstance(raw.get(section), str):
+            raw[section] = {key: raw[section]}
     try:
         cfg = _build(RecipeConfig, raw, "")
         _semantic_checks(cfg)
@@ -394,7 +391,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a raw recipe mapping.
 
     ``key=null`` sets ``None``; a missing intermediate mapping is created, so
-    ``crop.params.top_k=5`` works on a recipe without ``crop.params``.
+    ``crop.params.top_k=5`` works on a recipe without ``crop.params``. ``crop=scene``,
+    ``method=byol`` and ``backbone=resnet18`` change only the type/name of an existing section.
 
     Raises:
         RecipeError: an override without ``=``, or one that walks into a non-mapping.
@@ -415,9 +413,8 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             child = node.get(part)
             if child is None:
                 child = {}
-            elif isinstance(child, str) and part in ("crop", "method", "backbone") and i == 0:
-                child = {"crop": "type", "method": "name", "backbone": "name"}[part]
-                child = {child: node[part]}
+            elif isinstance(child, str) and part in _SHORTHAND and i == 0:
+                child = {_SHORTHAND[part]: child}
             elif not isinstance(child, Mapping):
                 raise RecipeError(
                     f"override '{item}': '{'.'.join(parts[: i + 1])}' is {child!r}, not a mapping"
@@ -425,8 +422,18 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             child = dict(child)
             node[part] = child
             node = child
-        node[parts[-1]] = _parse_value(text)
+        value = _parse_value(text)
+        short = _SHORTHAND.get(parts[0]) if len(parts) == 1 else None
+        if short and isinstance(value, str) and isinstance(node.get(parts[0]), Mapping):
+            # `crop=scene` on a recipe with a crop section: change its type, keep the rest
+            node[parts[0]] = {**node[parts[0]], short: value}
+        else:
+            node[parts[-1]] = value
     return out
+
+
+#: sections that a plain string stands for: ``crop: scene`` is ``crop: {type: scene}``
+_SHORTHAND = {"crop": "type", "method": "name", "backbone": "name"}
 
 
 def load_recipe(

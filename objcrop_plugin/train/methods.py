@@ -147,7 +147,7 @@ class SSLMethod(pl.LightningModule):
             raise ValueError(f"batch has {len(views)} views, the recipe {self.n_global} globals")
         loss = self.ssl_loss(list(views))
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True,
-                 batch_size=views[0].shape[0])
+                 batch_size=views[0].shape[0], sync_dist=True)
         return loss
 
     def ssl_loss(self, views: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover

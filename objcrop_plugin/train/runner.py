@@ -260,6 +260,10 @@ def _collate(cfg: RecipeConfig) -> Any:
     return None
 
 
+def _silent(line: str) -> None:
+    pass
+
+
 @contextlib.contextmanager
 def _quiet_lightning(quiet: bool) -> Any:
     """Lightning's start-up banners and tips off when the caller prints its own progress."""
@@ -270,7 +274,7 @@ def _quiet_lightning(quiet: bool) -> Any:
         if not quiet:
             yield
             return
-        loggers = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning", "lightning.pytorch")]
+        loggers = [logging.getLogger(n) for n in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric")]
         levels = [lg.level for lg in loggers]
         for lg in loggers:
             lg.setLevel(logging.WARNING)
@@ -302,8 +306,11 @@ def train(
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import CSVLogger
 
+    from .._random import distributed_rank
     from .methods import make_method
 
+    if distributed_rank() != 0 or int(os.environ.get("LOCAL_RANK", "0") or 0) != 0:
+        echo = _silent  # DDP: one voice (rank 0)
     out = Path(cfg.trainer.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"

@@ -82,6 +82,8 @@ def test_overrides_parse_yaml_values_and_create_sections():
     assert raw["crop"] == {"type": "object_aware", "params": {"top_k": 3}, "size": [32, 48]}
     assert raw["data"]["labels"] is None and raw["method"]["name"] == "vicreg"
     assert raw["trainer"]["precision"] == "16-mixed"
+    kept = apply_overrides({"crop": {"type": "object_aware", "size": 48}}, ["crop=scene"])
+    assert kept["crop"] == {"type": "scene", "size": 48}
     with pytest.raises(RecipeError, match="dotted.key=value"):
         apply_overrides({}, ["trainer.epochs"])
     with pytest.raises(RecipeError, match="not a mapping"):

@@ -183,3 +183,17 @@ def test_vit_with_views_of_several_sizes_needs_dynamic_img_size(tmp_path, data):
                   crop={"views": "multi_crop", "params": {"n_local": 2, "local_size": 16}})
     with pytest.raises(RecipeError, match="dynamic_img_size: true"):
         train(load_recipe(path), echo=lambda s: None)
+
+
+def test_ddp_on_two_cpu_processes(tmp_path, data):
+    """Lightning DDP (gloo, 2 processes) through the real CLI: one voice, one export."""
+    path = recipe(tmp_path, data, trainer={"devices": 2, "strategy": "ddp", "epochs": 1})
+    done = subprocess.run(
+        [sys.executable, "-m", "objcrop_plugin.cli", "train", str(path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("objcrop train:") == 1 and done.stdout.count("done in") == 1
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["steps"] == 24 // (2 * 8)  # each rank takes half the images per epoch
+    assert (tmp_path / "run" / "backbone.pth").is_file()
