@@ -197,3 +197,15 @@ def test_ddp_on_two_cpu_processes(tmp_path, data):
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["steps"] == 24 // (2 * 8)  # each rank takes half the images per epoch
     assert (tmp_path / "run" / "backbone.pth").is_file()
+
+
+def test_gpu_engine_crops_after_transfer(tmp_path, data):
+    """`crop.engine: gpu`: workers return canvases + windows, the module's
+    on_after_batch_transfer turns them into views (device = cpu here, same code path)."""
+    pytest.importorskip("kornia")
+    path = recipe(tmp_path, data, crop={"engine": "gpu", "canvas": 64},
+                  method={"name": "byol", "params": SMALL_HEADS["byol"]},
+                  trainer={"max_steps": 2, "epochs": 5})
+    res = train(load_recipe(path), echo=lambda s: None)
+    assert res["steps"] == 2 and res["final_loss"] == res["final_loss"]
+    assert res["config"]["crop"]["engine"] == "gpu"

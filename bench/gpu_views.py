@@ -1,0 +1,248 @@
+"""GPU view engine throughput against the CPU engine and torchvision v2, and its share of a step.
+
+    python bench/gpu_views.py [--batch 256] [--iters 20] [--workers 8] [--device auto]
+    python bench/gpu_views.py --batch 32 --iters 3     # a quick run on a CPU
+
+Views: object-aware multi-crop, 2 global views of 224 px (scene crops) + 6 local views of
+96 px (object crops), MoCo-v2 photometrics, on JPEGs of 640x480 from the embedded demo
+generator (canvas 448 px). Measures, at batch ``--batch``:
+
+1. the GPU engine's device stage (canvases already on the device): views/s, with PIL-style
+   antialiasing (the default) and with plain bilinear sampling;
+2. the GPU engine end to end: ``DeviceViewLoader`` over ``CanvasDataset`` with ``--workers``
+   DataLoader workers (decoding to the canvas is then the part that runs on the CPU);
+3. the CPU engine (``ObjectCropDataset`` in ``--workers`` DataLoader workers), the same views;
+4. torchvision transforms v2 on the device, sample by sample (RandomResizedCrop, flip,
+   ColorJitter, grayscale, blur, normalisation on each canvas tensor);
+5. one ResNet-50 forward + backward + SGD step on the same views (timm, random init;
+   bfloat16 autocast and channels-last on CUDA), and the engine's device time as a fraction
+   of it.
+
+The device is CUDA when available, else the CPU: then batch and iterations are shrunk (unless
+given) and the run says so. The goal on an H100 is a device stage under 10% of the ResNet-50
+step and at least 20,000 views/s. Prints a table, then the last line ``RESULT device=<name>
+gpu_views_per_s=<x> cpu_views_per_s=<x> step_fraction=<x>`` (gpu_views_per_s: the device
+stage with antialiasing; cpu_views_per_s: the CPU engine in workers). Measures only; asserts
+nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from objcrop_plugin.engine import ObjectCropDataset
+from objcrop_plugin.engine.gpu import CanvasDataset, DeviceViewLoader, GPUViewEngine, collate_canvas
+from objcrop_plugin.engine.photometric import photometrics
+
+N_GLOBAL, N_LOCAL, GLOBAL, LOCAL = 2, 6, 224, 96
+RECIPE = dict(views="multi_crop", n_global=N_GLOBAL, n_local=N_LOCAL, global_size=GLOBAL,
+              local_size=LOCAL)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> float:
+    """Seconds per call (mean over ``iters`` after ``warmup`` calls)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / max(iters, 1)
+
+
+def loader_views_per_s(loader, n_views: int, batches: int) -> float:
+    """views/s over ``batches`` batches, after the first (worker start-up is not throughput)."""
+    it = iter(loader)
+    next(it)
+    count, start = 0, time.perf_counter()
+    for i, (views, _, _) in enumerate(it):
+        if views[0].is_cuda:
+            torch.cuda.synchronize(views[0].device)
+        count += views[0].shape[0] * n_views
+        if i + 1 >= batches:
+            break
+    return count / (time.perf_counter() - start)
+
+
+def torchvision_peer(canvas: torch.Tensor, valid: list[tuple[int, int]]) -> Callable[[], list]:
+    """Lightly-style MoCo-v2 multi-crop with torchvision v2, one sample at a time, on the device."""
+    from torchvision.transforms import v2
+
+    p = photometrics("mocov2").globals_[0]
+    ks = 2 * math.ceil(3 * p.blur_sigma[1]) + 1
+
+    def pipeline(size: int, scale: tuple[float, float]) -> v2.Compose:
+        return v2.Compose([
+            v2.RandomResizedCrop(size, scale=scale, antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.RandomHorizontalFlip(p.hflip),
+            v2.RandomApply([v2.ColorJitter(p.brightness, p.contrast, p.saturation, p.hue)],
+                           p=p.jitter),
+            v2.RandomGrayscale(p.grayscale),
+            v2.RandomApply([v2.GaussianBlur(ks, sigma=p.blur_sigma)], p=p.blur),
+            v2.Normalize(p.mean, p.std),
+        ])
+
+    glob, loc = pipeline(GLOBAL, (0.14, 1.0)), pipeline(LOCAL, (0.05, 0.4))
+
+    def run() -> list:
+        views: list[list[torch.Tensor]] = [[] for _ in range(N_GLOBAL + N_LOCAL)]
+        for b, (w, h) in enumerate(valid):
+            image = canvas[b, :, :h, :w]
+            for v in range(N_GLOBAL + N_LOCAL):
+                views[v].append((glob if v < N_GLOBAL else loc)(image))
+        return [torch.stack(v) for v in views]
+
+    return run
+
+
+def resnet_step(device: torch.device, views: list[torch.Tensor]) -> Callable[[], None]:
+    import timm
+
+    model = timm.create_model("resnet50", pretrained=False, num_classes=0).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    groups = [torch.cat(views[:N_GLOBAL]), torch.cat(views[N_GLOBAL:])]
+    if cuda:
+        groups = [g.contiguous(memory_format=torch.channels_last) for g in groups]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = sum(model(g).float().pow(2).mean() for g in groups)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
+    parser.add_argument("--batch", type=int, default=None, help="default 256 (CUDA) / 8 (CPU)")
+    parser.add_argument("--iters", type=int, default=None, help="default 20 (CUDA) / 3 (CPU)")
+    parser.add_argument("--step-iters", type=int, default=None,
+                        help="ResNet-50 steps timed; default 10 (CUDA) / 1 (CPU)")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--images", type=int, default=None,
+                        help="distinct demo images, reused as needed; default 128 (CUDA) / 32 (CPU)")
+    parser.add_argument("--canvas", type=int, default=2 * GLOBAL)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads in this process (default: torch's)")
+    parser.add_argument("--skip-torchvision", action="store_true")
+    parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--work-dir", default=None, help="keep data here (default: a temp dir)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    want = args.device
+    device = torch.device("cuda" if want == "auto" and torch.cuda.is_available() else
+                          ("cpu" if want == "auto" else want))
+    cuda = device.type == "cuda"
+    batch = args.batch or (256 if cuda else 8)
+    iters = args.iters or (20 if cuda else 3)
+    step_iters = args.step_iters or (10 if cuda else 1)
+    warmup = 3 if cuda else 1
+    name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    print(f"device: {name}" + ("" if cuda else
+          f" (no CUDA device: running on the CPU, batch {batch}, {iters} iterations, "
+          f"{torch.get_num_threads()} threads; the goals are for an H100)"))
+
+    from objcrop_plugin.data.synthetic import write_dataset
+
+    tmp = tempfile.TemporaryDirectory(prefix="objcrop-bench-")
+    work = Path(args.work_dir or tmp.name)
+    t0 = time.perf_counter()
+    demo = write_dataset(work / "demo", n_images=args.images or (128 if cuda else 32),
+                         size=(640, 480), seed=0,
+                         workers=min(2, os.cpu_count() or 1))
+    print(f"demo data: {len(demo.keys)} JPEGs 640x480 ({time.perf_counter() - t0:.1f}s)")
+    n_batches = iters + 1
+    keys = (list(demo.keys) * math.ceil(batch * n_batches / len(demo.keys)))[: batch * n_batches]
+    n_views = N_GLOBAL + N_LOCAL
+    rows: list[tuple[str, float | None, float]] = []
+
+    # 1. device stage: canvases already on the device
+    ds = CanvasDataset(demo.root, demo.proposals_path, canvas=args.canvas, seed=0, keys=keys,
+                       **RECIPE)
+    batch_cpu = collate_canvas([ds[i] for i in range(batch)])
+    on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch_cpu.items()}
+    engines = {}
+    for antialias in (True, False):
+        engine = GPUViewEngine(ds.recipe, photometrics="mocov2", antialias=antialias, seed=0)
+        engines[antialias] = engine
+        sec = timed(lambda e=engine: e.transform_batch(on_device), device, iters, warmup)
+        label = "antialias" if antialias else "bilinear"
+        rows.append((f"GPU engine, device stage ({label})", sec, batch * n_views / sec))
+    engine_sec = rows[0][1]
+    assert engine_sec is not None
+
+    # 2. end to end through the workers
+    loader = DataLoader(ds, batch_size=batch, num_workers=args.workers, collate_fn=collate_canvas,
+                        pin_memory=cuda, prefetch_factor=4 if args.workers else None,
+                        persistent_workers=False)
+    vps = loader_views_per_s(DeviceViewLoader(loader, engines[True], device), n_views, iters)
+    rows.append((f"GPU engine + loader ({args.workers} workers)", None, vps))
+
+    # 3. the CPU engine in workers
+    cpu_ds = ObjectCropDataset(demo.root, demo.proposals_path, photometrics="mocov2", seed=0,
+                               keys=keys, **RECIPE)
+    cpu_loader = DataLoader(cpu_ds, batch_size=batch, num_workers=args.workers,
+                            prefetch_factor=4 if args.workers else None)
+    cpu_vps = loader_views_per_s(cpu_loader, n_views, iters)
+    rows.append((f"CPU engine ({args.workers} workers)", None, cpu_vps))
+
+    # 4. torchvision v2, per sample on the device
+    if not args.skip_torchvision:
+        valid = [tuple(int(x) for x in v) for v in batch_cpu["valid"].tolist()]
+        peer = torchvision_peer(on_device["canvas"], valid)
+        sec = timed(peer, device, max(1, iters // 4), 1)
+        rows.append(("torchvision v2 on the device, per sample", sec, batch * n_views / sec))
+
+    # 5. ResNet-50 step on the same views
+    step_sec = math.nan
+    if not args.skip_step:
+        views = engines[True].transform_batch(on_device)[0]
+        try:
+            step_sec = timed(resnet_step(device, views), device, step_iters, 1 if cuda else 0)
+            rows.append(("ResNet-50 forward+backward step", step_sec, batch * n_views / step_sec))
+        except torch.OutOfMemoryError:
+            print("ResNet-50 step: out of memory at this batch; use --batch to lower it")
+
+    print(f"\nbatch {batch}: {N_GLOBAL} x {GLOBAL} + {N_LOCAL} x {LOCAL} views = "
+          f"{batch * n_views} views per batch, canvas {args.canvas}")
+    print(f"{'':<44}{'ms/batch':>10}{'views/s':>12}")
+    for label, sec, rate in rows:
+        ms = f"{sec * 1e3:>10.1f}" if sec is not None else f"{'-':>10}"
+        print(f"{label:<44}{ms}{rate:>12.0f}")
+    fraction = engine_sec / step_sec if step_sec == step_sec else math.nan
+    print(f"engine device time / ResNet-50 step: {fraction:.3f} "
+          "(goal on an H100: < 0.10, and >= 20,000 views/s)")
+    print(
+        f"RESULT device={name.replace(' ', '_')} gpu_views_per_s={rows[0][2]:.0f} "
+        f"cpu_views_per_s={cpu_vps:.0f} step_fraction={fraction:.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
