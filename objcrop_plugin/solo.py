@@ -5,32 +5,7 @@ Importing this module does not import solo-learn; running ``objcrop-solo`` (or
 :mod:`objcrop_plugin.integrations.solo`.
 """
 
-from .integrations.solo import (
-    ObjectAwareConfig,
-    ObjectAwareSoloDataset,
-    ObjectAwareTransform,
-    SoloConfigError,
-    SoloNotFoundError,
-    find_solo_root,
-    import_solo,
-    install,
-    main,
-    parse_object_aware,
-    timm_backbone,
-    uninstall,
-)
+from .integrations import solo as _solo
+from .integrations.solo import *  # noqa: F403
 
-__all__ = [
-    "ObjectAwareConfig",
-    "ObjectAwareSoloDataset",
-    "ObjectAwareTransform",
-    "SoloConfigError",
-    "SoloNotFoundError",
-    "find_solo_root",
-    "import_solo",
-    "install",
-    "main",
-    "parse_object_aware",
-    "timm_backbone",
-    "uninstall",
-]
+__all__ = list(_solo.__all__)

@@ -244,21 +244,36 @@ class CanvasDataset(ObjectCropDataset):
         except BaseException:
             opened.image.close()
             raise
-        canvas, (nw, nh) = fit_to_canvas(image, self.canvas)
-        sx, sy = nw / opened.size[0], nh / opened.size[1]
-        windows = torch.tensor(
-            [[w.box[0] * sx, w.box[1] * sy, w.box[2] * sx, w.box[3] * sy] for w in planned.windows],
-            dtype=torch.float32,
-        )
-        return {
-            "canvas": canvas,
-            "windows": windows,
-            "valid": torch.tensor([nw, nh], dtype=torch.int64),
-            # drawn after the windows, so the windows equal the CPU engine's
-            "seed": torch.tensor(int(rng.integers(0, _SEED_HIGH)), dtype=torch.int64),
-            "target": self.target(index),
-            "key": key,
-        }
+        # the photometric seed is drawn after the windows, so the windows equal the CPU engine's
+        return canvas_item(image, opened.size, [w.box for w in planned.windows], self.canvas,
+                           rng, self.target(index), key)
+
+
+def canvas_item(
+    image: Image.Image,
+    image_size: tuple[int, int],
+    boxes: Sequence[Sequence[float]],
+    canvas_size: tuple[int, int],
+    rng: np.random.Generator,
+    target: int,
+    key: str,
+) -> dict[str, Any]:
+    """One worker-side item: ``image`` (possibly decoded smaller than ``image_size``) fitted
+    into the canvas, ``boxes`` (xyxy in pixels of ``image_size``) mapped to canvas pixels, and
+    a photometric seed drawn from ``rng``."""
+    canvas, (nw, nh) = fit_to_canvas(image, canvas_size)
+    sx, sy = nw / image_size[0], nh / image_size[1]
+    windows = torch.tensor(
+        [[x1 * sx, y1 * sy, x2 * sx, y2 * sy] for x1, y1, x2, y2 in boxes], dtype=torch.float32
+    )
+    return {
+        "canvas": canvas,
+        "windows": windows,
+        "valid": torch.tensor([nw, nh], dtype=torch.int64),
+        "seed": torch.tensor(int(rng.integers(0, _SEED_HIGH)), dtype=torch.int64),
+        "target": target,
+        "key": key,
+    }
 
 
 def is_canvas_batch(batch: Any) -> bool:

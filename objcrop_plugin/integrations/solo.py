@@ -1301,7 +1301,7 @@ class ObjectAwareCanvasDataset(ObjectAwareSoloDataset):
         self.key_root = os.path.abspath(os.fspath(key_root))
 
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
-        from ..engine.gpu import fit_to_canvas
+        from ..engine.gpu import canvas_item
 
         path, target = self.item(index)
         key = normalize_key(path, self.key_root)
@@ -1317,20 +1317,9 @@ class ObjectAwareCanvasDataset(ObjectAwareSoloDataset):
         except BaseException:
             opened.image.close()
             raise
-        canvas, (nw, nh) = fit_to_canvas(image, self.canvas)
-        sx, sy = nw / opened.size[0], nh / opened.size[1]
-        windows = torch.tensor(
-            [[x1 * sx, y1 * sy, x2 * sx, y2 * sy] for x1, y1, x2, y2 in boxes], dtype=torch.float32
-        )
-        return {
-            "canvas": canvas,
-            "windows": windows,
-            "valid": torch.tensor([nw, nh], dtype=torch.int64),
-            "seed": torch.tensor(int(rng.integers(0, 2**63 - 1)), dtype=torch.int64),
-            "target": target,
-            "key": key,
-            "index": index,
-        }
+        item = canvas_item(image, opened.size, boxes, self.canvas, rng, target, key)
+        item["index"] = index
+        return item
 
 
 def gpu_method(base: type, engine: Any) -> type:

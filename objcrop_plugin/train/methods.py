@@ -157,6 +157,10 @@ class SSLMethod(pl.LightningModule):
         """(global i, other view j) pairs: each global against every other view."""
         return [(i, j) for i in range(self.n_global) for j in range(n_views) if j != i]
 
+    def target_pairs(self, n_views: int) -> list[tuple[int, int]]:
+        """(view i, global j) pairs, i != j: every view predicts the targets of the globals."""
+        return [(i, j) for j in range(self.n_global) for i in range(n_views) if i != j]
+
     # ---------------------------------------------------------------------- optimisation
 
     def _world(self) -> int:
@@ -300,7 +304,7 @@ class MoCoV2(_Momentum):
         if len(views) == 2 and not self.hp["symmetric"]:
             pairs = [(0, 1)]  # query view 0, key view 1 (MoCo's original direction)
         else:
-            pairs = [(i, j) for j in range(self.n_global) for i in range(len(views)) if i != j]
+            pairs = self.target_pairs(len(views))
         return sum(self.criterion(q[i], k[j]) for i, j in pairs) / len(pairs)
 
 
@@ -330,7 +334,7 @@ class BYOL(_Momentum):
             views, lambda x: self.prediction_head(self.projection_head(self.backbone(x)))
         )
         z = self.momentum_targets(views[: self.n_global])
-        pairs = [(i, j) for j in range(self.n_global) for i in range(len(views)) if i != j]
+        pairs = self.target_pairs(len(views))
         return sum(self.criterion(p[i], z[j]) for i, j in pairs) / len(pairs)
 
 
