@@ -210,3 +210,17 @@ def test_gpu_engine_crops_after_transfer(tmp_path, data):
     res = train(load_recipe(path), echo=lambda s: None)
     assert res["steps"] == 2 and res["final_loss"] == res["final_loss"]
     assert res["config"]["crop"]["engine"] == "gpu"
+
+
+def test_backbone_starts_from_a_local_checkpoint(tmp_path, data):
+    from objcrop_plugin.train.runner import build_backbone
+
+    path = recipe(tmp_path, data, trainer={"max_steps": 1})
+    train(load_recipe(path), echo=lambda s: None)
+    weights = tmp_path / "run" / "backbone.pth"
+    cfg = load_recipe(path, [f"backbone.checkpoint={weights}"])
+    net = build_backbone(cfg)
+    saved = torch.load(weights, weights_only=True)
+    assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="backbone.checkpoint: file not found"):
+        build_backbone(load_recipe(path, [f"backbone.checkpoint={tmp_path / 'nope.pth'}"]))
