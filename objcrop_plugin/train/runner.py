@@ -132,16 +132,21 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
     )
 
 
-def export_backbone(backbone: torch.nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Write the backbone's state dict atomically (a timm checkpoint file)."""
+def _atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary file renamed into place: a kill never leaves a torn file."""
     import io
 
     from ..proposals.store import _atomic_write
 
-    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     buf = io.BytesIO()
-    torch.save(state, buf)
+    torch.save(obj, buf)
     _atomic_write(Path(path), [buf.getbuffer()])
+
+
+def export_backbone(backbone: torch.nn.Module, path: str | os.PathLike[str]) -> Path:
+    """Write the backbone's state dict atomically (a timm checkpoint file)."""
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    _atomic_torch_save(state, path)
     return Path(path)
 
 
@@ -153,13 +158,7 @@ def _checkpoint_io() -> Any:
         ``last.ckpt`` behind."""
 
         def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
-            import io
-
-            from ..proposals.store import _atomic_write
-
-            buf = io.BytesIO()
-            torch.save(checkpoint, buf)
-            _atomic_write(Path(path), [buf.getbuffer()])
+            _atomic_torch_save(checkpoint, path)
 
     return AtomicCheckpointIO()
 
@@ -410,13 +409,11 @@ def train(
 
 def load_eval_labels(path: str | os.PathLike[str]) -> tuple[list[str], Any]:
     """``(keys, multi_hot)`` from a demo ``labels.json`` or a COCO instances JSON."""
-    import json as _json
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"data.labels: file not found: {p}")
     with open(p if p.is_file() else p / "labels.json", encoding="utf-8") as f:
-        head = _json.load(f)
+        head = json.load(f)
     if isinstance(head, dict) and "annotations" in head and "images" in head:
         from ..proposals.importers import coco_labels
 
