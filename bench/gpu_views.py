@@ -40,9 +40,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from objcrop_plugin.engine import ObjectCropDataset
-from objcrop_plugin.engine.gpu import CanvasDataset, DeviceViewLoader, GPUViewEngine, collate_canvas
-from objcrop_plugin.engine.photometric import photometrics
+from objcrop_plugin.engine.datasets import (
+    CanvasDataset,
+    DeviceViewLoader,
+    ObjectCropDataset,
+    collate_canvas,
+)
+from objcrop_plugin.engine.gpu import GPUViewEngine
+from objcrop_plugin.engine.photometric import make_photometrics
 
 N_GLOBAL, N_LOCAL, GLOBAL, LOCAL = 2, 6, 224, 96
 RECIPE = dict(views="multi_crop", n_global=N_GLOBAL, n_local=N_LOCAL, global_size=GLOBAL,
@@ -84,7 +89,7 @@ def torchvision_peer(canvas: torch.Tensor, valid: list[tuple[int, int]]) -> Call
     """Lightly-style MoCo-v2 multi-crop with torchvision v2, one sample at a time, on the device."""
     from torchvision.transforms import v2
 
-    p = photometrics("mocov2").globals_[0]
+    p = make_photometrics("mocov2").globals_[0]
     ks = 2 * math.ceil(3 * p.blur_sigma[1]) + 1
 
     def pipeline(size: int, scale: tuple[float, float]) -> v2.Compose:
@@ -188,7 +193,8 @@ def main() -> int:
     on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch_cpu.items()}
     engines = {}
     for antialias in (True, False):
-        engine = GPUViewEngine(ds.recipe, photometrics="mocov2", antialias=antialias, seed=0)
+        engine = GPUViewEngine.from_recipe(ds.recipe, photometrics="mocov2", antialias=antialias,
+                                             seed=0)
         engines[antialias] = engine
         sec = timed(lambda e=engine: e.transform_batch(on_device), device, iters, warmup)
         label = "antialias" if antialias else "bilinear"

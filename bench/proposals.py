@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from objcrop_plugin import boxes as B
+from objcrop_plugin import boxes as box_ops
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BING = Path(os.environ.get("OBJCROP_BING_MODEL", REPO.parent / "shared" / "models" / "bing"))
@@ -35,7 +35,7 @@ def _params(method: str, bing_model: Path) -> dict:
 
 
 def _load_images(root: Path, keys: list[str]):
-    from objcrop_plugin.engine.decode import load_rgb, open_image
+    from objcrop_plugin.images import load_rgb, open_image
 
     return [load_rgb(open_image(root / k)) for k in keys]
 
@@ -84,7 +84,7 @@ def recall_at(outs, gts, k: int = 10, t: float = 0.5) -> float:
     for (boxes, _), gt in zip(outs, gts):
         total += len(gt)
         if len(boxes) and len(gt):
-            hit += int((B.iou(gt, boxes[:k]).max(axis=1) >= t).sum())
+            hit += int((box_ops.iou(gt, boxes[:k]).max(axis=1) >= t).sum())
     return hit / max(total, 1)
 
 

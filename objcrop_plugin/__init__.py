@@ -3,29 +3,22 @@
 Views are cut from object proposals instead of random scene crops (Mishra et al., "Object-aware
 Cropping for Self-Supervised Learning", TMLR 2022), for lightly and solo-learn methods.
 
+The top level holds what users call and what plugin authors subclass; everything else lives in
+its subpackage (``objcrop_plugin.engine``, ``.proposals``, ``.policies``, ``.lightly``,
+``.solo``, ``.train``, ``.eval``). See docs/architecture.md for the layers.
+
 Example:
     >>> from objcrop_plugin import ObjectCropDataset  # doctest: +SKIP
     >>> ds = ObjectCropDataset("images/", "proposals.objcrop", views="obj_obj_dilate")  # doctest: +SKIP
     >>> views, target, key = ds[0]  # doctest: +SKIP
 """
 
-from . import boxes
-from .engine import (
-    ImageDecodeError,
-    ObjectCropDataset,
-    Photometric,
-    PhotometricSet,
-    ViewEngine,
-    photometrics,
-)
+from .engine import ObjectCropDataset, make_photometrics
+from .images import ImageDecodeError
 from .policies import (
     CropPolicy,
     CropWindow,
     NoProposalError,
-    ObjectDilatedPolicy,
-    ObjectPolicy,
-    ProposalChoice,
-    ScenePolicy,
     ViewRecipe,
     ViewSpec,
     make_policy,
@@ -33,51 +26,36 @@ from .policies import (
 )
 from .proposals import (
     MissingProposalsError,
-    ProposalRecord,
-    Proposals,
+    ProposalGenerator,
+    ProposalImporter,
     ProposalStore,
-    ProposalStoreWriter,
     StoreFormatError,
-    export_jsonl,
-    import_jsonl,
-    normalize_key,
 )
 from .registry import RegistryError, list_policies, list_proposal_sources
-from .stats import FallbackCounter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CropPolicy",
+    # datasets and the pieces underneath
+    "ObjectCropDataset",
+    "ProposalStore",
+    "make_recipe",
+    "make_policy",
+    "make_photometrics",
     "CropWindow",
-    "FallbackCounter",
+    "list_policies",
+    "list_proposal_sources",
+    # for plugin authors (entry-point groups objcrop_plugin.policies / objcrop_plugin.proposals)
+    "CropPolicy",
+    "ViewRecipe",
+    "ViewSpec",
+    "ProposalGenerator",
+    "ProposalImporter",
+    # errors
     "ImageDecodeError",
     "MissingProposalsError",
     "NoProposalError",
-    "ObjectCropDataset",
-    "ObjectDilatedPolicy",
-    "ObjectPolicy",
-    "Photometric",
-    "PhotometricSet",
-    "ProposalChoice",
-    "ProposalRecord",
-    "ProposalStore",
-    "ProposalStoreWriter",
-    "Proposals",
     "RegistryError",
-    "ScenePolicy",
     "StoreFormatError",
-    "ViewEngine",
-    "ViewRecipe",
-    "ViewSpec",
-    "boxes",
-    "export_jsonl",
-    "import_jsonl",
-    "list_policies",
-    "list_proposal_sources",
-    "make_policy",
-    "make_recipe",
-    "normalize_key",
-    "photometrics",
     "__version__",
 ]

@@ -1,12 +1,26 @@
-"""Seeded random streams that differ across DataLoader workers and DDP ranks."""
+"""Seeded random streams that differ across DataLoader workers and DDP ranks.
+
+Host side, ``numpy`` generators: :func:`sample_rng` (one per sample, from ``(seed, epoch,
+index, rank)``) and :func:`process_rng` (for code that sees no sample index). Device side,
+:func:`counter_uniforms`: uniforms that are a pure function of a per-sample seed (drawn from
+the sample's generator, below :data:`SEED_HIGH`) and a counter, so the GPU engine's random
+parameters never depend on the batch a sample lands in.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["distributed_rank", "sample_rng", "process_rng"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SEED_HIGH", "counter_uniforms", "distributed_rank", "process_rng", "sample_rng"]
+
+#: Per-sample seeds are drawn in ``[0, SEED_HIGH)``: non-negative int64.
+SEED_HIGH = 2**63 - 1
 
 
 def distributed_rank() -> int:
@@ -77,3 +91,43 @@ def process_rng(seed: int | None = None) -> np.random.Generator:
         _PROCESS_RNG.clear()
         _PROCESS_RNG[key] = rng
     return rng
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x * c) mod 2**32`` for ``x`` in ``[0, 2**32)``, without int64 overflow."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    # "lowbias32" integer hash (C. Wellons, hash-prospector): full avalanche on 32 bits
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniforms(seeds: torch.Tensor, n_slots: int, n_draws: int) -> torch.Tensor:
+    """Counter-based uniforms in ``[0, 1)``: a pure function of (seed, slot, draw).
+
+    Input: ``seeds`` int64 ``(B,)`` on any device.
+
+    Output: float32 ``(B, n_slots, n_draws)`` on the same device (24-bit resolution). The same
+    seed gives the same numbers on every device and in every batch, which is what makes a
+    sample's device-side augmentations independent of batching and resumable. Integer
+    arithmetic only: nothing is read back to the host.
+
+    Example:
+        >>> import torch
+        >>> u = counter_uniforms(torch.tensor([7, 7, 8]), n_slots=2, n_draws=3)
+        >>> u.shape, bool((u[0] == u[1]).all()), bool((u[0] == u[2]).all())
+        (torch.Size([3, 2, 3]), True, False)
+    """
+    import torch
+
+    s = seeds.to(torch.int64).reshape(-1)
+    lo, hi = s & 0xFFFFFFFF, (s >> 32) & 0xFFFFFFFF
+    base = _hash32(_hash32(hi ^ 0x9E3779B9) ^ lo)
+    ctr = torch.arange(n_slots * n_draws, device=s.device, dtype=torch.int64)
+    x = _hash32(base[:, None] ^ _hash32(ctr + 0x632BE5AB)[None, :])
+    return ((x >> 8).to(torch.float32) * (1.0 / 2**24)).view(-1, n_slots, n_draws)

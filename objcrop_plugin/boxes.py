@@ -17,12 +17,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 
 __all__ = [
     "MIN_WINDOW",
+    "ImageSize",
+    "ViewSize",
     "as_boxes",
     "clip",
     "dilate",
@@ -33,11 +35,29 @@ __all__ = [
     "iou",
 ]
 
-#: Smallest window side (pixels) the engines resample from: Kornia's crop_and_resize gives NaN
-#: for a 1-pixel box, and a 2-pixel window is the least that interpolates sensibly.
+#: Smallest window side (pixels) a policy draws: :func:`~objcrop_plugin.policies.fit_window`
+#: and the GPU engine's resampling grow thinner windows to it (about their centre, inside the
+#: image), so no view is interpolated from a single row or column of pixels.
 MIN_WINDOW = 2.0
 
-Size = tuple[int, int]  # (width, height)
+
+class ImageSize(NamedTuple):
+    """The size of an image, ``(width, height)`` in pixels: PIL's order, and the order of every
+    ``image_size`` in this package (proposal stores, policies, boxes)."""
+
+    width: int
+    height: int
+
+
+class ViewSize(NamedTuple):
+    """The size of a view or canvas, ``(height, width)`` in pixels: torch's order, and the
+    order of every view ``size`` and ``canvas`` in this package."""
+
+    height: int
+    width: int
+
+
+Size = ImageSize | tuple[int, int]  # an image's (width, height)
 
 
 def as_boxes(boxes: object) -> np.ndarray:

@@ -36,7 +36,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.root:
         root = Path(args.root)
         store = ProposalStore(args.proposals) if args.proposals else None
-        from .engine.cpu import list_images
+        from .images import list_images
 
         keys = list_images(root)
     else:
@@ -108,18 +108,59 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def cmd_policies(args: argparse.Namespace) -> int:
-    from .registry import list_policies, list_proposal_sources
+    from .policies import CropPolicy
+    from .registry import (
+        RegistryError,
+        list_policies,
+        list_proposal_sources,
+        load_policy,
+        load_proposal_source,
+    )
 
-    print("crop policies and view recipes:", ", ".join(list_policies()))
-    print("proposal sources:", ", ".join(list_proposal_sources()))
+    by_kind = {
+        "generator": "proposal generators (proposals build --method NAME)",
+        "importer": "proposal importers (proposals import --source NAME)",
+    }
+    groups: dict[str, list[str]] = {
+        "crop policies": [], "view recipes": [], **{v: [] for v in by_kind.values()},
+        "other proposal sources": [],
+    }
+    broken: list[str] = []
+    for name in list_policies():
+        try:
+            factory = load_policy(name)
+        except RegistryError as exc:
+            broken.append(f"  {name}: {exc}")
+            continue
+        is_policy = isinstance(factory, type) and issubclass(factory, CropPolicy)
+        groups["crop policies" if is_policy else "view recipes"].append(name)
+    for name in list_proposal_sources():
+        try:
+            kind = getattr(load_proposal_source(name), "kind", None)
+        except RegistryError as exc:
+            broken.append(f"  {name}: {exc}")
+            continue
+        groups[by_kind.get(kind, "other proposal sources")].append(name)
+    for label, names in groups.items():
+        if names:
+            print(f"{label}: {', '.join(names)}")
+    if broken:
+        print("registered but not loadable:", *broken, sep="\n")
     return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .proposals.jsonl import import_jsonl
+    from .proposals.importer_base import import_to_store, make_importer
 
-    n = import_jsonl(args.src, args.out)
+    try:
+        importer = make_importer(args.source, args.src, **_parse_params(args.param))
+    except TypeError as exc:  # an option the importer does not take
+        raise ValueError(str(exc)) from None
+    n = import_to_store(importer, args.out)
     print(f"wrote {args.out} ({n} images)")
+    missing = getattr(importer, "missing", None)
+    if missing:
+        print(f"{len(missing)} images listed in {args.src} were not found (skipped)")
     return 0
 
 
@@ -218,7 +259,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def cmd_proposals_eval(args: argparse.Namespace) -> int:
     from .proposals.evaluate import format_recall, recall
     from .proposals.importers import CocoImporter
     from .proposals.store import ProposalStore
@@ -240,7 +281,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     from .eval import evaluate_backbone, load_backbone
 
     if args.coco:
@@ -337,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the numbers here")
-    p.set_defaults(func=cmd_evaluate)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("policies", help="list registered crop policies and proposal sources")
     p.set_defaults(func=cmd_policies)
@@ -345,9 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
     prop = sub.add_parser("proposals", help="proposal stores").add_subparsers(
         dest="proposals_command", required=True
     )
-    p = prop.add_parser("import", help="JSON Lines -> proposal store")
-    p.add_argument("src")
-    p.add_argument("--out", required=True)
+    p = prop.add_parser(
+        "import", help="a file of boxes (JSON Lines, COCO, OpenImages, a plugin's) -> store",
+        description="Convert INPUT into a proposal store with a registered importer "
+        "(`objcrop policies` lists them; third-party ones come from the entry-point group "
+        "objcrop_plugin.proposals). Options are --param key=value, the importer's keyword "
+        "arguments, e.g. --source coco --param key_prefix=train2017/.",
+    )
+    p.add_argument("src", metavar="INPUT")
+    p.add_argument("--out", required=True, help="the store to write")
+    p.add_argument("--source", default="jsonl",
+                   help="importer: jsonl (default), coco, openimages, or a plugin's name")
+    p.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="an importer option (repeatable; the value is parsed as JSON when it is)")
     p.set_defaults(func=cmd_import)
     p = prop.add_parser("export", help="proposal store -> JSON Lines")
     p.add_argument("store")
@@ -415,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iou", type=float, nargs="+", default=[0.5, 0.7])
     p.add_argument("--k", type=int, nargs="+", default=[1, 10, 100])
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_proposals_eval)
     p = prop.add_parser("info", help="counts and metadata of a store")
     p.add_argument("store")
     p.set_defaults(func=cmd_info)

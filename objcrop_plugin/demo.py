@@ -25,20 +25,20 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-__all__ = ["BUDGETS", "average_precision", "linear_probe_map", "run_demo", "scene_features"]
+__all__ = ["BUDGETS", "run_demo"]
 
 #: Settings of each budget. See docs/demo-design.md for how they were chosen (measured on a
 #: 2-core CPU).
@@ -47,16 +47,16 @@ BUDGETS: dict[str, dict[str, Any]] = {
         n_train=48, n_test=32, image_size=(96, 72), view_size=32, model="test_efficientnet",
         epochs=1, batch_size=16, lr=1e-2, weight_decay=1e-4, optimizer="adamw",
         temperature=0.2, photometrics="simclr", num_workers=0, eval_scale=1.0,
-        pooling="avgmax", probe_steps=50, dilation=0.1, scene_scale=(0.2, 1.0),
-        object_scale=(0.2, 1.0), dilated_scale=(0.2, 1.0), proj_dim=64,
+        pooling="avgmax", probe_epochs=100, dilation=0.1, scene_scale=(0.2, 1.0),
+        object_scale=(0.2, 1.0), dilated_scale=(0.2, 1.0), proj_dim=64, threads=2,
     ),
     "default": dict(
         n_train=2000, n_test=1000, image_size=(128, 96), view_size=48,
         model="test_efficientnet", epochs=25, batch_size=128, lr=1e-2, weight_decay=1e-4,
         optimizer="adamw", temperature=0.2, photometrics="simclr", num_workers=1,
-        eval_scale=2.0, pooling="avgmax", probe_steps=300, dilation=0.1,
+        eval_scale=2.0, pooling="avgmax", probe_epochs=100, dilation=0.1,
         scene_scale=(0.2, 1.0), object_scale=(0.2, 1.0), dilated_scale=(0.2, 1.0),
-        proj_dim=128,
+        proj_dim=128, threads=2,
     ),
 }
 BUDGETS["full"] = dict(BUDGETS["default"], n_train=4000, n_test=2000, epochs=50)
@@ -66,114 +66,15 @@ VIEWS = ("random", "scene_scene", "obj_scene", "obj_obj_dilate")
 
 
 # --------------------------------------------------------------------------------------------
-# evaluation: multi-label linear probe on frozen whole-scene features
-# --------------------------------------------------------------------------------------------
-
-
-def average_precision(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Exact per-class AP as sklearn's, ``(C,)`` float64, NaN for a class without positives
-    (:func:`objcrop_plugin.eval.average_precision` as a numpy array)."""
-    from .eval import average_precision as per_class_ap
-
-    return per_class_ap(np.asarray(scores), np.asarray(targets)).numpy()
-
-
-def linear_probe_map(
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    test_x: torch.Tensor,
-    test_y: torch.Tensor,
-    steps: int = 300,
-    lr: float = 0.01,
-    weight_decay: float = 1e-4,
-    seed: int = 0,
-) -> float:
-    """Multi-label linear probe: standardise, one linear layer with BCE (full batch, Adam).
-
-    Args:
-        train_x, test_x: ``(N, D)`` frozen features.
-        train_y, test_y: ``(N, C)`` multi-hot labels.
-
-    Returns:
-        test mAP over classes with positives, in percent (0-100).
-    """
-    g = torch.Generator().manual_seed(seed)
-    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
-    layer = nn.Linear(xtr.shape[1], train_y.shape[1])
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) * 0.01)
-        layer.bias.zero_()
-    opt = torch.optim.Adam(layer.parameters(), lr=lr, weight_decay=weight_decay)
-    loss_fn = nn.BCEWithLogitsLoss()
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss_fn(layer(xtr), train_y).backward()
-        opt.step()
-    with torch.no_grad():
-        scores = layer(xte)
-    ap = average_precision(scores.numpy(), test_y.numpy())
-    return float(np.nanmean(ap) * 100.0)
-
-
-def _pool(fmap: torch.Tensor, pooling: str) -> torch.Tensor:
-    avg = fmap.mean((2, 3))
-    if pooling == "avg":
-        return avg
-    mx = fmap.amax((2, 3))
-    if pooling == "max":
-        return mx
-    if pooling == "avgmax":
-        return torch.cat([avg, mx], 1)
-    raise ValueError(f"pooling must be 'avg', 'max' or 'avgmax', got {pooling!r}")
-
-
-@torch.no_grad()
-def scene_features(
-    backbone: nn.Module,
-    root: str | os.PathLike[str],
-    keys: Sequence[str],
-    scale: float = 1.0,
-    pooling: str = "avgmax",
-    batch_size: int = 128,
-) -> torch.Tensor:
-    """Frozen features of whole scene images: ``(N, D)`` float32.
-
-    Each image is read, resized by ``scale`` (bilinear), ImageNet-normalised, run through
-    ``backbone.forward_features`` (the timm feature map) and pooled (``avg``, ``max``, or both
-    concatenated: small objects show in the max more than in the mean).
-    """
-    from .engine.photometric import to_tensor
-
-    was_training = backbone.training
-    backbone.eval()
-    feats = []
-    for i in range(0, len(keys), batch_size):
-        batch = []
-        for key in keys[i : i + batch_size]:
-            with Image.open(Path(root) / key) as im:
-                im = im.convert("RGB")
-                if scale != 1.0:
-                    w, h = im.size
-                    im = im.resize((round(w * scale), round(h * scale)), Image.BILINEAR)
-                batch.append(to_tensor(im))
-        x = torch.stack(batch).contiguous(memory_format=torch.channels_last)
-        feats.append(_pool(backbone.forward_features(x), pooling).float())
-    backbone.train(was_training)
-    return torch.cat(feats)
-
-
-# --------------------------------------------------------------------------------------------
 # pretraining
 # --------------------------------------------------------------------------------------------
 
 
 def _backbone(model: str, seed: int) -> nn.Module:
-    import timm
+    from .backbones import create_backbone
 
     torch.manual_seed(seed)
-    net = timm.create_model(model, pretrained=False, num_classes=0)
-    return net.to(memory_format=torch.channels_last)
+    return create_backbone(model).to(memory_format=torch.channels_last)
 
 
 def _crop_params(views: str, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -261,6 +162,23 @@ def pretrain_simclr(
 # --------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` (``0``: left alone), restored afterwards.
+
+    On the CPU, convolution backward passes and reductions split their sums by thread, so the
+    float results -- and, amplified over thousands of SGD steps, the probe mAP -- depend on the
+    thread count: a seed only reproduces its numbers at a fixed count (``torch.get_num_threads``
+    defaults to the number of cores, which differs between machines)."""
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_demo(
     out_dir: str | os.PathLike[str],
     budget: str = "default",
@@ -316,8 +234,6 @@ def run_demo(
     cfg = dict(BUDGETS[budget], **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))
 
     t_start = time.perf_counter()
     n_total = cfg["n_train"] + cfg["n_test"]
@@ -331,20 +247,23 @@ def run_demo(
     )
     keys, multi_hot, classes = load_labels(ds.labels_path)
     y = torch.as_tensor(np.asarray(multi_hot), dtype=torch.float32)
-    train_keys, test_keys = list(keys[: cfg["n_train"]]), list(keys[cfg["n_train"] :])
-    y_train, y_test = y[: cfg["n_train"]], y[cfg["n_train"] :]
+    keys = list(keys)
+    n_train = int(cfg["n_train"])
+    train_keys = keys[:n_train]  # the first n_train images pretrain and fit the probe
     data_secs = time.perf_counter() - t_start
     log(f"data ready in {data_secs:.1f}s ({len(classes)} classes, "
         f"{y.sum(1).mean():.1f} classes per image)")
 
     def probe(net: nn.Module) -> tuple[float, float]:
-        from .eval import knn
+        # objcrop eval's protocol (objcrop_plugin.eval), with the demo's split, scale, pooling
+        from .eval import evaluate_backbone
 
-        kw = dict(scale=cfg["eval_scale"], pooling=cfg["pooling"])
-        ftr = scene_features(net, ds.root, train_keys, **kw)
-        fte = scene_features(net, ds.root, test_keys, **kw)
-        linear = linear_probe_map(ftr, y_train, fte, y_test, steps=cfg["probe_steps"], seed=seed)
-        return linear, float(knn(ftr, y_train, fte, y_test)["map"])
+        res = evaluate_backbone(
+            net, ds.root, keys, y, split=(range(n_train), range(n_train, len(keys))),
+            seed=seed, image_size=(h, w), scale=cfg["eval_scale"], pooling=cfg["pooling"],
+            batch_size=128, probe={"epochs": cfg["probe_epochs"]},
+        )
+        return float(res["probe_map"]), float(res["knn_map"])
 
     stores: dict[str, Path] = {"gt": Path(ds.proposals_path)}
 
@@ -361,8 +280,7 @@ def run_demo(
             stores[source] = path
         return stores[source]
 
-    results: dict[str, Any] = {}
-    for name in runs:
+    def _run(name: str) -> dict[str, Any]:
         views, _, source = name.partition("@")
         net = _backbone(cfg["model"], seed)  # same initialisation for every run
         info: dict[str, Any] = {"pretrain_seconds": 0.0}
@@ -381,9 +299,13 @@ def run_demo(
         linear, nn_map = probe(net)
         info.update(map=round(linear, 2), knn_map=round(nn_map, 2))
         info["probe_seconds"] = round(time.perf_counter() - t, 1)
-        results[name] = info
         log(f"{name}: probe mAP {info['map']:.2f}, kNN mAP {info['knn_map']:.2f}")
-    torch.set_num_threads(threads)
+        return info
+
+    results: dict[str, Any] = {}
+    with _torch_threads(int(cfg["threads"])):
+        for name in runs:
+            results[name] = _run(name)
 
     total = time.perf_counter() - t_start
 

@@ -9,12 +9,19 @@ a second, training-free number, and the label prevalence gives the chance level.
 
 Pieces, usable on their own:
 
-* :func:`extract_features` -- ``(N, D)`` features of a list of image keys under a root.
+* :func:`extract_features` -- ``(N, D)`` features of a list of image keys under a root
+  (``pooling`` avg / max / avgmax of the feature map, input ``scale``).
 * :func:`average_precision` / :func:`mean_average_precision` -- exact AP as
   ``sklearn.metrics.average_precision_score`` (ties grouped, no interpolation), no sklearn.
 * :func:`linear_probe` -- standardised features, linear layer, ``BCEWithLogits``, Adam or SGD.
 * :func:`knn` -- cosine similarity, weights ``exp(sim / T)``, weighted vote of multi-hot labels.
 * :func:`evaluate_backbone` -- all of the above with one feature pass and a seeded split.
+* :func:`load_backbone` -- a timm model in eval mode with local weights
+  (:func:`objcrop_plugin.backbones.create_backbone`).
+
+``objcrop eval``, the evaluation at the end of ``objcrop train`` and ``objcrop demo`` all run
+:func:`evaluate_backbone`; the demo with ``scale=2.0, pooling="avgmax"`` and its own
+train/test split.
 
 Example:
     >>> import torch
@@ -45,8 +52,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from .engine.decode import draft_factor, load_rgb, open_image
 from .engine.photometric import IMAGENET_MEAN, IMAGENET_STD
+from .images import draft_factor, load_rgb, open_image
 
 __all__ = [
     "average_precision",
@@ -60,6 +67,7 @@ __all__ = [
 ]
 
 PathLike = str | os.PathLike[str]
+Pooling = Literal["avg", "max", "avgmax"]
 ArrayLike = torch.Tensor | np.ndarray | Sequence[Sequence[float]]
 
 
@@ -124,11 +132,13 @@ def extract_features(
     device: str | torch.device = "cpu",
     *,
     resize: Literal["resize", "center_crop"] = "resize",
+    scale: float = 1.0,
+    pooling: Pooling = "avg",
 ) -> torch.Tensor:
     """One feature vector per whole image, from a frozen backbone.
 
     The eval transform is deterministic: decode (EXIF orientation applied, any mode to RGB,
-    via :mod:`objcrop_plugin.engine.decode`), resize, scale to [0, 1], ImageNet-normalise.
+    via :mod:`objcrop_plugin.images`), resize, scale to [0, 1], ImageNet-normalise.
 
     * ``resize="resize"`` (default): the whole image is resized to ``image_size``, aspect
       ratio not kept. In multi-label evaluation every labelled object counts, so nothing is
@@ -137,10 +147,22 @@ def extract_features(
       ``image_size``, then the centre ``image_size`` is cut out (the ImageNet convention without
       the 0.875 margin).
 
+    ``scale`` multiplies ``image_size`` (the input is ``round(scale * height) x
+    round(scale * width)``): a small backbone trained on small views sees the objects of a
+    small image larger, e.g. ``image_size=(96, 128), scale=2.0`` probes 96x128 images at
+    192x256.
+
+    ``pooling`` turns a feature map into one vector:
+
+    * ``"avg"`` (default): the backbone's own output, ``backbone(x)`` (for a timm model created
+      with ``num_classes=0`` its global pooling: the mean for CNNs, the class token or token
+      mean for ViTs); a ``(B, D, h, w)`` output is averaged over ``h, w``.
+    * ``"max"``: the maximum over ``h, w`` of the feature map ``backbone.forward_features(x)``
+      (a timm CNN's ``(B, D, h, w)``); small objects show in the max more than in the mean.
+    * ``"avgmax"``: both, concatenated: ``(B, 2D)``, mean first.
+
     The backbone runs in eval mode under :func:`torch.inference_mode`; its previous
-    ``training`` flag is restored afterwards. Outputs of shape ``(B, D, h, w)`` are globally
-    average-pooled; any other output must be ``(B, D)`` (e.g. a timm model created with
-    ``num_classes=0``).
+    ``training`` flag is restored afterwards.
 
     Args:
         backbone: maps ``(B, 3, H, W)`` float32 to ``(B, D)`` (or ``(B, D, h, w)``).
@@ -151,12 +173,15 @@ def extract_features(
         num_workers: DataLoader workers for decoding.
         device: where the backbone runs (it is moved there).
         resize: ``"resize"`` or ``"center_crop"``, see above.
+        scale: input upscaling factor applied to ``image_size`` (> 0).
+        pooling: ``"avg"``, ``"max"`` or ``"avgmax"``, see above.
 
     Returns:
-        ``(N, D)`` float32 CPU tensor, row ``i`` for ``keys[i]``.
+        ``(N, D)`` float32 CPU tensor (``(N, 2D)`` for ``"avgmax"``), row ``i`` for ``keys[i]``.
 
     Raises:
-        ValueError: bad ``image_size``/``resize``, or a backbone output of unsupported shape.
+        ValueError: bad ``image_size``/``resize``/``scale``/``pooling``, or a backbone output
+            of unsupported shape (``max``/``avgmax`` need a ``(B, D, h, w)`` feature map).
         ImageDecodeError: an image cannot be opened or decoded (the message names the file).
 
     Example:
@@ -169,8 +194,14 @@ def extract_features(
         raise ValueError(f"resize must be 'resize' or 'center_crop', got {resize!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if pooling not in ("avg", "max", "avgmax"):
+        raise ValueError(f"pooling must be 'avg', 'max' or 'avgmax', got {pooling!r}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    h, w = _hw(image_size)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
     device = torch.device(device)
-    dataset = _EvalImages(root, keys, _hw(image_size), resize)
+    dataset = _EvalImages(root, keys, size, resize)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -186,17 +217,7 @@ def extract_features(
     try:
         with torch.inference_mode():
             for x in loader:
-                out = backbone(x.to(device, non_blocking=True))
-                if isinstance(out, (tuple, list)):
-                    out = out[0]
-                if out.ndim == 4:
-                    out = out.mean(dim=(2, 3))
-                if out.ndim != 2:
-                    raise ValueError(
-                        f"backbone output has shape {tuple(out.shape)}; expected (B, D) or "
-                        "(B, D, h, w). Fix: pass a pooled backbone, e.g. timm.create_model("
-                        "name, num_classes=0)."
-                    )
+                out = _pooled(backbone, x.to(device, non_blocking=True), pooling)
                 chunks.append(out.float().cpu())
     finally:
         backbone.train(was_training)
@@ -205,7 +226,35 @@ def extract_features(
     return torch.cat(chunks)
 
 
-_NON_ONLINE = ("momentum", "ema", "target", "teacher", "key_encoder", "encoder_k")
+def _pooled(backbone: nn.Module, x: torch.Tensor, pooling: str) -> torch.Tensor:
+    """``(B, D)`` (``(B, 2D)`` for avgmax) features of one batch."""
+    if pooling == "avg":
+        out = backbone(x)
+    else:
+        forward_features = getattr(backbone, "forward_features", None)
+        out = forward_features(x) if callable(forward_features) else backbone(x)
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if pooling != "avg" and out.ndim != 4:
+        raise ValueError(
+            f"pooling={pooling!r} needs a (B, D, h, w) feature map; the backbone gives shape "
+            f"{tuple(out.shape)}. Fix: pooling='avg', or a CNN with forward_features (timm)."
+        )
+    if out.ndim == 4:
+        avg = out.mean(dim=(2, 3))
+        if pooling == "avg":
+            out = avg
+        elif pooling == "max":
+            out = out.amax(dim=(2, 3))
+        else:
+            out = torch.cat([avg, out.amax(dim=(2, 3))], dim=1)
+    if out.ndim != 2:
+        raise ValueError(
+            f"backbone output has shape {tuple(out.shape)}; expected (B, D) or "
+            "(B, D, h, w). Fix: pass a pooled backbone, e.g. timm.create_model("
+            "name, num_classes=0)."
+        )
+    return out
 
 
 def load_backbone(
@@ -214,74 +263,26 @@ def load_backbone(
     prefix: str | None = None,
     **timm_kwargs: Any,
 ) -> nn.Module:
-    """A frozen-evaluation backbone: a timm model (pooled features), optionally with weights.
+    """A frozen-evaluation backbone, in eval mode: :func:`objcrop_plugin.backbones.create_backbone`
+    for a timm model name, or ``model`` itself with the weights of ``checkpoint``
+    (:func:`objcrop_plugin.backbones.load_backbone_weights`).
 
-    Checkpoints of lightly/Lightning, solo-learn or plain ``torch.save(model.state_dict())``
-    all hold the backbone's tensors under some key prefix (``"backbone."``, ``"module."``,
-    ``"model.backbone."`` ...), often beside a momentum/teacher copy and heads. The prefix
-    is found automatically: the one under which most of the model's tensors are present
-    (shape-checked), preferring the online network over ``momentum``/``ema``/``target``/
-    ``teacher`` copies, then the shortest. Pass ``prefix`` to choose (``""`` for none).
-
-    Args:
-        model: a timm model name (created with ``pretrained=False, num_classes=0``) or a module.
-        checkpoint: a ``torch.save`` file; a ``state_dict``/``model``/``backbone`` entry
-            inside it is used when present. ``None``: the random initialisation.
-        prefix: key prefix of the backbone in the checkpoint; ``None`` to detect it.
-        **timm_kwargs: passed to ``timm.create_model`` (e.g. ``dynamic_img_size=True``).
-
-    Returns:
-        The module in eval mode.
+    ``checkpoint`` is a ``backbone.pth`` exported by ``objcrop train``, a timm state dict, or a
+    lightly/Lightning/solo-learn checkpoint whose backbone prefix is detected (pass ``prefix``
+    to choose, ``""`` for none). ``**timm_kwargs`` go to ``timm.create_model``.
 
     Raises:
-        ValueError: the checkpoint holds no complete set of the model's tensors (the message
-            names the file, the prefix tried and some missing keys).
+        objcrop_plugin.backbones.BackboneError: unknown model name, or a checkpoint without a
+            complete set of the model's tensors (a :class:`ValueError`).
+        FileNotFoundError: ``checkpoint`` does not exist.
     """
-    if isinstance(model, str):
-        import timm
+    from .backbones import create_backbone, load_backbone_weights
 
-        net = timm.create_model(model, pretrained=False, num_classes=0, **timm_kwargs)
-    else:
-        net = model
+    if isinstance(model, str):
+        return create_backbone(model, checkpoint, prefix, **timm_kwargs).eval()
     if checkpoint is not None:
-        obj = torch.load(os.fspath(checkpoint), map_location="cpu", weights_only=True)
-        for name in ("state_dict", "model", "backbone"):
-            if isinstance(obj, Mapping) and isinstance(obj.get(name), Mapping):
-                obj = obj[name]
-                break
-        if not isinstance(obj, Mapping):
-            raise ValueError(f"{checkpoint}: no state dict found (got {type(obj).__name__})")
-        own = net.state_dict()
-        if prefix is None:
-            counts: dict[str, int] = {}
-            for key, value in obj.items():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                for own_key, own_value in own.items():
-                    p = key[: len(key) - len(own_key)]
-                    if (key.endswith(own_key) and (not p or p.endswith("."))
-                            and own_value.shape == value.shape):
-                        counts[p] = counts.get(p, 0) + 1
-            if not counts:
-                raise ValueError(
-                    f"{checkpoint}: none of its tensors match the model's. Fix: check the "
-                    "model name, or pass prefix= explicitly."
-                )
-            best = max(counts.values())
-            prefix = min(
-                (p for p, n in counts.items() if n == best),
-                key=lambda p: (any(w in p.lower() for w in _NON_ONLINE), len(p), p),
-            )
-        state = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
-        missing = [k for k in own if k not in state]
-        if missing:
-            raise ValueError(
-                f"{checkpoint}: under prefix {prefix!r} the checkpoint lacks {len(missing)} of "
-                f"the model's {len(own)} tensors (e.g. {missing[:3]}). Fix: pass the right "
-                "model name or prefix=."
-            )
-        net.load_state_dict({k: state[k] for k in own})
-    return net.eval()
+        load_backbone_weights(model, checkpoint, prefix)
+    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------
@@ -663,6 +664,8 @@ def evaluate_backbone(
     *,
     image_size: int | Sequence[int] = 224,
     resize: Literal["resize", "center_crop"] = "resize",
+    scale: float = 1.0,
+    pooling: Pooling = "avg",
     batch_size: int = 64,
     num_workers: int = 0,
     device: str | torch.device = "cpu",
@@ -684,7 +687,8 @@ def evaluate_backbone(
         split: explicit ``(train_indices, test_indices)`` into ``keys``, e.g. COCO's
             train2017/val2017 concatenated; overrides ``train_fraction``.
         seed: seed of the split and of the probe.
-        image_size, resize, batch_size, num_workers, device: for :func:`extract_features`.
+        image_size, resize, scale, pooling, batch_size, num_workers, device: for
+            :func:`extract_features` (``objcrop demo`` uses ``scale=2.0, pooling="avgmax"``).
         probe: extra keyword arguments for :func:`linear_probe` (e.g. ``{"epochs": 100}``).
         knn_kwargs: extra keyword arguments for :func:`knn` (e.g. ``{"k": 20}``).
         features: precomputed ``(N, D)`` features; skips extraction (backbone unused).
@@ -717,7 +721,7 @@ def evaluate_backbone(
             raise ValueError("evaluate_backbone: pass a backbone or precomputed features")
         feats = extract_features(
             backbone, root, keys, image_size=image_size, batch_size=batch_size,
-            num_workers=num_workers, device=device, resize=resize,
+            num_workers=num_workers, device=device, resize=resize, scale=scale, pooling=pooling,
         )
     else:
         feats = _features("features", features)

@@ -40,7 +40,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from . import boxes as B
+from . import boxes as box_ops
 from .registry import load_policy
 from .stats import FallbackCounter
 
@@ -64,7 +64,7 @@ __all__ = [
     "scene_scene",
 ]
 
-Size = tuple[int, int]  # image (width, height)
+Size = box_ops.Size  # an image's (width, height)
 Box = tuple[float, float, float, float]
 
 
@@ -79,7 +79,7 @@ class CropWindow:
     Attributes:
         box: ``(x1, y1, x2, y2)`` float pixels of the image passed to the recipe; inside the
             image, finite, at least 2 px wide and high.
-        size: output ``(height, width)`` of the view.
+        size: output :class:`~objcrop_plugin.boxes.ViewSize` ``(height, width)`` of the view.
         policy: name of the policy that drew it (``"scene"`` when an object view fell back).
         proposal: index of the proposal it was drawn from (into the boxes passed), or ``None``.
         local: whether this is a local (small) multi-crop view.
@@ -87,7 +87,7 @@ class CropWindow:
     """
 
     box: Box
-    size: tuple[int, int]
+    size: box_ops.ViewSize
     policy: str
     proposal: int | None = None
     local: bool = False
@@ -104,14 +104,14 @@ def _pair(value: Any, name: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _out_size(size: int | Sequence[int]) -> tuple[int, int]:
+def _out_size(size: int | Sequence[int]) -> box_ops.ViewSize:
     if isinstance(size, (int, np.integer)):
         h = w = int(size)
     else:
         h, w = (int(s) for s in size)
     if h < 1 or w < 1:
         raise ValueError(f"view size must be positive (height, width), got {size!r}")
-    return h, w
+    return box_ops.ViewSize(h, w)
 
 
 def random_resized_crop(
@@ -137,7 +137,7 @@ def random_resized_crop(
         aspect = math.exp(rng.uniform(log_lo, log_hi))
         w = math.sqrt(target * aspect)
         h = math.sqrt(target / aspect)
-        if B.MIN_WINDOW <= w <= width and B.MIN_WINDOW <= h <= height:
+        if box_ops.MIN_WINDOW <= w <= width and box_ops.MIN_WINDOW <= h <= height:
             x = x1 + rng.uniform(0.0, width - w)
             y = y1 + rng.uniform(0.0, height - h)
             return (x, y, x + w, y + h)
@@ -169,7 +169,7 @@ def fit_window(window: Sequence[float], image_size: Size) -> Box:
     for lo, hi, length in ((x1, x2, width), (y1, y2, height)):
         lo, hi = min(lo, hi), max(lo, hi)
         lo, hi = min(max(lo, 0.0), length), min(max(hi, 0.0), length)
-        need = min(B.MIN_WINDOW, length)
+        need = min(box_ops.MIN_WINDOW, length)
         if hi - lo < need:
             centre = (lo + hi) / 2.0
             lo, hi = centre - need / 2.0, centre + need / 2.0
@@ -193,8 +193,11 @@ class CropPolicy:
     """Base class of single-view crop policies.
 
     Subclass it, set ``name``, set ``needs_proposal = True`` if the policy crops from the
-    sample's proposal, and implement :meth:`sample`. Register the class in the entry-point group
-    ``objcrop_plugin.policies`` and it can be selected by name everywhere.
+    sample's proposal, and implement one of the two hooks: :meth:`region` (where a
+    RandomResizedCrop of ``scale``/``ratio`` is drawn; the default is the whole image) or, for
+    another draw, :meth:`sample` (the window itself). Register the class in the entry-point
+    group ``objcrop_plugin.policies`` and it can be selected by name everywhere (recipes,
+    ``objcrop train``, solo-learn augmentation entries).
 
     Input to this policy: the image size ``(width, height)``, the chosen proposal box (or
     ``None``), and a ``numpy.random.Generator``.
@@ -217,10 +220,19 @@ class CropPolicy:
             raise ValueError(f"{self.name}.ratio must be > 0, got {ratio!r}")
 
     def region(self, image_size: Size, box: np.ndarray | None) -> Box:
-        """The region the RandomResizedCrop is drawn in (the whole image for ``scene``)."""
+        """Hook: the region ``(x1, y1, x2, y2)`` the RandomResizedCrop is drawn in.
+
+        ``image_size`` is ``(width, height)``; ``box`` the sample's proposal (``(4,)`` xyxy
+        pixels of that image) or ``None`` for policies without ``needs_proposal``. The default
+        is the whole image (``scene``); the region may leave the image (it is clipped).
+        """
         return (0.0, 0.0, float(image_size[0]), float(image_size[1]))
 
     def sample(self, image_size: Size, box: np.ndarray | None, rng: np.random.Generator) -> Box:
+        """Hook: one crop window ``(x1, y1, x2, y2)``, drawn with ``rng`` only (reproducible).
+
+        The default draws a RandomResizedCrop (``scale``, ``ratio``) inside :meth:`region`.
+        """
         region = fit_window(self.region(image_size, box), image_size)
         return random_resized_crop(region, self.scale, self.ratio, rng)
 
@@ -281,10 +293,10 @@ class ObjectPolicy(CropPolicy):
     def region(self, image_size: Size, box: np.ndarray | None) -> Box:
         if box is None:
             return super().region(image_size, None)
-        b = self._grow(B.as_boxes(box), image_size)
+        b = self._grow(box_ops.as_boxes(box), image_size)
         if self.min_size is not None:
-            b = B.ensure_min_size(b, self.min_size, self.min_size_grow)
-        return tuple(B.clip(b, image_size)[0].tolist())
+            b = box_ops.ensure_min_size(b, self.min_size, self.min_size_grow)
+        return tuple(box_ops.clip(b, image_size)[0].tolist())
 
 
 class ObjectDilatedPolicy(ObjectPolicy):
@@ -320,7 +332,7 @@ class ObjectDilatedPolicy(ObjectPolicy):
         self.dilation_mode = dilation_mode
 
     def _grow(self, box: np.ndarray, image_size: Size) -> np.ndarray:
-        return B.dilate(box, image_size, self.dilation, self.dilation_mode)
+        return box_ops.dilate(box, image_size, self.dilation, self.dilation_mode)
 
 
 @dataclass
@@ -347,12 +359,12 @@ class ProposalChoice:
 
     def candidates(self, image_size: Size, boxes: np.ndarray, scores: np.ndarray | None) -> np.ndarray:
         """Indices of the boxes that may be drawn, best score first."""
-        b = B.as_boxes(boxes)
+        b = box_ops.as_boxes(boxes)
         if len(b) == 0:
             return np.zeros(0, dtype=np.int64)
-        ok = B.valid_mask(b, image_size)
+        ok = box_ops.valid_mask(b, image_size)
         if self.min_area > 0 or self.max_area < 1:
-            rel = B.area(B.clip(np.where(ok[:, None], b, 0.0), image_size))
+            rel = box_ops.area(box_ops.clip(np.where(ok[:, None], b, 0.0), image_size))
             rel = rel / (float(image_size[0]) * float(image_size[1]))
             ok &= (rel >= self.min_area) & (rel <= self.max_area)
         idx = np.flatnonzero(ok)
@@ -423,10 +435,6 @@ class ViewRecipe:
     def needs_proposals(self) -> bool:
         return any(v.policy.needs_proposal for v in self.views)
 
-    @property
-    def max_size(self) -> tuple[int, int]:
-        return max(v.size for v in self.views)
-
     def __call__(
         self,
         image_size: Size,
@@ -446,7 +454,7 @@ class ViewRecipe:
             if boxes is None:
                 self._fallback("missing", key, "no entry in the proposal store")
             else:
-                b = B.as_boxes(boxes)
+                b = box_ops.as_boxes(boxes)
                 if scores is not None and len(scores) != len(b):
                     raise ValueError(f"{key or '<no key>'}: {len(b)} boxes but {len(scores)} scores")
                 candidates = self.choice.candidates(image_size, b, scores)

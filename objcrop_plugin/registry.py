@@ -1,19 +1,35 @@
-"""Pluggable crop policies and proposal sources, found through package entry points.
+"""Crop policies and proposal sources by name: the built-in table plus package entry points.
 
-Two entry-point groups:
+Two kinds of names:
 
-- ``objcrop_plugin.policies``: a name -> a crop policy class or a view-recipe factory.
-- ``objcrop_plugin.proposals``: a name -> a proposal source (generator or importer) factory.
+- crop policies and view recipes (entry-point group ``objcrop_plugin.policies``): a name -> a
+  :class:`~objcrop_plugin.policies.CropPolicy` subclass or a view-recipe factory;
+- proposal sources (group ``objcrop_plugin.proposals``): a name -> a
+  :class:`~objcrop_plugin.proposals.generators.ProposalGenerator` subclass (``kind =
+  "generator"``, used by ``objcrop proposals build --method NAME``) or a
+  :class:`~objcrop_plugin.proposals.importer_base.ProposalImporter` subclass (``kind =
+  "importer"``, used by ``objcrop proposals import --source NAME``).
 
-objcrop-plugin registers its own policies and sources in these groups in its ``pyproject.toml``,
-exactly as a third-party package would::
+objcrop-plugin's own names are the tables :data:`BUILTIN_POLICIES` and
+:data:`BUILTIN_PROPOSAL_SOURCES` below: always available, also from a source tree that was never
+installed (as timm's ``@register_model`` works at import). ``pyproject.toml`` declares the same
+names as entry points, so ``importlib.metadata`` users see them too. Third-party packages add
+names through the entry-point groups; they are merged on top of the built-ins::
 
     [project.entry-points."objcrop_plugin.policies"]
     center_object = "my_package.policies:CenterObjectPolicy"
 
+Name clashes: a built-in name always means the built-in thing (a recipe that says
+``obj_obj_dilate`` crops the same way on every machine); a distribution that registers a
+built-in name for something else is ignored with a :class:`RegistryWarning` naming it. Two
+third-party distributions that register one name for different objects are an error
+(:class:`RegistryError`) when that name is used.
+
 Example:
     >>> from objcrop_plugin import registry
     >>> "obj_obj_dilate" in registry.list_policies()
+    True
+    >>> "coco" in registry.list_proposal_sources(kind="importer")
     True
 """
 
@@ -21,13 +37,17 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from importlib import metadata
 from typing import Any
 
 __all__ = [
+    "BUILTIN_POLICIES",
+    "BUILTIN_PROPOSAL_SOURCES",
     "POLICY_GROUP",
     "PROPOSAL_GROUP",
     "RegistryError",
+    "RegistryWarning",
     "list_policies",
     "list_proposal_sources",
     "load_policy",
@@ -38,15 +58,49 @@ __all__ = [
 POLICY_GROUP = "objcrop_plugin.policies"
 PROPOSAL_GROUP = "objcrop_plugin.proposals"
 
+#: objcrop-plugin's crop policies and view recipes: name -> ``"module:attribute"``.
+BUILTIN_POLICIES: dict[str, str] = {
+    "scene": "objcrop_plugin.policies:ScenePolicy",
+    "object": "objcrop_plugin.policies:ObjectPolicy",
+    "object_dilated": "objcrop_plugin.policies:ObjectDilatedPolicy",
+    "scene_scene": "objcrop_plugin.policies:scene_scene",
+    "obj_scene": "objcrop_plugin.policies:obj_scene",
+    "obj_obj": "objcrop_plugin.policies:obj_obj",
+    "obj_obj_dilate": "objcrop_plugin.policies:obj_obj_dilate",
+    "multi_crop": "objcrop_plugin.policies:multi_crop",
+}
+
+#: objcrop-plugin's proposal generators and importers: name -> ``"module:attribute"``.
+BUILTIN_PROPOSAL_SOURCES: dict[str, str] = {
+    "jsonl": "objcrop_plugin.proposals.jsonl:JsonLinesImporter",
+    "coco": "objcrop_plugin.proposals.importers:CocoImporter",
+    "openimages": "objcrop_plugin.proposals.importers:OpenImagesImporter",
+    "bing": "objcrop_plugin.proposals.bing:BingGenerator",
+    "bing_opencv": "objcrop_plugin.proposals.bing:OpenCVBingGenerator",
+    "graph_segments": "objcrop_plugin.proposals.segments:GraphSegmentsGenerator",
+    "selective_search": "objcrop_plugin.proposals.segments:SelectiveSearchGenerator",
+}
+
+_BUILTINS = {POLICY_GROUP: BUILTIN_POLICIES, PROPOSAL_GROUP: BUILTIN_PROPOSAL_SOURCES}
+_BUILTIN_OWNER = "objcrop-plugin (built-in)"
+
 
 class RegistryError(LookupError):
-    """A name that no installed distribution registers, or one that fails to load."""
+    """A name that nothing registers, that two distributions claim, or that fails to load."""
+
+
+class RegistryWarning(UserWarning):
+    """An installed distribution registers a built-in name; the built-in is used."""
 
 
 @functools.cache
 def _entry_points(group: str) -> dict[str, list[metadata.EntryPoint]]:
+    """Installed entry points of ``group`` by name, minus those that repeat a built-in."""
+    builtins = _BUILTINS[group]
     found: dict[str, list[metadata.EntryPoint]] = {}
     for ep in metadata.entry_points(group=group):
+        if builtins.get(ep.name) == ep.value:  # objcrop-plugin's own metadata (or a copy)
+            continue
         found.setdefault(ep.name, []).append(ep)
     return found
 
@@ -62,44 +116,73 @@ def _dist_name(ep: metadata.EntryPoint) -> str:
     return dist.name if dist is not None else "<unknown distribution>"
 
 
+def _names(group: str) -> list[str]:
+    return sorted(set(_BUILTINS[group]) | set(_entry_points(group)))
+
+
 def _load(group: str, kind: str, name: str) -> Any:
-    eps = _entry_points(group)
-    if not eps:
-        raise RegistryError(
-            f"no {kind} is registered under the entry-point group '{group}': objcrop-plugin's own "
-            "entry points are missing, which happens when the package is imported from a source "
-            "tree without being installed. Fix: `pip install -e .` in the checkout."
-        )
-    if name not in eps:
-        raise RegistryError(
-            f"unknown {kind} '{name}'. Installed: {', '.join(sorted(eps))}. A third-party {kind} "
-            f"is found when its distribution declares it in the entry-point group '{group}'."
-        )
-    candidates = eps[name]
-    if len({ep.value for ep in candidates}) > 1:
-        owners = ", ".join(f"{_dist_name(ep)} ({ep.value})" for ep in candidates)
-        raise RegistryError(
-            f"{kind} '{name}' is registered by more than one distribution: {owners}. "
-            "Fix: uninstall one of them."
-        )
-    ep = candidates[0]
+    builtin = _BUILTINS[group].get(name)
+    candidates = _entry_points(group).get(name, [])
+    if builtin is not None:
+        if candidates:
+            owners = ", ".join(f"{_dist_name(ep)} ({ep.value})" for ep in candidates)
+            warnings.warn(
+                f"{kind} '{name}' is built into objcrop-plugin ({builtin}); the entry point(s) "
+                f"of {owners} for the same name are ignored. Fix: register the plugin under "
+                "another name.",
+                RegistryWarning,
+                stacklevel=3,
+            )
+        ep, owner = metadata.EntryPoint(name=name, value=builtin, group=group), _BUILTIN_OWNER
+    else:
+        if not candidates:
+            raise RegistryError(
+                f"unknown {kind} '{name}'. Known: {', '.join(_names(group))}. A third-party "
+                f"{kind} is found when its distribution declares it in the entry-point group "
+                f"'{group}'."
+            )
+        if len({ep.value for ep in candidates}) > 1:
+            owners = ", ".join(f"{_dist_name(ep)} ({ep.value})" for ep in candidates)
+            raise RegistryError(
+                f"{kind} '{name}' is registered by more than one distribution: {owners}. "
+                "Fix: uninstall one of them."
+            )
+        ep = candidates[0]
+        owner = f"distribution {_dist_name(ep)}"
     try:
         return ep.load()
     except Exception as exc:  # a broken plugin must name itself
         raise RegistryError(
-            f"{kind} '{name}' from distribution {_dist_name(ep)} ({ep.value}) failed to load: "
+            f"{kind} '{name}' from {owner} ({ep.value}) failed to load: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
 
 
 def list_policies() -> list[str]:
-    """Names of all installed crop policies and view recipes, sorted."""
-    return sorted(_entry_points(POLICY_GROUP))
+    """Names of all crop policies and view recipes (built-in and installed), sorted."""
+    return _names(POLICY_GROUP)
 
 
-def list_proposal_sources() -> list[str]:
-    """Names of all installed proposal sources (generators and importers), sorted."""
-    return sorted(_entry_points(PROPOSAL_GROUP))
+def list_proposal_sources(kind: str | None = None) -> list[str]:
+    """Names of proposal sources (built-in and installed), sorted.
+
+    Args:
+        kind: ``None``: every name, loaded or not. ``"generator"`` or ``"importer"``: only the
+            sources of that kind (each one is loaded to read its ``kind``; sources that fail to
+            load are left out, :func:`load_proposal_source` says why).
+    """
+    names = _names(PROPOSAL_GROUP)
+    if kind is None:
+        return names
+    out = []
+    for name in names:
+        try:
+            source = load_proposal_source(name)
+        except RegistryError:
+            continue
+        if getattr(source, "kind", None) == kind:
+            out.append(name)
+    return out
 
 
 def load_policy(name: str) -> Any:
@@ -108,5 +191,5 @@ def load_policy(name: str) -> Any:
 
 
 def load_proposal_source(name: str) -> Any:
-    """The factory registered as proposal source ``name``."""
+    """The class registered as proposal source ``name`` (a generator or an importer)."""
     return _load(PROPOSAL_GROUP, "proposal source", name)

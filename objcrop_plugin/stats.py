@@ -66,11 +66,6 @@ class FallbackCounter:
         d = self.as_dict()
         return d["missing"] + d["unusable"]
 
-    def reset(self) -> None:
-        with self._lock:
-            for i in range(len(self.FIELDS)):
-                self._values[i] = 0
-
     def __repr__(self) -> str:
         return f"FallbackCounter({self.as_dict()})"
 

@@ -12,7 +12,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ._random import sample_rng
 from .engine.cpu import ViewEngine
-from .engine.decode import load_rgb, open_image
+from .files import atomic_write
+from .images import load_rgb, open_image
 from .proposals.store import ProposalStore
 
 __all__ = ["crops_figure"]
@@ -103,9 +104,9 @@ def crops_figure(
                 colour_i += 1
                 tdraw.rectangle([v * scale for v in w.box], outline=colour, width=2)
                 if pset is not None:
-                    from .engine.photometric import photometrics as presets
+                    from .engine.photometric import make_photometrics
 
-                    phot = presets(pset, normalize=False).for_view(0, w.local)
+                    phot = make_photometrics(pset, normalize=False).for_view(0, w.local)
                     arr = phot(crop, rng).mul(255).round().byte().permute(1, 2, 0).numpy()
                     crop = Image.fromarray(arr)
                 cell, _ = _fit(crop, tile - 4)
@@ -120,9 +121,4 @@ def crops_figure(
             label = w.policy + (" (fallback)" if w.fallback else "")
             draw.text((cx, y + cell.size[1] + 5), label, fill=colour, font=small)
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, lambda f: canvas.save(f, format="PNG"))

@@ -1,4 +1,5 @@
-"""The objcrop command: show on the demo data, policies, proposal import/export/info."""
+"""The objcrop command: show on the demo data, policies, proposal import (any registered
+importer)/export/info."""
 
 from __future__ import annotations
 
@@ -46,10 +47,16 @@ def test_show_with_an_object_recipe_and_no_store_is_a_clear_error(tmp_path, caps
     assert rc == 2 and "no proposal store" in capsys.readouterr().err
 
 
-def test_policies_lists_registered_names(capsys):
+def test_policies_lists_registered_names_by_kind(capsys):
     assert main(["policies"]) == 0
-    out = capsys.readouterr().out
-    assert "obj_obj_dilate" in out and "jsonl" in out
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert "object_dilated" in lines["crop policies"].split(", ")
+    assert "obj_obj_dilate" in lines["view recipes"].split(", ")
+    generators = lines["proposal generators (proposals build --method NAME)"].split(", ")
+    importers = lines["proposal importers (proposals import --source NAME)"].split(", ")
+    assert {"bing", "graph_segments", "selective_search"} <= set(generators)
+    assert {"jsonl", "coco", "openimages"} <= set(importers)
+    assert not set(generators) & set(importers)
 
 
 def test_import_export_info_round_trip(tmp_path, capsys):
@@ -62,6 +69,58 @@ def test_import_export_info_round_trip(tmp_path, capsys):
     assert main(["proposals", "info", str(tmp_path / "s.objcrop")]) == 0
     assert '"images": 1' in capsys.readouterr().out
     assert main(["proposals", "info", str(tmp_path / "missing.objcrop")]) == 2
+
+
+def test_import_resolves_the_source_through_the_registry_with_params(tmp_path, capsys):
+    coco = {
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80},
+                   {"id": 2, "file_name": "b.jpg", "width": 100, "height": 80}],
+        "annotations": [{"id": 1, "image_id": 1, "bbox": [10, 10, 30, 20], "category_id": 3,
+                         "iscrowd": 0}],
+    }
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(coco))
+    out = tmp_path / "gt.objcrop"
+    assert main(["proposals", "import", str(ann), "--source", "coco", "--out", str(out),
+                 "--param", "key_prefix=train2017/"]) == 0
+    store = ProposalStore(out)
+    assert store["train2017/a.jpg"].boxes.tolist() == [[10, 10, 40, 30]]
+    assert len(store["train2017/b.jpg"].boxes) == 0
+    assert store.meta["source"] == "coco" and store.meta["key_prefix"] == "train2017/"
+    # the same store as the dedicated command's
+    alias = tmp_path / "alias.objcrop"
+    assert main(["proposals", "import-coco", str(ann), "--out", str(alias),
+                 "--key-prefix", "train2017/"]) == 0
+    assert ProposalStore(alias).meta == store.meta
+
+    csv = tmp_path / "boxes.csv"
+    csv.write_text("ImageID,XMin,XMax,YMin,YMax,Confidence\nx,0.1,0.5,0.25,0.75,0.9\n")
+    Image.new("RGB", (200, 100)).save(tmp_path / "x.jpg")
+    oi = tmp_path / "oi.objcrop"
+    assert main(["proposals", "import", str(csv), "--source", "openimages", "--out", str(oi),
+                 "--param", f"images_root={tmp_path}"]) == 0
+    np.testing.assert_allclose(ProposalStore(oi)["x.jpg"].boxes, [[20, 25, 100, 75]], rtol=1e-6)
+    capsys.readouterr()
+
+
+def test_import_with_an_unknown_source_or_option_is_a_clear_error(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text("")
+    out = tmp_path / "s.objcrop"
+    assert main(["proposals", "import", str(src), "--source", "cocoo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown proposal importer 'cocoo'" in err and "coco, jsonl, openimages" in err
+    assert main(["proposals", "import", str(src), "--source", "graph_segments", "--out",
+                 str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is a generator, not an importer" in err and "--method graph_segments" in err
+    assert main(["proposals", "import", str(src), "--source", "coco", "--out", str(out),
+                 "--param", "key_prefx=a/"]) == 2
+    err = capsys.readouterr().err
+    assert "['key_prefx']" in err and "key_prefix" in err
+    assert main(["proposals", "import", str(src), "--param", "oops", "--out", str(out)]) == 2
+    assert "key=value" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_stats_eval_and_coco_import_commands(tmp_path, capsys):

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 import re
 
-import numpy as np
 import pytest
+import torch
 
-from objcrop_plugin.demo import BUDGETS, average_precision, run_demo
+from objcrop_plugin.demo import BUDGETS, run_demo
 
 RESULT = re.compile(
     r"^RESULT scene_map=(\S+) obj_obj_dilate_map=(\S+) random_map=(\S+) delta=(\S+)$"
@@ -44,9 +44,18 @@ def test_quick_demo_writes_results_and_result_line(quick_run):
 
 
 def test_quick_demo_is_deterministic_given_seed(quick_run, tmp_path):
+    """Two runs of one seed give identical probe results, also when the caller's torch thread
+    count differs (as it does between machines with different core counts): CPU reductions
+    depend on the thread count, so the demo pins it (``threads``) and restores the caller's."""
     root, res, _ = quick_run
-    again = run_demo(tmp_path / "out", budget="quick", seed=0, data_dir=root / "data",
-                     log=lambda s: None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before != 1 else 3)
+    try:
+        again = run_demo(tmp_path / "out", budget="quick", seed=0, data_dir=root / "data",
+                         log=lambda s: None)
+        assert torch.get_num_threads() == (1 if before != 1 else 3)
+    finally:
+        torch.set_num_threads(before)
     for name in ("random", "scene_scene", "obj_obj_dilate"):
         assert again["runs"][name]["map"] == res["runs"][name]["map"]
     assert again["runs"]["scene_scene"]["final_loss"] == res["runs"]["scene_scene"]["final_loss"]
@@ -78,11 +87,28 @@ def test_budgets_share_their_keys():
     assert {frozenset(b) for b in BUDGETS.values()} == {frozenset(BUDGETS["default"])}
 
 
-def test_average_precision_matches_hand_computed_values():
-    scores = np.array([[0.9], [0.8], [0.7], [0.6]])
-    targets = np.array([[1], [0], [1], [0]])
-    # precision at the two positives: 1/1 and 2/3
-    assert average_precision(scores, targets)[0] == pytest.approx((1 + 2 / 3) / 2)
-    # ties form one threshold: all four at the same score -> precision 2/4
-    assert average_precision(np.zeros((4, 1)), targets)[0] == pytest.approx(0.5)
-    assert np.isnan(average_precision(scores, np.zeros((4, 1)))[0])
+def test_demo_probe_is_objcrop_eval_with_the_demo_options(quick_run):
+    """One evaluation path: the demo's numbers are evaluate_backbone's (what objcrop eval and
+    objcrop train run) with the demo's split, input scale and pooling."""
+    from objcrop_plugin.data.synthetic import load_labels
+    from objcrop_plugin.demo import _backbone
+    from objcrop_plugin.eval import evaluate_backbone
+
+    _, res, _ = quick_run
+    cfg = res["config"]
+    keys, y, _ = load_labels(res["data_root"])
+    n = cfg["n_train"]
+    w, h = cfg["image_size"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg["threads"])
+    try:
+        ev = evaluate_backbone(
+            _backbone(cfg["model"], 0), res["data_root"], keys, y,
+            split=(range(n), range(n, len(keys))), seed=0, image_size=(h, w),
+            scale=cfg["eval_scale"], pooling=cfg["pooling"], probe={"epochs": cfg["probe_epochs"]},
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert round(ev["probe_map"], 2) == res["runs"]["random"]["map"]
+    assert round(ev["knn_map"], 2) == res["runs"]["random"]["knn_map"]
+    assert ev["feature_dim"] == 2 * _backbone(cfg["model"], 0).num_features  # avg + max

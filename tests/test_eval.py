@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from objcrop_plugin.data.synthetic import load_labels, write_dataset
-from objcrop_plugin.engine.decode import ImageDecodeError
 from objcrop_plugin.eval import (
     average_precision,
     evaluate_backbone,
@@ -18,6 +17,7 @@ from objcrop_plugin.eval import (
     mean_average_precision,
     split_indices,
 )
+from objcrop_plugin.images import ImageDecodeError
 
 timm = pytest.importorskip("timm")
 
@@ -221,6 +221,53 @@ def test_extract_features_errors(demo):
         extract_features(net, demo.root, ["images/missing.jpg"], image_size=32)
     with pytest.raises(ValueError, match="resize"):
         extract_features(net, demo.root, demo.keys, resize="stretch")
+
+
+def _oracle_feature_maps(net, root, keys, size_wh):
+    """PIL decode + bilinear resize + ImageNet normalisation by hand, then timm's feature map."""
+    from PIL import Image
+
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    batch = []
+    for key in keys:
+        with Image.open(root / key) as im:
+            arr = np.array(im.convert("RGB").resize(size_wh, Image.BILINEAR), dtype=np.float32)
+        batch.append((torch.from_numpy(arr).permute(2, 0, 1) / 255.0 - mean) / std)
+    with torch.no_grad():
+        return net.eval().forward_features(torch.stack(batch))
+
+
+def test_pooling_and_scale_match_a_hand_computed_feature_map(demo):
+    net = _resnet(0)
+    fmap = _oracle_feature_maps(net, demo.root, demo.keys, (192, 144))  # 2x (96, 72)
+    kw = dict(image_size=(72, 96), scale=2.0, batch_size=4)
+    avg = extract_features(net, demo.root, demo.keys, **kw)
+    mx = extract_features(net, demo.root, demo.keys, pooling="max", **kw)
+    both = extract_features(net, demo.root, demo.keys, pooling="avgmax", **kw)
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(avg, fmap.mean((2, 3)), **tol)
+    torch.testing.assert_close(mx, fmap.amax((2, 3)), **tol)
+    assert both.shape == (8, 2 * net.num_features)
+    torch.testing.assert_close(both, torch.cat([avg, mx], 1))
+    same = extract_features(net, demo.root, demo.keys, image_size=(144, 192), batch_size=4)
+    torch.testing.assert_close(avg, same)  # scale multiplies image_size
+    keys, y, _ = load_labels(demo.labels_path)
+    res = evaluate_backbone(net, demo.root, keys, y, train_fraction=0.5, probe={"epochs": 5},
+                            knn_kwargs={"k": 3}, pooling="avgmax", **kw)
+    torch.testing.assert_close(res["features"], both)
+
+
+def test_pooling_and_scale_errors(demo):
+    net = _resnet(0)
+    with pytest.raises(ValueError, match="pooling"):
+        extract_features(net, demo.root, demo.keys, pooling="sum")
+    with pytest.raises(ValueError, match="scale"):
+        extract_features(net, demo.root, demo.keys, scale=0.0)
+    pooled_only = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                      torch.nn.Flatten())
+    with pytest.raises(ValueError, match=r"pooling='max' needs a \(B, D, h, w\) feature map"):
+        extract_features(pooled_only, demo.root, demo.keys, image_size=32, pooling="max")
 
 
 def test_evaluate_backbone_end_to_end(demo):

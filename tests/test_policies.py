@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from objcrop_plugin import boxes as B
+from objcrop_plugin import boxes as box_ops
 from objcrop_plugin._random import process_rng, sample_rng
 from objcrop_plugin.policies import (
     CropPolicy,
@@ -73,7 +73,7 @@ def assert_usable(box, image_size):
     x1, y1, x2, y2 = box
     assert all(math.isfinite(v) for v in box), box
     assert 0.0 <= x1 < x2 <= w and 0.0 <= y1 < y2 <= h, (box, image_size)
-    assert x2 - x1 >= B.MIN_WINDOW and y2 - y1 >= B.MIN_WINDOW, (box, x2 - x1, y2 - y1)
+    assert x2 - x1 >= box_ops.MIN_WINDOW and y2 - y1 >= box_ops.MIN_WINDOW, (box, x2 - x1, y2 - y1)
 
 
 def inside(box, region, tol=1e-6):
@@ -115,7 +115,7 @@ def test_every_recipe_gives_usable_windows_for_any_proposals(name, kwargs, props
     flags = [w.local for w in windows]
     assert flags == sorted(flags), "globals must come before locals"
     assert flags == [v.local for v in recipe.views]
-    usable = set() if boxes is None else set(np.flatnonzero(B.valid_mask(boxes, image_size)))
+    usable = set() if boxes is None else set(np.flatnonzero(box_ops.valid_mask(boxes, image_size)))
     for w in windows:
         assert_usable(w.box, image_size)
         if w.proposal is not None:
@@ -192,7 +192,7 @@ def test_random_resized_crop_stays_in_region_with_ratio_in_range(x1, y1, w, h, s
     assert all(math.isfinite(v) for v in out)
     assert inside(out, region)
     ow, oh = out[2] - out[0], out[3] - out[1]
-    assert ow >= B.MIN_WINDOW - 1e-9 and oh >= B.MIN_WINDOW - 1e-9
+    assert ow >= box_ops.MIN_WINDOW - 1e-9 and oh >= box_ops.MIN_WINDOW - 1e-9
     assert ratio[0] * (1 - 1e-9) <= ow / oh <= ratio[1] * (1 + 1e-9)
 
 
@@ -301,9 +301,9 @@ def test_obj_obj_dilate_dilated_view_comes_from_the_same_proposal():
         obj, dil = views["object"], views["object_dilated"]
         assert obj.proposal == dil.proposal is not None
         seen.add(obj.proposal)
-        dilated_box = B.clip(B.dilate(props[obj.proposal], size), size)[0]  # default 0.1 x image
+        dilated_box = box_ops.clip(box_ops.dilate(props[obj.proposal], size), size)[0]  # default 0.1 x image
         assert inside(dil.box, dilated_box)
-        assert inside(obj.box, B.clip(props[obj.proposal], size)[0])
+        assert inside(obj.box, box_ops.clip(props[obj.proposal], size)[0])
         assert inside(obj.box, dilated_box)
     assert seen == {0, 1, 2}
 

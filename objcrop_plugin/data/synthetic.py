@@ -46,7 +46,6 @@ import math
 import multiprocessing
 import os
 import re
-import uuid
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +54,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from ..files import atomic_write
 
 __all__ = [
     "CLASSES",
@@ -496,23 +497,9 @@ def render_scene(
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_bytes(path: Path, write: Any) -> None:
-    """Write via ``write(fileobj)`` to a temporary file beside ``path``, then rename it."""
-    # not mkstemp: its files are private (0600), these should get the umask's permissions
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_json(path: Path, obj: Any) -> None:
     data = json.dumps(obj, indent=None, separators=(",", ":")).encode("utf-8")
-    _atomic_bytes(path, lambda f: f.write(data))
+    atomic_write(path, data, durable=False)
 
 
 def _render_and_write(job: tuple[Any, ...]) -> tuple[int, list[list[float]], list[int]]:
@@ -525,7 +512,8 @@ def _render_and_write(job: tuple[Any, ...]) -> tuple[int, list[list[float]], lis
     scene = render_scene(index, size, seed, min_objects, max_objects)
     path = Path(root) / scene.key
     if not (skip_existing and path.is_file()):
-        _atomic_bytes(path, lambda f: scene.image.save(f, format="JPEG", quality=quality))
+        atomic_write(path, lambda f: scene.image.save(f, format="JPEG", quality=quality),
+                     durable=False)
     return index, scene.boxes.tolist(), scene.labels.tolist()
 
 

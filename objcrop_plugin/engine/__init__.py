@@ -1,47 +1,39 @@
 """View engines: crop windows -> view tensors.
 
-CPU (:mod:`.cpu`, PIL in DataLoader workers) and GPU (:mod:`.gpu`, batched on the device after
-transfer, Kornia kernels). The GPU engine's names are imported on first use, so ``import
-objcrop_plugin`` never imports kornia.
+- CPU (:mod:`.cpu`): PIL crop-and-resize and photometrics (:mod:`.photometric`) per sample, in
+  the DataLoader workers; dataset :class:`ObjectCropDataset`.
+- GPU (:mod:`.gpu`): the workers decode onto canvases and plan the windows
+  (:class:`CanvasDataset`); on the device, batched crop-and-resize as matrix products
+  (:mod:`.resample`) and batched photometrics (:mod:`.device_photometric`, Kornia only for the
+  Gaussian blur, imported when an engine that blurs is built, so ``import objcrop_plugin``
+  never imports kornia).
+
+:mod:`.datasets` holds both datasets, the canvas collate function and the device loader.
 """
 
-from typing import Any
+from .cpu import ViewEngine
+from .datasets import CanvasDataset, DeviceViewLoader, ObjectCropDataset, collate_canvas
+from .gpu import GPUViewEngine, GPUViewsMixin, apply_gpu_views
+from .photometric import (
+    Photometric,
+    PhotometricParams,
+    PhotometricSet,
+    make_photometrics,
+    to_tensor,
+)
 
-from .cpu import IMAGE_EXTENSIONS, ObjectCropDataset, ViewEngine, list_images
-from .decode import ImageDecodeError, load_rgb, open_image, to_rgb
-from .photometric import Photometric, PhotometricParams, PhotometricSet, photometrics, to_tensor
-
-# the GPU engine (objcrop_plugin.engine.gpu), loaded lazily
-_GPU_NAMES = (
+__all__ = [
     "CanvasDataset",
     "DeviceViewLoader",
     "GPUViewEngine",
     "GPUViewsMixin",
-    "apply_gpu_views",
-    "collate_canvas",
-)
-
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "ImageDecodeError",
     "ObjectCropDataset",
     "Photometric",
     "PhotometricParams",
     "PhotometricSet",
     "ViewEngine",
-    "list_images",
-    "load_rgb",
-    "open_image",
-    "photometrics",
-    "to_rgb",
+    "apply_gpu_views",
+    "collate_canvas",
+    "make_photometrics",
     "to_tensor",
-    *_GPU_NAMES,
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _GPU_NAMES:
-        from . import gpu
-
-        return getattr(gpu, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,7 +6,7 @@ Like the crop policies, each augmentation is split into a random parameter draw
 blur and solarisation, the same ones lightly's transforms run, so a view differs from lightly's
 only in where it was cropped.
 
-Presets (``photometrics(name)``), lightly 1.6 defaults:
+Presets (``make_photometrics(name)``), lightly 1.6 defaults:
 
 =========  ==========================  =====  ===========  ==========  ===================
 preset     colour jitter (b, c, s, h)  gray   blur p       solarize p  order
@@ -40,10 +40,11 @@ from PIL import Image, ImageFilter, ImageOps
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "PRESETS",
     "Photometric",
     "PhotometricParams",
     "PhotometricSet",
-    "photometrics",
+    "make_photometrics",
     "to_tensor",
 ]
 
@@ -172,6 +173,10 @@ class PhotometricSet:
         return self.globals_[index % len(self.globals_)]
 
 
+#: the preset names :func:`photometrics` takes
+PRESETS = ("mocov2", "simclr", "byol", "vicreg", "none")
+
+
 def _preset(name: str) -> PhotometricSet:
     if name == "mocov2":
         p = Photometric()
@@ -189,15 +194,10 @@ def _preset(name: str) -> PhotometricSet:
     if name == "none":
         p = Photometric(hflip=0.0, jitter=0.0, grayscale=0.0, blur=0.0, solarize=0.0)
         return PhotometricSet(name, (p,), p)
-    raise ValueError(
-        f"unknown photometric preset '{name}'; choose one of mocov2, simclr, byol, vicreg, none"
-    )
+    raise ValueError(f"unknown photometric preset '{name}'; choose one of {', '.join(PRESETS)}")
 
 
-PRESETS = ("mocov2", "simclr", "byol", "vicreg", "none")
-
-
-def photometrics(
+def make_photometrics(
     spec: str | Photometric | PhotometricSet = "mocov2", normalize: bool = True
 ) -> PhotometricSet:
     """A :class:`PhotometricSet` from a preset name, one :class:`Photometric`, or a set."""

@@ -46,15 +46,16 @@ except ImportError as _exc:  # lightly absent, or installed but broken
     ) from _exc
 
 from .._random import process_rng
-from ..engine.cpu import ObjectCropDataset, ViewEngine
-from ..engine.decode import OpenedImage, _orientation
+from ..engine.cpu import ViewEngine
+from ..engine.datasets import ObjectCropDataset
 from ..engine.photometric import PhotometricSet
+from ..files import normalize_key
+from ..images import opened_from
 from ..policies import ViewRecipe
-from ..proposals.store import ProposalStore, normalize_key
+from ..proposals.store import ProposalStore
 
 __all__ = ["ObjectAwareCollate", "ObjectAwareDataset"]
 
-_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def _open_store(proposals: ProposalStore | str | os.PathLike[str] | None) -> ProposalStore | None:
@@ -182,18 +183,11 @@ class ObjectAwareCollate:
 
     def views(self, image: Image.Image, key: str, rng: Any) -> list[torch.Tensor]:
         """The views of one image: ``(3, h_i, w_i)`` float tensors, globals first."""
-        # As ViewEngine.from_path, but from an image the dataset opened: read the EXIF
-        # orientation (lightly's loader keeps the tag without applying it), plan in displayed
-        # pixels, decode (draft mode if still lazy) and resample each window once.
-        orientation = _orientation(image)
-        w, h = image.size
-        size = (h, w) if orientation in _TRANSPOSED else (w, h)
-        opened = OpenedImage(image, orientation, size, key)
+        # lightly's loader opens the file lazily and keeps the EXIF tag without applying it:
+        # plan in displayed pixels, decode (draft mode if still lazy), resample each window once
         store = self.store
         proposals = (lambda s: store.lookup(key, s)) if store is not None else None
-        planned = self.engine.plan(opened, proposals, rng, key)
-        pixels = self.engine.decode(planned)
-        return self.engine.render(pixels, planned.windows, rng, from_size=size)
+        return self.engine.from_path(opened_from(image, key), proposals, rng, key)
 
     def __call__(
         self, batch: Sequence[tuple[Image.Image, int, str]]

@@ -1,5 +1,15 @@
-"""Object proposals: the memory-mapped store, JSON Lines interchange, and proposal sources."""
+"""Object proposals: the memory-mapped store, proposal sources (generators and importers), the
+dataset-scale build, and recall/statistics.
 
+The OpenCV- and model-backed generators (:mod:`.bing`, :mod:`.segments`) are not imported here:
+the registry loads them by name (``make_generator("bing", ...)``) when they are used.
+"""
+
+from .build import build_store, make_generator, merge_stores
+from .evaluate import format_recall, format_stats, proposal_stats, recall
+from .generators import ProposalGenerator
+from .importer_base import ProposalImporter, import_to_store, make_importer
+from .importers import CocoImporter, OpenImagesImporter, coco_labels
 from .jsonl import JsonLinesImporter, ProposalFileError, export_jsonl, import_jsonl, read_jsonl
 from .store import (
     MissingProposalsError,
@@ -11,43 +21,31 @@ from .store import (
     normalize_key,
 )
 
-# heavier parts load on first use (they import the engine, which imports the store)
-_LAZY = {
-    "CocoImporter": "importers",
-    "OpenImagesImporter": "importers",
-    "coco_labels": "importers",
-    "import_to_store": "importers",
-    "proposal_stats": "evaluate",
-    "format_stats": "evaluate",
-    "recall": "evaluate",
-    "format_recall": "evaluate",
-    "ProposalGenerator": "generators",
-    "build_store": "build",
-    "merge_stores": "build",
-    "make_generator": "build",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
-    *_LAZY,
+    "CocoImporter",
     "JsonLinesImporter",
     "MissingProposalsError",
+    "OpenImagesImporter",
     "ProposalFileError",
+    "ProposalGenerator",
+    "ProposalImporter",
     "ProposalRecord",
     "ProposalStore",
     "ProposalStoreWriter",
     "Proposals",
     "StoreFormatError",
+    "build_store",
+    "coco_labels",
     "export_jsonl",
+    "format_recall",
+    "format_stats",
     "import_jsonl",
+    "import_to_store",
+    "make_generator",
+    "make_importer",
+    "merge_stores",
     "normalize_key",
+    "proposal_stats",
     "read_jsonl",
+    "recall",
 ]

@@ -31,11 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.cpu import list_images
-from ..engine.decode import load_rgb, open_image
+from ..files import atomic_write
+from ..images import draft_factor, list_images, load_rgb, open_image
 from ..registry import load_proposal_source
 from .generators import ProposalGenerator
-from .store import ProposalRecord, ProposalStore, ProposalStoreWriter, _atomic_write, _record_from
+from .store import ProposalRecord, ProposalStore, ProposalStoreWriter, _record_from
 
 __all__ = [
     "BuildSummary",
@@ -164,9 +164,9 @@ def propose_file(
     if w * h > max_pixels:
         opened.image.close()
         raise ValueError(f"{w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
-    reduce = 1
-    while max(w, h) // (reduce * 2) >= generator.max_side and reduce < 8:
-        reduce *= 2  # JPEG DCT scaling: decode no more than the working resolution needs
+    # JPEG DCT scaling: decode no more than the working resolution (long side max_side) needs
+    work = min(1.0, generator.max_side / max(w, h))
+    reduce = draft_factor([(0, 0, w, h)], [(h * work, w * work)]) if opened.is_jpeg else 1
     image = load_rgb(opened, reduce)
     boxes, scores = generator(image)
     if image.size != (w, h):
@@ -185,7 +185,7 @@ def _run_chunk(task: tuple[int, list[str], str]) -> tuple[int, int]:
         except Exception as exc:  # one bad image must not stop a million-image build
             reason = f"{type(exc).__name__}: {exc}".replace("\t", " ").replace("\n", " ")
             lines.append(json.dumps({"key": key, "error": reason}))
-    _atomic_write(Path(chunk_file), [("\n".join(lines) + "\n").encode("utf-8")])
+    atomic_write(chunk_file, [("\n".join(lines) + "\n").encode("utf-8")])
     return index, len(keys)
 
 
@@ -261,7 +261,7 @@ def build_store(
             )
     else:
         parts.mkdir(parents=True, exist_ok=True)
-        _atomic_write(manifest_file, [json.dumps(manifest, sort_keys=True).encode()])
+        atomic_write(manifest_file, [json.dumps(manifest, sort_keys=True).encode()])
 
     chunks = [keys[s : s + chunk_size] for s in range(0, len(keys), chunk_size)]
     files = [parts / f"chunk-{c:06d}.jsonl" for c in range(len(chunks))]
@@ -311,7 +311,7 @@ def build_store(
     fail_file = failures_path(out)
     if summary.failures:
         body = "key\treason\n" + "".join(f"{k}\t{r}\n" for k, r in summary.failures)
-        _atomic_write(fail_file, [body.encode("utf-8")])
+        atomic_write(fail_file, [body.encode("utf-8")])
     else:
         with contextlib.suppress(FileNotFoundError):
             fail_file.unlink()
@@ -355,5 +355,5 @@ def merge_stores(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike
             failures += f.read_text(encoding="utf-8").splitlines()[1:]
     if failures:
         body = "key\treason\n" + "".join(line + "\n" for line in sorted(failures))
-        _atomic_write(failures_path(Path(out)), [body.encode("utf-8")])
+        atomic_write(failures_path(Path(out)), [body.encode("utf-8")])
     return len(owner)

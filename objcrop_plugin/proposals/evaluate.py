@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import boxes as B
+from .. import boxes as box_ops
 from .store import ProposalRecord, ProposalStore
 
 __all__ = ["format_recall", "format_stats", "proposal_stats", "recall"]
@@ -128,8 +128,8 @@ def proposal_stats(store: Any) -> dict[str, Any]:
     b = np.stack([np.clip(b[:, 0], 0, wh[:, 0]), np.clip(b[:, 1], 0, wh[:, 1]),
                   np.clip(b[:, 2], 0, wh[:, 0]), np.clip(b[:, 3], 0, wh[:, 1])], axis=1)
     side_w, side_h = b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]
-    usable = (side_w >= B.MIN_WINDOW) & (side_h >= B.MIN_WINDOW)
-    area = B.area(b)
+    usable = (side_w >= box_ops.MIN_WINDOW) & (side_h >= box_ops.MIN_WINDOW)
+    area = box_ops.area(b)
     rel = area / (wh[:, 0] * wh[:, 1])
     bucket = np.digitize(area, SIZE_EDGES)
     stats["box_area"] = {
@@ -239,11 +239,11 @@ def recall(
     missing_keys: list[str] = []
     for rec in _records_of(gt):
         images += 1
-        g = B.as_boxes(rec.boxes)
+        g = box_ops.as_boxes(rec.boxes)
         if len(g) == 0:
             without_gt += 1
             continue
-        bucket = np.digitize(B.area(g), SIZE_EDGES)  # (G,) 0 small, 1 medium, 2 large
+        bucket = np.digitize(box_ops.area(g), SIZE_EDGES)  # (G,) 0 small, 1 medium, 2 large
         totals += np.bincount(bucket, minlength=len(SIZE_NAMES))
         props = store.get(rec.key)
         if props is None:
@@ -254,11 +254,11 @@ def recall(
         if tuple(props.image_size) != tuple(rec.image_size):
             props = props.rescaled(rec.image_size)
         order = np.argsort(-np.asarray(props.scores, dtype=np.float64), kind="stable")
-        p = B.as_boxes(props.boxes)[order[:kmax]]
+        p = box_ops.as_boxes(props.boxes)[order[:kmax]]
         if len(p) == 0:
             continue
         # best IoU among the first j+1 proposals, for every j: one IoU matrix serves every k
-        best = np.maximum.accumulate(B.iou(g, p), axis=1)  # (G, P)
+        best = np.maximum.accumulate(box_ops.iou(g, p), axis=1)  # (G, P)
         cols = [len(p) - 1 if k == "all" else min(k, len(p)) - 1 for k in k_keys]
         hit = best[None, :, cols] >= ths[:, None, None]  # (T, G, K)
         for i in range(len(SIZE_NAMES)):

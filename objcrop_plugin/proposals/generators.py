@@ -1,7 +1,7 @@
 """Proposal generators: an image in, scored boxes out.
 
 A generator works on the *displayed* image (EXIF orientation applied, RGB uint8, as
-:func:`objcrop_plugin.engine.decode.load_rgb` gives it), at a working resolution whose longest
+:func:`objcrop_plugin.images.load_rgb` gives it), at a working resolution whose longest
 side is ``max_side``; its boxes are mapped back to the image it was given, clipped, stripped of
 tiny and degenerate boxes, de-duplicated by non-maximum suppression and cut to the ``top_k``
 best by score.
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .. import boxes as B
+from .. import boxes as box_ops
 
 __all__ = ["ProposalGenerator", "postprocess"]
 
@@ -41,12 +41,12 @@ def postprocess(
     Returns:
         ``(K, 4)`` float32 boxes and ``(K,)`` float32 scores, best first, ``K <= top_k``.
     """
-    b = B.as_boxes(boxes)
+    b = box_ops.as_boxes(boxes)
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
     if len(b) != len(s):
         raise ValueError(f"{len(b)} boxes but {len(s)} scores")
-    keep = np.isfinite(s) & B.valid_mask(b, image_size, min_side=min_side)
-    b, s = B.clip(b[keep], image_size), s[keep]
+    keep = np.isfinite(s) & box_ops.valid_mask(b, image_size, min_side=min_side)
+    b, s = box_ops.clip(b[keep], image_size), s[keep]
     order = np.argsort(-s, kind="stable")
     if len(b) and nms_iou is not None:
         import torchvision
@@ -126,7 +126,7 @@ class ProposalGenerator:
             boxes, scores, (ww, wh), top_k=self.top_k, nms_iou=self.nms_iou,
             min_side=self.min_side,
         )
-        return B.rescale(boxes, (ww, wh), size).astype(np.float32), scores
+        return box_ops.rescale(boxes, (ww, wh), size).astype(np.float32), scores
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}

@@ -6,9 +6,11 @@ s: one per image, ``boxes`` ``(K, 4)`` float xyxy pixels of an image of ``image_
 dataset root (the folder the training dataset reads), so the store built from an importer is
 looked up with the same keys the data loader uses.
 
-Importers are proposal sources of kind ``"importer"`` in the entry-point group
-``objcrop_plugin.proposals`` (``coco``, ``openimages``); :func:`import_to_store` writes any
-importer's records to a store atomically.
+Both are :class:`~objcrop_plugin.proposals.importer_base.ProposalImporter` subclasses,
+registered as ``coco`` and ``openimages`` in the entry-point group ``objcrop_plugin.proposals``
+(``objcrop proposals import FILE --source coco --param key_prefix=train2017/ --out STORE``);
+:meth:`~objcrop_plugin.proposals.importer_base.ProposalImporter.write` (or
+:func:`import_to_store`) writes an importer's records to a store atomically.
 
 Ground-truth boxes give the paper's upper bound ("GT boxes as proposals"); detector outputs in
 COCO results format give learned proposals.
@@ -41,19 +43,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from .importer_base import ProposalImporter, import_to_store
 from .jsonl import ProposalFileError
-from .store import ProposalRecord, ProposalStore, _record_from
+from .store import ProposalRecord, _record_from
 
 __all__ = ["CocoImporter", "OpenImagesImporter", "coco_labels", "import_to_store"]
 
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
-
-#: COCO's object size buckets, in pixels^2 of box area: small < 32^2 <= medium < 96^2 <= large.
-COCO_SMALL = 32.0**2
-COCO_MEDIUM = 96.0**2
-
 
 # --------------------------------------------------------------------------------------------
 # helpers
@@ -272,8 +270,8 @@ def _group(
 # --------------------------------------------------------------------------------------------
 # COCO
 # --------------------------------------------------------------------------------------------
-class CocoImporter:
-    """Proposal source ``coco``: boxes from a COCO annotations file or a COCO results file.
+class CocoImporter(ProposalImporter):
+    """Proposal importer ``coco``: boxes from a COCO annotations file or a COCO results file.
 
     Two kinds of input:
 
@@ -316,7 +314,7 @@ class CocoImporter:
             the entry and the fix).
     """
 
-    kind: ClassVar[str] = "importer"
+    name: ClassVar[str] = "coco"
 
     def __init__(
         self,
@@ -327,13 +325,12 @@ class CocoImporter:
         include_crowd: bool = False,
         min_score: float | None = None,
     ) -> None:
-        self.path = Path(path)
+        super().__init__(path)
         self.images_json = Path(images_json) if images_json is not None else None
         self.images_root = Path(images_root) if images_root is not None else None
         self.key_prefix = key_prefix
         self.include_crowd = include_crowd
         self.min_score = min_score
-        self.missing: list[str] = []
         for p, what in ((self.path, "COCO file"), (self.images_json, "images_json")):
             if p is not None and not p.is_file():
                 raise FileNotFoundError(f"{what} not found: {p}")
@@ -490,8 +487,8 @@ def coco_labels(
 _OI_REQUIRED = ("ImageID", "XMin", "XMax", "YMin", "YMax")
 
 
-class OpenImagesImporter:
-    """Proposal source ``openimages``: boxes from an OpenImages box CSV.
+class OpenImagesImporter(ProposalImporter):
+    """Proposal importer ``openimages``: boxes from an OpenImages box CSV.
 
     The CSV (``oidv6-train-annotations-bbox.csv``, ``validation-annotations-bbox.csv``, ...)
     has one row per box with columns ``ImageID, Source, LabelName, Confidence, XMin, XMax,
@@ -499,7 +496,7 @@ class OpenImagesImporter:
     only ``ImageID, XMin, XMax, YMin, YMax`` are required. Coordinates are normalised to
     [0, 1] of the *displayed* image (the EXIF orientation applied, as annotators saw it), so
     the pixel size of every image is read from its header with
-    :func:`objcrop_plugin.engine.decode.open_image` (which applies the EXIF orientation: a
+    :func:`objcrop_plugin.images.open_image` (which applies the EXIF orientation: a
     4000x3000 JPEG with orientation 6 is 3000x4000), once per image.
 
     One record per image in the CSV, in order of first appearance; boxes ``(K, 4)`` xyxy
@@ -508,7 +505,7 @@ class OpenImagesImporter:
     Args:
         boxes_csv: the box CSV.
         images_root: the dataset root; an image's file is ``images_root / key``. May be
-            ``None`` when ``sizes`` covers every image.
+            ``None`` (the default) when ``sizes`` covers every image.
         key_format: the key of an image, formatted with ``image_id``, e.g.
             ``"train/{image_id}.jpg"``.
         sizes: ``ImageID -> (width, height)`` of the displayed image, to skip reading headers
@@ -527,17 +524,17 @@ class OpenImagesImporter:
             or a malformed row, naming the file, line and column.
     """
 
-    kind: ClassVar[str] = "importer"
+    name: ClassVar[str] = "openimages"
 
     def __init__(
         self,
         boxes_csv: PathLike,
-        images_root: PathLike | None,
+        images_root: PathLike | None = None,
         key_format: str = "{image_id}.jpg",
         sizes: Mapping[str, Sequence[int]] | None = None,
         include_group_of: bool = True,
     ) -> None:
-        self.path = Path(boxes_csv)
+        super().__init__(boxes_csv)
         if not self.path.is_file():
             raise FileNotFoundError(f"OpenImages box CSV not found: {self.path}")
         self.images_root = Path(images_root) if images_root is not None else None
@@ -551,7 +548,6 @@ class OpenImagesImporter:
         self.key_format = key_format
         self.sizes = dict(sizes or {})
         self.include_group_of = include_group_of
-        self.missing: list[str] = []
         self.unreadable: list[str] = []
 
     @property
@@ -666,7 +662,7 @@ class OpenImagesImporter:
                 "not list it. Fix: pass images_root= the dataset root (image headers are read), "
                 "or sizes= for every image."
             )
-        from ..engine.decode import ImageDecodeError, open_image
+        from ..images import ImageDecodeError, open_image
 
         file = self.images_root / key
         if not file.is_file():
@@ -707,36 +703,3 @@ class OpenImagesImporter:
                 "%s: %d of %d images are not in %s and were skipped (first: %s)",
                 self.path, len(self.missing), len(order), self.images_root, self.missing[0],
             )
-
-
-# --------------------------------------------------------------------------------------------
-def import_to_store(
-    importer: Any, out_path: PathLike, meta: dict[str, Any] | None = None
-) -> int:
-    """Write an importer's records to a proposal store, atomically.
-
-    Args:
-        importer: anything with ``records() -> Iterator[ProposalRecord]`` (an importer, a
-            :class:`~objcrop_plugin.proposals.store.ProposalStore`); its ``meta`` attribute,
-            when it has one, is recorded in the store's metadata.
-        out_path: the store file; written only if every record was read without error.
-        meta: more metadata (overrides the importer's keys).
-
-    Returns:
-        The number of images written.
-    """
-    count = 0
-
-    def counted() -> Iterator[ProposalRecord]:
-        nonlocal count
-        for rec in importer.records():
-            count += 1
-            yield rec
-
-    src_meta = getattr(importer, "meta", None)
-    merged = {**(src_meta if isinstance(src_meta, dict) else {}), **(meta or {})}
-    ProposalStore.write(out_path, counted(), merged)
-    missing = getattr(importer, "missing", None)
-    if missing:
-        log.info("%s: %d images skipped as missing", out_path, len(missing))
-    return count

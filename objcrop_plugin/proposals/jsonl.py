@@ -15,9 +15,11 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from .store import ProposalRecord, ProposalStore, _as_record, _atomic_write
+from ..files import atomic_write
+from .importer_base import ProposalImporter
+from .store import ProposalRecord, ProposalStore, _as_record
 
 __all__ = ["JsonLinesImporter", "ProposalFileError", "export_jsonl", "import_jsonl", "read_jsonl"]
 
@@ -55,9 +57,7 @@ def import_jsonl(
     src: str | os.PathLike[str], store_path: str | os.PathLike[str], meta: dict[str, Any] | None = None
 ) -> int:
     """Convert a JSON Lines file into a store (written atomically). Returns the image count."""
-    records = list(read_jsonl(src))
-    ProposalStore.write(store_path, records, {"source": "jsonl", **(meta or {})})
-    return len(records)
+    return JsonLinesImporter(src).write(store_path, meta)
 
 
 def export_jsonl(
@@ -73,17 +73,25 @@ def export_jsonl(
             count += 1
             yield (json.dumps(rec.to_json(), separators=(",", ":")) + "\n").encode("utf-8")
 
-    _atomic_write(Path(path), lines())
+    atomic_write(path, lines())
     return count
 
 
-class JsonLinesImporter:
-    """Proposal source ``jsonl``: the records of a JSON Lines file (see the module doc)."""
+class JsonLinesImporter(ProposalImporter):
+    """Proposal importer ``jsonl``: the records of a JSON Lines file (see the module doc).
 
-    kind = "importer"
+    Args:
+        path: the JSON Lines file. It takes no options.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ProposalFileError: (from :meth:`records`) a bad line, named by file and line number.
+    """
+
+    name: ClassVar[str] = "jsonl"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+        super().__init__(path)
         if not self.path.exists():
             raise FileNotFoundError(f"proposals file not found: {self.path}")
 

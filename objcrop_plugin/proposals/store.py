@@ -35,15 +35,12 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import mmap
 import os
-import posixpath
 import struct
 import sys
-import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -52,7 +49,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import boxes as B
+from .. import boxes as box_ops
+from ..files import atomic_write, normalize_key
 
 __all__ = [
     "MissingProposalsError",
@@ -82,25 +80,6 @@ class MissingProposalsError(KeyError):
         return str(self.args[0])
 
 
-def normalize_key(key: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str:
-    """The store key of an image: its path relative to the dataset root, with ``/`` separators.
-
-    Example:
-        >>> normalize_key("/data/coco/train/000001.jpg", root="/data/coco")
-        'train/000001.jpg'
-        >>> normalize_key("./train\\\\000001.jpg")
-        'train/000001.jpg'
-    """
-    k = os.fspath(key)
-    if root is not None:
-        k = os.path.relpath(os.path.abspath(k), os.path.abspath(os.fspath(root)))
-    k = k.replace("\\", "/")
-    k = posixpath.normpath(k) if k else k
-    while k.startswith("./"):
-        k = k[2:]
-    return k
-
-
 def _hash(key_bytes: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(key_bytes, digest_size=8).digest(), "little")
 
@@ -117,14 +96,14 @@ class Proposals:
 
     boxes: np.ndarray
     scores: np.ndarray
-    image_size: tuple[int, int]
+    image_size: box_ops.ImageSize
 
     def rescaled(self, to_size: tuple[int, int]) -> Proposals:
         """The same proposals in pixels of the image resized to ``to_size`` (width, height)."""
-        to_size = (int(to_size[0]), int(to_size[1]))
+        to_size = box_ops.ImageSize(int(to_size[0]), int(to_size[1]))
         if to_size == self.image_size:
             return Proposals(self.boxes.astype(np.float64), self.scores, to_size)
-        return Proposals(B.rescale(self.boxes, self.image_size, to_size), self.scores, to_size)
+        return Proposals(box_ops.rescale(self.boxes, self.image_size, to_size), self.scores, to_size)
 
 
 @dataclass(frozen=True)
@@ -134,7 +113,7 @@ class ProposalRecord:
     key: str
     boxes: np.ndarray
     scores: np.ndarray
-    image_size: tuple[int, int]
+    image_size: box_ops.ImageSize
 
     def to_json(self) -> dict[str, Any]:
         # str() of a float32 is the shortest decimal that reads back as the same float32, so an
@@ -170,7 +149,7 @@ def _record_from(key: Any, boxes: Any, scores: Any, image_size: Any) -> Proposal
         raise ValueError(f"a proposal key must be a non-empty string, got {key!r}")
     key = normalize_key(key)
     try:
-        b = B.as_boxes(boxes if boxes is not None else [])
+        b = box_ops.as_boxes(boxes if boxes is not None else [])
     except ValueError as exc:
         raise ValueError(f"{key}: {exc}") from None
     if scores is None:
@@ -187,34 +166,7 @@ def _record_from(key: Any, boxes: Any, scores: Any, image_size: Any) -> Proposal
         ) from None
     if w <= 0 or h <= 0:
         raise ValueError(f"{key}: image size must be positive, got {(w, h)}")
-    return ProposalRecord(key, b.astype(np.float32), s.astype(np.float32), (w, h))
-
-
-def _atomic_write(path: Path, chunks: Iterable[bytes | memoryview]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file owner-only; keep an existing file's mode, else rw-r--r--
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o644)
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+    return ProposalRecord(key, b.astype(np.float32), s.astype(np.float32), box_ops.ImageSize(w, h))
 
 
 def _hash_table(hashes: np.ndarray) -> np.ndarray:
@@ -354,7 +306,7 @@ def _write_sections(path: Path, sections: dict[str, np.ndarray], n: int, meta: d
                 yield memoryview(arr).cast("B")
             written = off + arr.nbytes
 
-    _atomic_write(path, chunks())
+    atomic_write(path, chunks())
 
 
 class ProposalStore:
@@ -504,7 +456,7 @@ class ProposalStore:
     def _record(self, r: int) -> Proposals:
         a, b = self._bo[r], self._bo[r + 1]
         w, h = self._sizes[r]
-        return Proposals(self._boxes[a:b], self._scores[a:b], (int(w), int(h)))
+        return Proposals(self._boxes[a:b], self._scores[a:b], box_ops.ImageSize(int(w), int(h)))
 
     def get(self, key: str | os.PathLike[str]) -> Proposals | None:
         """The proposals of ``key`` (boxes in the stored image size), or ``None``."""

@@ -60,6 +60,9 @@ from typing import Any, Literal, Union
 import yaml
 
 __all__ = [
+    "METHODS",
+    "METHOD_DEFAULTS",
+    "PHOTOMETRICS",
     "BackboneConfig",
     "CropConfig",
     "DataConfig",
@@ -77,7 +80,41 @@ __all__ = [
     "to_dict",
 ]
 
-METHODS = ("simclr", "mocov2", "byol", "vicreg")
+#: The SSL methods of ``objcrop train`` and the defaults of their ``method.params``: the one
+#: place where method names are defined. :mod:`objcrop_plugin.train.methods` implements them
+#: (``SimCLR.defaults is METHOD_DEFAULTS["simclr"]`` ...); being plain data here, recipes are
+#: validated without importing lightly.
+METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
+    "simclr": {"temperature": 0.5, "proj_hidden_dim": None, "proj_dim": 128},
+    "mocov2": {
+        "temperature": 0.2,
+        "memory_bank_size": 65536,
+        "proj_hidden_dim": 2048,
+        "proj_dim": 128,
+        "momentum": 0.999,
+        "momentum_end": None,
+        "symmetric": False,
+    },
+    "byol": {
+        "proj_hidden_dim": 4096,
+        "proj_dim": 256,
+        "pred_hidden_dim": 4096,
+        "momentum": 0.99,
+        "momentum_end": 1.0,
+    },
+    "vicreg": {
+        "proj_hidden_dim": 2048,
+        "proj_dim": 2048,
+        "proj_layers": 2,
+        "lambda_param": 25.0,
+        "mu_param": 25.0,
+        "nu_param": 1.0,
+    },
+}
+METHODS: tuple[str, ...] = tuple(METHOD_DEFAULTS)
+#: each method's photometric preset when ``crop.photometrics`` is null (lightly's defaults)
+PHOTOMETRICS: dict[str, str] = {name: name for name in METHODS}
+MethodName = Literal[METHODS]  # type: ignore[valid-type]
 
 
 class RecipeError(ValueError):
@@ -116,7 +153,7 @@ class CropConfig:
 class MethodConfig:
     """The SSL method and its parameters (see :mod:`objcrop_plugin.train.methods`)."""
 
-    name: Literal["simclr", "mocov2", "byol", "vicreg"] = "simclr"
+    name: MethodName = "simclr"
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -367,11 +404,7 @@ def _check_params(cfg: RecipeConfig) -> None:
             "proposals. Fix: crop.views: obj_obj_dilate (or obj_scene, obj_obj, multi_crop "
             "with an object policy), or crop: scene"
         )
-    try:
-        from .methods import METHODS
-    except ImportError:  # lightly absent: the runner says so when it starts
-        return
-    known = METHODS[cfg.method.name].defaults
+    known = METHOD_DEFAULTS[cfg.method.name]
     for key in cfg.method.params:
         if key not in known:
             raise _unknown(str(key), sorted(known), "method.params")
@@ -477,7 +510,7 @@ def to_dict(cfg: Any) -> Any:
 
 def save_recipe(cfg: RecipeConfig, path: str | os.PathLike[str]) -> None:
     """Write the resolved recipe atomically (a later ``load_recipe`` gives the same config)."""
-    from ..proposals.store import _atomic_write
+    from ..files import atomic_write
 
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    _atomic_write(Path(path), [text.encode()])
+    atomic_write(path, text.encode())

@@ -51,9 +51,9 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
         f"({type(_exc).__name__}: {_exc}). Fix: pip install \"objcrop-plugin[lightly]\""
     ) from _exc
 
-from .config import OptimizerConfig, ScheduleConfig
+from .config import METHOD_DEFAULTS, PHOTOMETRICS, OptimizerConfig, ScheduleConfig
 
-__all__ = ["BYOL", "METHODS", "MoCoV2", "SSLMethod", "SimCLR", "VICReg", "make_method"]
+__all__ = ["BYOL", "METHODS", "PHOTOMETRICS", "MoCoV2", "SSLMethod", "SimCLR", "VICReg", "make_method"]
 
 
 def _size_groups(views: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -214,7 +214,7 @@ class SimCLR(SSLMethod):
     """SimCLR: NT-Xent between two views of each image, in-batch negatives."""
 
     name = "simclr"
-    defaults = {"temperature": 0.5, "proj_hidden_dim": None, "proj_dim": 128}
+    defaults = METHOD_DEFAULTS[name]
 
     def __init__(self, backbone: nn.Module, **kwargs: Any) -> None:
         super().__init__(backbone, **kwargs)
@@ -263,15 +263,7 @@ class MoCoV2(_Momentum):
     past keys as negatives (lightly's ``NTXentLoss(memory_bank_size=...)``)."""
 
     name = "mocov2"
-    defaults = {
-        "temperature": 0.2,
-        "memory_bank_size": 65536,
-        "proj_hidden_dim": 2048,
-        "proj_dim": 128,
-        "momentum": 0.999,
-        "momentum_end": None,
-        "symmetric": False,
-    }
+    defaults = METHOD_DEFAULTS[name]
 
     def __init__(self, backbone: nn.Module, **kwargs: Any) -> None:
         super().__init__(backbone, **kwargs)
@@ -312,13 +304,7 @@ class BYOL(_Momentum):
     """BYOL: online projection + prediction regresses the momentum network's projection."""
 
     name = "byol"
-    defaults = {
-        "proj_hidden_dim": 4096,
-        "proj_dim": 256,
-        "pred_hidden_dim": 4096,
-        "momentum": 0.99,
-        "momentum_end": 1.0,
-    }
+    defaults = METHOD_DEFAULTS[name]
 
     def __init__(self, backbone: nn.Module, **kwargs: Any) -> None:
         super().__init__(backbone, **kwargs)
@@ -342,14 +328,7 @@ class VICReg(SSLMethod):
     """VICReg: invariance + variance + covariance terms between two views' embeddings."""
 
     name = "vicreg"
-    defaults = {
-        "proj_hidden_dim": 2048,
-        "proj_dim": 2048,
-        "proj_layers": 2,
-        "lambda_param": 25.0,
-        "mu_param": 25.0,
-        "nu_param": 1.0,
-    }
+    defaults = METHOD_DEFAULTS[name]
 
     def __init__(self, backbone: nn.Module, **kwargs: Any) -> None:
         super().__init__(backbone, **kwargs)
@@ -368,19 +347,14 @@ class VICReg(SSLMethod):
         return sum(self.criterion(z[i], z[j]) for i, j in pairs) / len(pairs)
 
 
-METHODS: dict[str, type[SSLMethod]] = {
-    "simclr": SimCLR,
-    "mocov2": MoCoV2,
-    "byol": BYOL,
-    "vicreg": VICReg,
-}
-
-#: each method's photometric preset (lightly's defaults for it)
-PHOTOMETRICS = {"simclr": "simclr", "mocov2": "mocov2", "byol": "byol", "vicreg": "vicreg"}
+#: the Lightning module of each name of :data:`objcrop_plugin.train.config.METHOD_DEFAULTS`
+METHODS: dict[str, type[SSLMethod]] = {cls.name: cls for cls in (SimCLR, MoCoV2, BYOL, VICReg)}
+if set(METHODS) != set(METHOD_DEFAULTS):  # pragma: no cover - a programming error
+    raise RuntimeError(f"methods {sorted(METHODS)} != config names {sorted(METHOD_DEFAULTS)}")
 
 
 def make_method(name: str, backbone: nn.Module, params: Mapping[str, Any] | None = None, **kwargs: Any) -> SSLMethod:
-    """The Lightning module for method ``name`` (``simclr``, ``mocov2``, ``byol``, ``vicreg``)."""
+    """The Lightning module for method ``name`` (a key of :data:`METHODS`)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name](backbone, **kwargs, **dict(params or {}))

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .config import RecipeConfig, RecipeError, recipe_params, save_recipe, to_dict
+from .config import PHOTOMETRICS, RecipeConfig, RecipeError, recipe_params, save_recipe, to_dict
 
 __all__ = ["build_backbone", "build_dataset", "export_backbone", "train"]
 
@@ -41,29 +41,21 @@ log = logging.getLogger(__name__)
 
 
 def build_backbone(cfg: RecipeConfig, multi_size: bool = False) -> torch.nn.Module:
-    """The timm backbone of a recipe (``pretrained=False, num_classes=0``), with local weights
-    from ``backbone.checkpoint`` when set."""
-    import timm
+    """The timm backbone of a recipe (:func:`objcrop_plugin.backbones.create_backbone`:
+    ``pretrained=False, num_classes=0``), with local weights from ``backbone.checkpoint`` when
+    set (an exported ``backbone.pth``, a timm state dict or a training checkpoint)."""
+    from ..backbones import BackboneError, create_backbone
 
     b = cfg.backbone
     kwargs = dict(b.kwargs)
     try:
-        if b.checkpoint:
-            from ..eval import load_backbone
-
-            if not Path(b.checkpoint).is_file():
-                raise FileNotFoundError(
-                    f"backbone.checkpoint: file not found: {b.checkpoint}"
-                )
-            net = load_backbone(b.name, b.checkpoint, **kwargs).train()
-        else:
-            net = timm.create_model(b.name, pretrained=False, num_classes=0, **kwargs)
-    except RuntimeError as exc:
-        if "Unknown model" in str(exc) or "Unknown model" in repr(exc):
-            raise RecipeError(
-                f"backbone.name: timm has no model '{b.name}' (see timm.list_models())"
-            ) from None
-        raise
+        net = create_backbone(b.name, b.checkpoint or None, **kwargs)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"backbone.checkpoint: file not found: {b.checkpoint}") from None
+    except BackboneError as exc:
+        key = "backbone.checkpoint" if b.checkpoint and str(exc).startswith(str(b.checkpoint)) else "backbone.name"
+        raise RecipeError(f"{key}: {exc}") from None
+    net.train()
     if multi_size and hasattr(net, "patch_embed") and not getattr(
         getattr(net, "patch_embed", None), "dynamic_img_size", False
     ) and not kwargs.get("dynamic_img_size"):
@@ -78,7 +70,7 @@ def build_backbone(cfg: RecipeConfig, multi_size: bool = False) -> torch.nn.Modu
 
 def _keys(cfg: RecipeConfig, keys: Sequence[str] | None) -> list[str] | None:
     if keys is None:
-        from ..engine.cpu import list_images
+        from ..images import list_images
 
         keys = list_images(cfg.data.train_path)
     keys = list(keys)
@@ -90,7 +82,6 @@ def _keys(cfg: RecipeConfig, keys: Sequence[str] | None) -> list[str] | None:
 def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
     """The training dataset: a CPU view dataset, or the canvas dataset of the GPU engine."""
     from ..policies import make_recipe
-    from .methods import PHOTOMETRICS
 
     root = Path(cfg.data.train_path)
     if not root.is_dir():
@@ -124,7 +115,7 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
         return CanvasDataset(
             root, store, views=recipe, canvas=cfg.crop.canvas, seed=seed, keys=keys,
         )
-    from ..engine.cpu import ObjectCropDataset
+    from ..engine.datasets import ObjectCropDataset
 
     return ObjectCropDataset(
         root, store, views=recipe, photometrics=photometrics, draft=cfg.crop.draft, seed=seed,
@@ -136,11 +127,11 @@ def _atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` to a temporary file renamed into place: a kill never leaves a torn file."""
     import io
 
-    from ..proposals.store import _atomic_write
+    from ..files import atomic_write
 
     buf = io.BytesIO()
     torch.save(obj, buf)
-    _atomic_write(Path(path), [buf.getbuffer()])
+    atomic_write(path, buf.getbuffer())
 
 
 def export_backbone(backbone: torch.nn.Module, path: str | os.PathLike[str]) -> Path:
@@ -337,9 +328,8 @@ def train(
     )
     if cfg.crop.engine == "gpu":
         from ..engine.gpu import GPUViewEngine, apply_gpu_views
-        from .methods import PHOTOMETRICS
 
-        engine = GPUViewEngine(
+        engine = GPUViewEngine.from_recipe(
             recipe, photometrics=cfg.crop.photometrics or PHOTOMETRICS[cfg.method.name],
             seed=cfg.trainer.seed,
         )
@@ -400,9 +390,9 @@ def train(
     )
     if cfg.data.labels and cfg.eval.enabled:
         result["eval"] = evaluate_recipe(cfg, module.backbone, echo)
-    from ..proposals.store import _atomic_write
+    from ..files import atomic_write
 
-    _atomic_write(out / "results.json", [json.dumps(result, indent=2).encode() + b"\n"])
+    atomic_write(out / "results.json", json.dumps(result, indent=2).encode() + b"\n")
     echo(f"done in {secs:.0f}s; backbone weights in {out / 'backbone.pth'}")
     return result
 

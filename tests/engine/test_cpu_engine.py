@@ -5,16 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from engine_testing import SQUARE, H, W, displayed_scene, save_oriented
+from PIL import Image
 
-from objcrop_plugin.engine import ObjectCropDataset, ViewEngine, load_rgb, open_image, to_rgb
-from objcrop_plugin.engine.decode import ImageDecodeError, draft_factor
+from objcrop_plugin.engine import ViewEngine
+from objcrop_plugin.images import draft_factor, load_rgb, open_image, to_rgb
 from objcrop_plugin.policies import CropPolicy, ViewRecipe, ViewSpec, make_recipe
 from objcrop_plugin.proposals import Proposals, ProposalStore
-
-W, H = 160, 120
-SQUARE = (100, 20, 140, 60)  # xyxy on the displayed image
-RED = (255, 0, 0)
 
 
 class ExactBox(CropPolicy):
@@ -30,39 +27,6 @@ class ExactBox(CropPolicy):
 def exact_engine(size=16, phot="none"):
     recipe = ViewRecipe([ViewSpec(ExactBox(), (size, size))], name="exact")
     return ViewEngine(recipe, photometrics=phot, draft=False)
-
-
-def displayed_scene() -> Image.Image:
-    img = Image.new("RGB", (W, H), (0, 0, 255))
-    img.paste(Image.new("RGB", (SQUARE[2] - SQUARE[0], SQUARE[3] - SQUARE[1]), RED), SQUARE[:2])
-    return img
-
-
-# raw = INVERSE[o](displayed) so that applying EXIF orientation o to raw shows `displayed`
-INVERSE = {
-    1: None,
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_90,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_270,
-}
-
-
-def save_oriented(path, orientation: int, fmt: str = "JPEG"):
-    shown = displayed_scene()
-    raw = shown if INVERSE[orientation] is None else shown.transpose(INVERSE[orientation])
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    raw.save(path, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
-    # the fixture itself must mean what we think it means
-    assert np.array_equal(
-        np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))[30, 120] > 200,
-        np.array([True, False, False]),
-    )
-    return path
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
@@ -143,57 +107,6 @@ def test_draft_decoding_keeps_the_object_where_the_box_says(tmp_path):
     (view,) = engine.from_path(tmp_path / "big.jpg", props, np.random.default_rng(0))
     inner = view.mul(255)[:, 4:-4, 4:-4]
     assert inner[0].mean() > 200 and inner[2].mean() < 60
-
-
-def test_same_seed_gives_same_views_and_another_seed_other_views(tmp_path):
-    save_oriented(tmp_path / "a.jpg", 1)
-    ProposalStore.write(tmp_path / "p.objcrop", [("a.jpg", [SQUARE], [1.0], (W, H))])
-    kw = dict(views="obj_obj_dilate", photometrics="mocov2", size=32)
-    a = ObjectCropDataset(tmp_path, tmp_path / "p.objcrop", seed=3, **kw)
-    b = ObjectCropDataset(tmp_path, tmp_path / "p.objcrop", seed=3, **kw)
-    c = ObjectCropDataset(tmp_path, tmp_path / "p.objcrop", seed=4, **kw)
-    va, vb, vc = a[0][0], b[0][0], c[0][0]
-    assert all(torch.equal(x, y) for x, y in zip(va, vb))
-    assert not all(torch.equal(x, y) for x, y in zip(va, vc))
-    a.set_epoch(1)
-    assert not all(torch.equal(x, y) for x, y in zip(a[0][0], vb))
-
-
-def test_dataset_item_and_targets_follow_folder_layout(tmp_path):
-    for cls in ("cat", "dog"):
-        (tmp_path / cls).mkdir()
-        displayed_scene().save(tmp_path / cls / "x.jpg")
-    ds = ObjectCropDataset(tmp_path, None, views="scene_scene", size=24, seed=0)
-    assert ds.keys == ["cat/x.jpg", "dog/x.jpg"]
-    views, target, key = ds[1]
-    assert (target, key) == (1, "dog/x.jpg") and len(views) == 2
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
-    batch_views, targets, keys = next(iter(loader))
-    assert [tuple(v.shape) for v in batch_views] == [(2, 3, 24, 24)] * 2
-    assert targets.tolist() == [0, 1] and list(keys) == ["cat/x.jpg", "dog/x.jpg"]
-
-
-def test_missing_store_for_object_recipe_is_a_clear_error(tmp_path):
-    displayed_scene().save(tmp_path / "x.jpg")
-    with pytest.raises(ValueError, match="no proposal store"):
-        ObjectCropDataset(tmp_path, None, views="obj_obj_dilate")
-
-
-def test_missing_key_falls_back_to_scene_and_is_counted(tmp_path):
-    displayed_scene().save(tmp_path / "x.jpg")
-    displayed_scene().save(tmp_path / "y.jpg")
-    ProposalStore.write(tmp_path / "p.objcrop", [("x.jpg", [SQUARE], [1.0], (W, H))])
-    ds = ObjectCropDataset(tmp_path, tmp_path / "p.objcrop", size=16, seed=0)
-    for i in range(len(ds)):
-        ds[i]
-    assert ds.recipe.fallbacks.as_dict() == {"samples": 2, "missing": 1, "unusable": 0}
-
-
-def test_undecodable_file_names_the_file(tmp_path):
-    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    ds = ObjectCropDataset(tmp_path, None, views="scene_scene")
-    with pytest.raises(ImageDecodeError, match="bad.jpg"):
-        ds[0]
 
 
 def test_view_recipe_passes_through_engine_unchanged():

@@ -11,7 +11,7 @@ from PIL import Image, ImageFilter
 from objcrop_plugin.engine.photometric import (
     Photometric,
     PhotometricParams,
-    photometrics,
+    make_photometrics,
     to_tensor,
 )
 
@@ -64,7 +64,7 @@ def _ours(p: Photometric) -> dict:
     ],
 )
 def test_presets_equal_lightly_defaults(preset, views):
-    ours = photometrics(preset).globals_
+    ours = make_photometrics(preset).globals_
     theirs = views()
     assert len(ours) == len(theirs)
     for o, t in zip(ours, theirs):
@@ -75,13 +75,13 @@ def test_presets_equal_lightly_defaults(preset, views):
 
 
 def test_byol_views_alternate_between_its_two_asymmetric_transforms():
-    pset = photometrics("byol")
+    pset = make_photometrics("byol")
     assert pset.for_view(0, False).blur == 1.0 and pset.for_view(1, False).solarize == 0.2
     assert pset.for_view(2, False) is pset.for_view(0, False)
 
 
 def test_draws_follow_the_configured_probabilities_and_ranges():
-    p = photometrics("vicreg").globals_[0]
+    p = make_photometrics("vicreg").globals_[0]
     rng = np.random.default_rng(0)
     draws = [p.draw(rng) for _ in range(4000)]
     freq = lambda f: np.mean([f(d) for d in draws])  # noqa: E731
@@ -128,4 +128,4 @@ def test_to_tensor_normalises_like_torchvision():
 
 def test_unknown_preset_is_a_clear_error():
     with pytest.raises(ValueError, match="mocov2, simclr, byol, vicreg"):
-        photometrics("moco")
+        make_photometrics("moco")

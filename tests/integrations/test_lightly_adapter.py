@@ -20,7 +20,6 @@ import pytest
 import torch
 from PIL import Image
 
-from objcrop_plugin.data.synthetic import write_dataset
 from objcrop_plugin.proposals import ProposalStore
 
 NEEDS_LIGHTLY = 'the lightly adapter needs lightly: pip install "objcrop-plugin[lightly]"'
@@ -45,10 +44,9 @@ else:
 # --------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(demo_data):
     pytest.importorskip("lightly", reason=NEEDS_LIGHTLY)
-    root = tmp_path_factory.mktemp("lightly") / "demo"
-    return write_dataset(root, n_images=16, size=(160, 120), seed=0)
+    return demo_data(n_images=16, size=(160, 120), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -300,7 +298,9 @@ def test_collate_crops_change_every_epoch_in_the_main_process_and_persistent_wor
     "kwargs", [{"num_workers": 0}, {"num_workers": 2, "persistent_workers": True}]
 )
 def test_dataset_crops_change_every_epoch_without_seed(demo, kwargs):
-    dataset = ObjectAwareDataset(demo.root, demo.proposals_path, filenames=demo.keys[:8], size=32)
+    # photometrics off: the views then differ only where the crop windows differ
+    dataset = ObjectAwareDataset(demo.root, demo.proposals_path, filenames=demo.keys[:8], size=32,
+                                 photometrics="none")
     context = "fork" if kwargs["num_workers"] else None
     loader = _loader(dataset, multiprocessing_context=context, **kwargs)
     first, second = torch.cat(_first_views(loader)), torch.cat(_first_views(loader))
@@ -332,15 +332,6 @@ def _example_loader(demo, path: str, **recipe):
     return torch.utils.data.DataLoader(
         dataset, batch_size=4, shuffle=True, drop_last=True, num_workers=0, collate_fn=collate_fn
     )
-
-
-@pytest.fixture
-def one_thread():
-    """Two tiny training steps: one thread is faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _params(module) -> torch.Tensor:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from objcrop_plugin import boxes as B
+from objcrop_plugin import boxes as box_ops
 from objcrop_plugin.proposals.bing import (
     COLOR_SPACES,
     BingGenerator,
@@ -350,7 +350,7 @@ def test_output_contract(model_dir, top_k):
         assert (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
         assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
         # box NMS at 0.7: no two kept boxes overlap more
-        iou = B.iou(boxes, boxes) - np.eye(len(boxes))
+        iou = box_ops.iou(boxes, boxes) - np.eye(len(boxes))
         assert (iou <= 0.7 + 1e-6).all()
 
 
@@ -362,7 +362,7 @@ def test_boxes_map_back_to_a_larger_image(model_dir):
         boxes, scores = gen(big)
         small, small_scores = gen(work)  # already at the working size: not resized again
         np.testing.assert_array_equal(scores, small_scores)
-        expected = B.rescale(small, (work.shape[1], work.shape[0]), (1000, 700))
+        expected = box_ops.rescale(small, (work.shape[1], work.shape[0]), (1000, 700))
         np.testing.assert_allclose(boxes, expected, rtol=1e-6, atol=1e-3)
         assert boxes[:, 2].max() <= 1000 and boxes[:, 3].max() <= 700
         assert boxes[:, 2:].max() > 256  # really in the big image's pixels

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from objcrop_plugin.proposals.importer_base import ProposalImporter, make_importer
 from objcrop_plugin.proposals.importers import (
     CocoImporter,
     OpenImagesImporter,
@@ -339,7 +340,21 @@ def test_openimages_constructor_errors(tmp_path):
 
 @pytest.mark.parametrize(("name", "cls"), [("coco", CocoImporter), ("openimages", OpenImagesImporter)])
 def test_importers_are_registered_proposal_sources(name, cls):
-    if name not in list_proposal_sources():
-        pytest.skip(f"entry point '{name}' not declared in pyproject.toml yet (reinstall after)")
+    assert name in list_proposal_sources(kind="importer")
     assert load_proposal_source(name) is cls
-    assert cls.kind == "importer"
+    assert issubclass(cls, ProposalImporter) and cls.kind == "importer" and cls.name == name
+
+
+def test_make_importer_passes_options_and_names_unknown_ones(tmp_path):
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(_coco()))
+    imp = make_importer("coco", ann, key_prefix="t/", include_crowd=True)
+    assert isinstance(imp, CocoImporter) and imp.key_prefix == "t/" and imp.include_crowd
+    with pytest.raises(TypeError, match="include_crowds") as info:
+        make_importer("coco", ann, include_crowds=True)
+    assert "images_json, images_root, key_prefix, include_crowd, min_score" in str(info.value)
+    # OpenImages with sizes only: no image folder is needed
+    csv = tmp_path / "b.csv"
+    csv.write_text("ImageID,XMin,XMax,YMin,YMax\na,0,0.5,0,0.5\n", encoding="utf-8")
+    rec = next(make_importer("openimages", csv, sizes={"a": [10, 20]}).records())
+    assert rec.key == "a.jpg" and rec.boxes.tolist() == [[0, 0, 5, 10]]

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from objcrop_plugin.proposals.importer_base import ProposalImporter, make_importer
 from objcrop_plugin.proposals.jsonl import (
     JsonLinesImporter,
     ProposalFileError,
@@ -81,10 +82,17 @@ def test_jsonl_is_a_registered_proposal_source(tmp_path):
     jl = tmp_path / "p.jsonl"
     export_jsonl(_store(tmp_path, n=3).records(), jl)
     source = load_proposal_source("jsonl")(jl)
-    assert isinstance(source, JsonLinesImporter)
+    assert isinstance(source, JsonLinesImporter) and isinstance(source, ProposalImporter)
+    assert JsonLinesImporter.name == "jsonl" and JsonLinesImporter.kind == "importer"
     assert [r.key for r in source.records()] == ["imgs/0000.jpg", "imgs/0001.jpg", "imgs/0002.jpg"]
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         JsonLinesImporter(tmp_path / "missing.jsonl")
+    # by name, and written through the importer interface
+    out = tmp_path / "s.objcrop"
+    assert make_importer("jsonl", jl).write(out, meta={"note": "x"}) == 3
+    assert ProposalStore(out).meta == {"source": "jsonl", "path": str(jl), "note": "x"}
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['key_prefix'\]"):
+        make_importer("jsonl", jl, key_prefix="a/")
 
 
 GOOD = '{"key": "ok%d.jpg", "width": 10, "height": 8, "boxes": [[1, 2, 5, 6]], "scores": [0.5]}\n'

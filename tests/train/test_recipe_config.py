@@ -114,3 +114,46 @@ def test_shipped_recipes_are_valid(path):
     cfg = load_recipe(path)
     assert cfg.name == path.stem
     assert cfg.crop.type == "object_aware" and cfg.data.proposals
+
+
+def test_method_params_are_validated_without_lightly():
+    """method.params defaults are data in the config module: a recipe is checked (unknown
+    parameter named, closest known suggested) in a process where lightly cannot be imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['lightly'] = None  # import lightly -> ImportError\n"
+        "sys.modules['pytorch_lightning'] = None\n"
+        "from objcrop_plugin.train.config import RecipeError, parse_recipe\n"
+        "base = {'data': {'train_path': 'imgs', 'proposals': 'p.objcrop'}}\n"
+        "cfg = parse_recipe({**base, 'method': {'name': 'mocov2', "
+        "'params': {'memory_bank_size': 64}}})\n"
+        "assert cfg.method.params == {'memory_bank_size': 64}\n"
+        "try:\n"
+        "    parse_recipe({**base, 'method': {'name': 'byol', 'params': {'temperature': 0.1}}})\n"
+        "except RecipeError as exc:\n"
+        "    print('ERR', exc)\n"
+        "assert 'lightly' not in sys.modules or sys.modules['lightly'] is None\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "ERR" in out.stdout and "method.params.temperature" in out.stdout, out.stdout
+
+
+def test_method_names_and_defaults_are_defined_once():
+    from objcrop_plugin.train.config import METHOD_DEFAULTS, METHODS, PHOTOMETRICS, MethodConfig
+
+    assert METHODS == tuple(METHOD_DEFAULTS) == ("simclr", "mocov2", "byol", "vicreg")
+    assert set(PHOTOMETRICS) == set(METHODS)
+    for name in METHODS:  # every name is a valid method.name, and nothing else is
+        assert parse_recipe({**BASE, "method": {"name": name}}).method.name == name
+    assert MethodConfig().name in METHODS
+    pytest.importorskip("lightly")
+    from objcrop_plugin.train.methods import METHODS as CLASSES
+
+    assert list(CLASSES) == list(METHODS)
+    for name, cls in CLASSES.items():
+        assert cls.name == name and cls.defaults is METHOD_DEFAULTS[name]

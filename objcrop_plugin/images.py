@@ -1,28 +1,42 @@
-"""Image decoding for the view engines: EXIF orientation, any mode to RGB, JPEG draft mode.
+"""Images at the bottom of the package: listing a folder, opening, decoding.
 
 Boxes in a proposal store refer to the *displayed* image: the decoded pixels with the EXIF
 orientation applied (what every image viewer shows and what the proposal build sees). This
-module is the one place that defines those pixels.
+module is the one place that defines those pixels, the one JPEG draft-mode rule
+(:func:`draft_factor`) and the one open -> plan -> decode walk (:func:`decode_planned`) that
+every engine, dataset and proposal generator uses.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
+from .boxes import ImageSize
+from .files import normalize_key
+
 __all__ = [
+    "IMAGE_EXTENSIONS",
     "ImageDecodeError",
     "OpenedImage",
+    "decode_planned",
     "draft_factor",
+    "list_images",
     "load_rgb",
     "open_image",
+    "opened_from",
     "to_rgb",
 ]
+
+#: File name endings listed as images (lower case).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm")
 
 # EXIF orientation -> the PIL transpose that shows the image upright (as ImageOps.exif_transpose)
 _TRANSPOSE = {
@@ -54,7 +68,7 @@ class OpenedImage:
 
     image: Image.Image
     orientation: int
-    size: tuple[int, int]
+    size: ImageSize
     path: str
 
     @property
@@ -70,6 +84,17 @@ def _orientation(img: Image.Image) -> int:
     return value if value in _TRANSPOSE else 1
 
 
+def opened_from(img: Image.Image, path: str | os.PathLike[str]) -> OpenedImage:
+    """Wrap an image that someone else opened (e.g. lightly's dataset) without decoding it.
+
+    Its EXIF orientation is read from the header, so :func:`load_rgb` shows it upright.
+    """
+    orientation = _orientation(img)
+    w, h = img.size
+    size = ImageSize(h, w) if orientation in (5, 6, 7, 8) else ImageSize(w, h)
+    return OpenedImage(img, orientation, size, os.fspath(path))
+
+
 def open_image(path: str | os.PathLike[str]) -> OpenedImage:
     """Open an image and read its displayed size without decoding the pixels."""
     try:
@@ -79,10 +104,7 @@ def open_image(path: str | os.PathLike[str]) -> OpenedImage:
             f"{path}: cannot open as an image ({type(exc).__name__}: {exc}). "
             "Fix: remove or replace the file."
         ) from exc
-    orientation = _orientation(img)
-    w, h = img.size
-    size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    return OpenedImage(img, orientation, size, os.fspath(path))
+    return opened_from(img, path)
 
 
 def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
@@ -123,9 +145,18 @@ def draft_factor(
 ) -> int:
     """The largest JPEG DCT reduction (1, 2, 4 or 8) that upsamples no view.
 
-    A view cut from window ``(x1, y1, x2, y2)`` to ``(height, width)`` pixels can be decoded at
-    ``1/r`` resolution without losing detail when the window is still at least ``r`` times the
-    output size on both axes.
+    A view cut from window ``(x1, y1, x2, y2)`` (pixels of the full image) to ``(height,
+    width)`` output pixels can be decoded at ``1/r`` resolution without losing detail when the
+    window is still at least ``r`` times the output size on both axes. For a whole image of
+    ``(w, h)`` shrunk to ``(w', h')`` pass ``[(0, 0, w, h)], [(h', w')]``. This is the only
+    draft rule of the package: the CPU and GPU engines, the solo-learn datasets, the
+    evaluation loader and the proposal build all call it.
+
+    Example:
+        >>> draft_factor([(0, 0, 640, 480)], [(120, 160)])
+        4
+        >>> draft_factor([(0, 0, 640, 480), (10, 10, 90, 70)], [(120, 160), (224, 224)])
+        1
     """
     slack = math.inf
     for (x1, y1, x2, y2), (oh, ow) in zip(windows, sizes):
@@ -157,3 +188,56 @@ def load_rgb(opened: OpenedImage, reduce: int = 1) -> Image.Image:
         ) from exc
     method = _TRANSPOSE.get(opened.orientation)
     return img.transpose(method) if method is not None else img
+
+
+T = TypeVar("T")
+Box = Sequence[float]
+
+
+def decode_planned(
+    source: str | os.PathLike[str] | OpenedImage,
+    plan: Callable[[tuple[int, int]], tuple[T, Sequence[Box], Sequence[Sequence[int]]]],
+    draft: bool = True,
+) -> tuple[Image.Image, tuple[int, int], T]:
+    """Open an image, plan from its header, decode it once as small as the plan allows.
+
+    The walk every sample takes: read the header (displayed size, EXIF orientation) without
+    decoding, let ``plan(size)`` choose what to cut (crop windows, a canvas fit...), decode the
+    pixels at the largest JPEG draft reduction that still covers what the plan needs, and close
+    the file on any error.
+
+    Args:
+        source: an image path, or an :class:`OpenedImage` (see :func:`opened_from`).
+        plan: ``plan((width, height)) -> (result, regions, out_sizes)``: ``regions`` are xyxy
+            boxes in pixels of the displayed full-size image and ``out_sizes`` the ``(height,
+            width)`` each is resampled to (see :func:`draft_factor`).
+        draft: allow JPEG draft decoding.
+
+    Returns:
+        ``(image, size, result)``: the upright RGB image (possibly smaller than ``size`` by
+        the draft factor), the displayed full size ``(width, height)``, and ``plan``'s result.
+    """
+    opened = source if isinstance(source, OpenedImage) else open_image(source)
+    try:
+        result, regions, out_sizes = plan(opened.size)
+        reduce = draft_factor(regions, out_sizes) if draft and opened.is_jpeg else 1
+        image = load_rgb(opened, reduce)  # PIL closes the file once the pixels are loaded
+    except BaseException:
+        opened.image.close()
+        raise
+    return image, opened.size, result
+
+
+def list_images(root: str | os.PathLike[str]) -> list[str]:
+    """All image files under ``root``, as sorted keys (paths relative to ``root``, ``/``-separated)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    keys = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
+                keys.append(normalize_key(os.path.join(dirpath, name), root))
+    keys.sort()
+    return keys

@@ -1,0 +1,169 @@
+"""The one backbone builder: a timm model with pooled features, optionally with local weights.
+
+``objcrop train`` (``backbone.name`` / ``backbone.checkpoint``), ``objcrop eval``
+(``--model`` / ``--checkpoint``) and the solo-learn adapter (``backbone.name: timm``) all build
+their network here, so a ``checkpoint`` means the same file everywhere:
+
+* a ``backbone.pth`` exported by ``objcrop train`` (a plain timm state dict),
+* any ``torch.save(model.state_dict())`` of the same timm model (extra keys such as an
+  ImageNet classifier are ignored),
+* a Lightning / lightly / solo-learn checkpoint, where the backbone's tensors sit under a key
+  prefix (``"backbone."``, ``"model.backbone."``, ``"module."`` ...), often beside a momentum or
+  teacher copy and heads. The prefix is detected (see :func:`load_backbone_weights`).
+
+Files are read with ``torch.load(..., weights_only=True)`` (a checkpoint from a stranger runs no
+code) and nothing is ever downloaded.
+
+Example:
+    >>> from objcrop_plugin.backbones import create_backbone
+    >>> net = create_backbone("resnet18")  # doctest: +SKIP
+    >>> net(torch.zeros(2, 3, 64, 64)).shape  # doctest: +SKIP
+    torch.Size([2, 512])
+    >>> net = create_backbone("resnet50", "runs/mocov2/backbone.pth")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["BackboneError", "create_backbone", "load_backbone_weights"]
+
+PathLike = str | os.PathLike[str]
+
+#: key prefixes of copies that are not the online network (preferred last on a tie)
+_NON_ONLINE = ("momentum", "ema", "target", "teacher", "key_encoder", "encoder_k")
+
+
+class BackboneError(ValueError):
+    """An unknown model name or a checkpoint that does not fit the model (the message names the
+    model or file and the fix)."""
+
+
+def _check_name(name: str) -> None:
+    import timm
+
+    arch = name.split(".", 1)[0]  # "resnet50.a1_in1k": the tag names pretrained weights
+    if timm.is_model(arch):
+        return
+    close = difflib.get_close_matches(arch, timm.list_models(), n=5)
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    raise BackboneError(f"timm has no model '{name}'.{hint} See timm.list_models().")
+
+
+def create_backbone(
+    name: str,
+    checkpoint: PathLike | None = None,
+    prefix: str | None = None,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)``, with the
+    weights of ``checkpoint`` when given.
+
+    The model maps ``(B, 3, H, W)`` float32 to pooled features ``(B, model.num_features)``.
+    Lists in ``timm_kwargs`` become tuples (YAML has no tuples; timm wants e.g.
+    ``img_size=(96, 128)``).
+
+    Args:
+        name: a timm model name (``timm.list_models()``), optionally with a ``.tag``.
+        checkpoint: a local ``torch.save`` file, see the module docstring; ``None``: timm's
+            random initialisation (seed torch first for a reproducible one).
+        prefix: the backbone's key prefix inside ``checkpoint``; ``None`` detects it, ``""``
+            means none.
+        **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate=0.1``,
+            ``dynamic_img_size=True``); ``num_classes`` is ignored (always 0) and
+            ``pretrained=True`` is refused (nothing is downloaded, pass ``checkpoint``).
+
+    Returns:
+        The module, in timm's default (training) mode.
+
+    Raises:
+        BackboneError: ``name`` is not a timm model (close matches are named),
+            ``pretrained=True``, or the checkpoint holds no complete set of the model's tensors.
+        FileNotFoundError: ``checkpoint`` does not exist.
+    """
+    import timm
+
+    _check_name(str(name))
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in timm_kwargs.items()}
+    kwargs.pop("num_classes", None)
+    if kwargs.pop("pretrained", False):
+        raise BackboneError(
+            f"{name}: pretrained=True would download weights; nothing is downloaded. Fix: "
+            "pass checkpoint=PATH (a local timm state dict or training checkpoint)"
+        )
+    if checkpoint is not None and not os.path.isfile(os.fspath(checkpoint)):
+        raise FileNotFoundError(f"backbone checkpoint not found: {os.fspath(checkpoint)}")
+    net = timm.create_model(str(name), pretrained=False, num_classes=0, **kwargs)
+    if checkpoint is not None:
+        load_backbone_weights(net, checkpoint, prefix)
+    return net
+
+
+def load_backbone_weights(
+    net: nn.Module, checkpoint: PathLike, prefix: str | None = None
+) -> nn.Module:
+    """Copy the backbone's tensors of ``checkpoint`` into ``net`` (in place; returns ``net``).
+
+    A ``state_dict`` / ``model`` / ``backbone`` entry of the file is used when present (the
+    Lightning and solo-learn layouts). With ``prefix=None`` the prefix is the one under which
+    most of ``net``'s tensors are present with the right shape; on a tie the online network
+    wins over ``momentum``/``ema``/``target``/``teacher`` copies, then the shortest prefix.
+
+    Raises:
+        BackboneError: no state dict in the file, none of its tensors fit ``net``, or some of
+            ``net``'s tensors are missing under the prefix (the message names the file, the
+            prefix and some missing keys).
+    """
+    path = os.fspath(checkpoint)
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "backbone"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping):
+        raise BackboneError(f"{path}: no state dict found (got {type(obj).__name__})")
+    own = net.state_dict()
+    if prefix is None:
+        counts: dict[str, int] = {}
+        for key, value in obj.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            for own_key, own_value in own.items():
+                p = key[: len(key) - len(own_key)]
+                if (key.endswith(own_key) and (not p or p.endswith("."))
+                        and own_value.shape == value.shape):
+                    counts[p] = counts.get(p, 0) + 1
+        if not counts:
+            raise BackboneError(
+                f"{path}: none of its tensors match the model's. Fix: check the model name, or "
+                "pass prefix= explicitly."
+            )
+        best = max(counts.values())
+        prefix = min(
+            (p for p, n in counts.items() if n == best),
+            key=lambda p: (any(w in p.lower() for w in _NON_ONLINE), len(p), p),
+        )
+    state = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise BackboneError(
+            f"{path}: under prefix {prefix!r} the checkpoint lacks {len(missing)} of the "
+            f"model's {len(own)} tensors (e.g. {missing[:3]}). Fix: pass the right model name "
+            "or prefix=."
+        )
+    wrong = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        raise BackboneError(
+            f"{path}: under prefix {prefix!r} {len(wrong)} tensors have other shapes than the "
+            f"model's (e.g. {wrong[0]}: {tuple(state[wrong[0]].shape)} in the file, "
+            f"{tuple(own[wrong[0]].shape)} in the model). Fix: pass the model the checkpoint "
+            "was trained with (and its kwargs)."
+        )
+    net.load_state_dict({k: state[k] for k in own})
+    return net

@@ -1,0 +1,483 @@
+"""Datasets for both engines: a folder of images with proposals, as views or as canvases.
+
+Both datasets compose one :class:`FolderSource`: the images under a root (keys relative to it,
+targets from class subfolders), the proposal store, and each index's random stream
+``sample_rng(seed, index, epoch)``. They differ in what an item is:
+
+- :class:`ObjectCropDataset` (the CPU engine): the views themselves, cut, resized and augmented
+  in the DataLoader worker by :class:`~objcrop_plugin.engine.cpu.ViewEngine`;
+- :class:`CanvasDataset` (the GPU engine's worker side): the image decoded (EXIF upright, JPEG
+  draft mode when the canvas is much smaller than the image), shrunk to fit a fixed canvas
+  keeping its aspect ratio (never enlarged) and padded with zeros, plus the crop windows the
+  CPU engine would cut (the same stream, so the same windows) in canvas pixels and a
+  per-sample photometric seed. :func:`collate_canvas` just stacks them, and
+  :class:`DeviceViewLoader` hands the batches to a
+  :class:`~objcrop_plugin.engine.gpu.GPUViewEngine` on the device.
+
+Example:
+    >>> from torch.utils.data import DataLoader
+    >>> from objcrop_plugin.engine.gpu import GPUViewEngine
+    >>> ds = CanvasDataset("images/", "train.objcrop", views="obj_obj_dilate")  # doctest: +SKIP
+    >>> loader = DataLoader(ds, batch_size=256, num_workers=8, pin_memory=True,
+    ...                     collate_fn=collate_canvas)  # doctest: +SKIP
+    >>> engine = GPUViewEngine.from_recipe(ds.recipe, photometrics="mocov2")  # doctest: +SKIP
+    >>> for views, targets, keys in DeviceViewLoader(loader, engine, "cuda"):  # doctest: +SKIP
+    ...     x0, x1 = views
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .._random import SEED_HIGH, sample_rng
+from ..images import IMAGE_EXTENSIONS, OpenedImage, decode_planned, list_images
+from ..policies import ViewRecipe
+from ..proposals.store import Proposals, ProposalStore
+from .cpu import ViewEngine
+from .photometric import PhotometricSet
+
+if TYPE_CHECKING:
+    from .gpu import GPUViewEngine
+
+__all__ = [
+    "CANVAS_KEYS",
+    "CanvasDataset",
+    "DeviceViewLoader",
+    "FolderSource",
+    "ObjectCropDataset",
+    "Sample",
+    "canvas_item",
+    "collate_canvas",
+    "fit_to_canvas",
+    "is_canvas_batch",
+    "load_canvas_item",
+]
+
+#: the fields of a canvas item and of a collated canvas batch
+CANVAS_KEYS = ("canvas", "windows", "valid", "seed", "target", "key")
+
+Box = Sequence[float]
+
+
+# ---------------------------------------------------------------------- the shared folder
+
+class Sample(NamedTuple):
+    """What a dataset needs to make item ``index``: see :meth:`FolderSource.sample`."""
+
+    key: str
+    path: Path
+    rng: np.random.Generator
+    proposals: Callable[[tuple[int, int]], Proposals | None] | None
+
+
+class FolderSource:
+    """A folder of images as samples: keys, targets, proposals and per-sample random streams.
+
+    Args:
+        root: dataset root; keys (and proposal store keys) are paths relative to it.
+        proposals: a :class:`ProposalStore` or a path to one; ``None`` for scene-only recipes.
+        keys: the images to use (default: every image under ``root``).
+        seed: ``None``: each worker's torch seed drives the streams (different every epoch);
+            an int: they depend only on ``(seed, epoch, index, rank)``, reproducibly.
+        recipe: the view recipe the samples are for; an object recipe without ``proposals``
+            is refused here, before any worker starts.
+
+    Attributes:
+        root, store, keys, seed, epoch; ``classes``: the top-level subfolders when every
+        image is in one (ImageFolder's and LightlyDataset's targets), else ``[]``.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        proposals: ProposalStore | str | os.PathLike[str] | None = None,
+        keys: Sequence[str] | None = None,
+        seed: int | None = None,
+        recipe: ViewRecipe | None = None,
+    ) -> None:
+        self.root = Path(root)
+        if proposals is not None and not isinstance(proposals, ProposalStore):
+            proposals = ProposalStore(proposals)
+        if proposals is None and recipe is not None and recipe.needs_proposals:
+            raise ValueError(
+                f"view recipe '{recipe.name}' crops from object proposals but no "
+                "proposal store was given. Fix: pass proposals=PATH (see `objcrop proposals "
+                "build`), or use views='scene_scene'."
+            )
+        self.store = proposals
+        self.keys = list(keys) if keys is not None else list_images(self.root)
+        if not self.keys:
+            raise ValueError(f"no images found under {self.root} (extensions {IMAGE_EXTENSIONS})")
+        tops = sorted({k.split("/", 1)[0] for k in self.keys if "/" in k})
+        flat = any("/" not in k for k in self.keys)
+        self.classes: list[str] = [] if flat or not tops else tops
+        self._class_index = {c: i for i, c in enumerate(self.classes)}
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def target(self, index: int) -> int:
+        """The index of the image's class subfolder in ``classes`` (0 without classes)."""
+        key = self.keys[index]
+        return self._class_index.get(key.split("/", 1)[0], 0) if self.classes else 0
+
+    def sample(self, index: int) -> Sample:
+        """Item ``index``'s key, file, random stream and proposal lookup (``None`` without a
+        store): a function ``image_size -> Proposals | None``, as
+        :meth:`ViewEngine.windows <objcrop_plugin.engine.cpu.ViewEngine.windows>` takes it."""
+        key = self.keys[index]
+        store = self.store
+        lookup = (lambda size: store.lookup(key, size)) if store is not None else None
+        return Sample(key, self.root / key, sample_rng(self.seed, index, self.epoch), lookup)
+
+
+def _from_source(name: str) -> property:
+    """A dataset attribute that is its :class:`FolderSource`'s."""
+
+    def get(self: Any) -> Any:
+        return getattr(self.source, name)
+
+    def set_(self: Any, value: Any) -> None:
+        setattr(self.source, name, value)
+
+    return property(get, set_, doc=f"``source.{name}`` (see :class:`FolderSource`)")
+
+
+# ------------------------------------------------------------------------ the CPU engine
+
+class ObjectCropDataset(torch.utils.data.Dataset):
+    """A folder of images with object-aware views, host-library neutral.
+
+    Each item is ``(views, target, key)``: ``views`` a list of tensors (globals first),
+    ``target`` the index of the image's top-level subfolder when the images are in class
+    subfolders (as torchvision's ImageFolder and lightly's LightlyDataset do), else 0, and
+    ``key`` the path relative to ``root`` (the proposal store key).
+
+    Args:
+        root: dataset root; proposal keys are paths relative to it.
+        proposals: a :class:`ProposalStore` or a path to one; ``None`` for scene-only recipes.
+        views, photometrics, draft: see :class:`~objcrop_plugin.engine.cpu.ViewEngine`.
+        seed: ``None``: each worker's torch seed drives the crops (different every epoch);
+            an int: crops depend only on ``(seed, epoch, index, rank)``, reproducibly.
+        keys: the images to use (default: every image under ``root``).
+        recipe_kwargs: parameters of the view recipe.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        proposals: ProposalStore | str | os.PathLike[str] | None = None,
+        views: Any = "obj_obj_dilate",
+        photometrics: str | PhotometricSet = "mocov2",
+        draft: bool = True,
+        seed: int | None = None,
+        keys: Sequence[str] | None = None,
+        **recipe_kwargs: Any,
+    ) -> None:
+        self.engine = ViewEngine(views, photometrics, draft, **recipe_kwargs)
+        self.source = FolderSource(root, proposals, keys, seed, self.engine.recipe)
+
+    root = _from_source("root")
+    store = _from_source("store")
+    keys = _from_source("keys")
+    classes = _from_source("classes")
+    seed = _from_source("seed")
+    epoch = _from_source("epoch")
+
+    @property
+    def recipe(self) -> ViewRecipe:
+        return self.engine.recipe
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before each epoch when ``seed`` is set, so epochs get different crops."""
+        self.source.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def target(self, index: int) -> int:
+        return self.source.target(index)
+
+    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int, str]:
+        s = self.source.sample(index)
+        views = self.engine.from_path(s.path, s.proposals, s.rng, key=s.key)
+        return views, self.target(index), s.key
+
+
+# ------------------------------------------------------------------------ the GPU engine
+
+def _canvas_size(canvas: int | Sequence[int] | None, recipe: ViewRecipe) -> tuple[int, int]:
+    if canvas is None:
+        return (2 * max(v.size[0] for v in recipe.views), 2 * max(v.size[1] for v in recipe.views))
+    if isinstance(canvas, (int, np.integer)):
+        h = w = int(canvas)
+    else:
+        try:
+            h, w = (int(c) for c in canvas)
+        except Exception as exc:
+            raise ValueError(
+                f"canvas must be an int or (height, width), got {canvas!r}"
+            ) from exc
+    if h < 2 or w < 2:
+        raise ValueError(f"canvas must be at least 2 x 2 pixels, got {canvas!r}")
+    return h, w
+
+
+def _fitted_size(size: tuple[int, int], canvas: tuple[int, int]) -> tuple[int, int]:
+    """Size ``(w, h)`` of an image of ``size`` shrunk (never enlarged) to fit ``canvas (H, W)``."""
+    w, h = size
+    s = min(1.0, canvas[1] / w, canvas[0] / h)
+    return max(1, min(canvas[1], round(w * s))), max(1, min(canvas[0], round(h * s)))
+
+
+def fit_to_canvas(image: Image.Image, canvas: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Shrink an RGB image to fit ``canvas`` (height, width), keeping its aspect ratio; pad.
+
+    Input: a PIL RGB image. Images that already fit are not resized.
+
+    Output: a ``uint8`` tensor ``(3, H, W)``, the image at the top left, zeros elsewhere, and
+    the valid region's ``(width, height)``.
+    """
+    nw, nh = _fitted_size(image.size, canvas)
+    if (nw, nh) != image.size:
+        # reducing_gap: a box pre-reduction for large factors, visually identical and faster
+        image = image.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    out = torch.zeros((3, canvas[0], canvas[1]), dtype=torch.uint8)
+    arr = np.array(image.convert("RGB"), dtype=np.uint8)  # writable: torch shares it
+    out[:, :nh, :nw] = torch.from_numpy(arr).permute(2, 0, 1)
+    return out, (nw, nh)
+
+
+def canvas_item(
+    image: Image.Image,
+    image_size: tuple[int, int],
+    boxes: Sequence[Box],
+    canvas_size: tuple[int, int],
+    rng: np.random.Generator,
+    target: int,
+    key: str,
+) -> dict[str, Any]:
+    """One worker-side item: ``image`` (possibly decoded smaller than ``image_size``) fitted
+    into the canvas, ``boxes`` (xyxy in pixels of ``image_size``) mapped to canvas pixels, and
+    a photometric seed drawn from ``rng``. The fields are :data:`CANVAS_KEYS`."""
+    canvas, (nw, nh) = fit_to_canvas(image, canvas_size)
+    sx, sy = nw / image_size[0], nh / image_size[1]
+    windows = torch.tensor(
+        [[x1 * sx, y1 * sy, x2 * sx, y2 * sy] for x1, y1, x2, y2 in boxes], dtype=torch.float32
+    )
+    return {
+        "canvas": canvas,
+        "windows": windows,
+        "valid": torch.tensor([nw, nh], dtype=torch.int64),
+        "seed": torch.tensor(int(rng.integers(0, SEED_HIGH)), dtype=torch.int64),
+        "target": target,
+        "key": key,
+    }
+
+
+def load_canvas_item(
+    source: str | os.PathLike[str] | OpenedImage,
+    plan: Callable[[tuple[int, int]], Sequence[Box]],
+    canvas_size: tuple[int, int],
+    rng: np.random.Generator,
+    target: int,
+    key: str,
+    draft: bool = True,
+) -> dict[str, Any]:
+    """The canvas item of an image file: open, plan, decode as small as the canvas allows.
+
+    ``plan(image_size)`` returns the crop windows (xyxy in pixels of the displayed image of
+    ``image_size`` ``(width, height)``), drawn from ``rng`` before the photometric seed is, so
+    the windows are those the CPU engine draws from the same stream. The decode walk is
+    :func:`~objcrop_plugin.images.decode_planned`; the item is :func:`canvas_item`'s.
+    """
+
+    def plan_canvas(size: tuple[int, int]) -> tuple[Sequence[Box], list[Box], list[tuple[int, int]]]:
+        fitted_w, fitted_h = _fitted_size(size, canvas_size)
+        return plan(size), [(0, 0, *size)], [(fitted_h, fitted_w)]
+
+    image, size, boxes = decode_planned(source, plan_canvas, draft)
+    return canvas_item(image, size, boxes, canvas_size, rng, target, key)
+
+
+class CanvasDataset(torch.utils.data.Dataset):
+    """A folder of images as fixed-size canvases plus planned crop windows, for the GPU engine.
+
+    Input to this dataset:
+        An image folder (targets from class subfolders as for :class:`ObjectCropDataset`) and
+        a proposal store whose keys are paths relative to ``root``.
+
+    Output of this dataset (one dict per item, see :data:`CANVAS_KEYS`):
+        - ``canvas``: ``uint8 (3, H, W)``, the upright image shrunk to fit (never enlarged),
+          at the top left, zero padding elsewhere;
+        - ``windows``: ``float32 (V, 4)`` xyxy crop windows in canvas pixels, globals first:
+          the CPU engine's windows for the same ``(seed, epoch, index)``, scaled to the canvas;
+        - ``valid``: ``int64 (2,)`` width and height of the image inside the canvas;
+        - ``seed``: ``int64 ()`` the sample's photometric seed (from the same generator);
+        - ``target``: int; ``key``: the path relative to ``root``.
+
+    Args:
+        root, proposals, views, seed, keys, recipe_kwargs: as for :class:`ObjectCropDataset`.
+        canvas: ``(height, width)`` or one int; default twice the largest view side (448 for
+            224-pixel views): large enough that global views rarely need more detail.
+        draft: decode JPEGs at 1/2, 1/4 or 1/8 resolution when the canvas allows.
+
+    Photometrics are applied on the device (:class:`~objcrop_plugin.engine.gpu.GPUViewEngine`,
+    built with ``GPUViewEngine.from_recipe(dataset.recipe, ...)``), so there is no
+    ``photometrics`` argument. Batch with :func:`collate_canvas`.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        proposals: ProposalStore | str | os.PathLike[str] | None = None,
+        views: Any = "obj_obj_dilate",
+        canvas: int | Sequence[int] | None = None,
+        seed: int | None = None,
+        keys: Sequence[str] | None = None,
+        draft: bool = True,
+        **recipe_kwargs: Any,
+    ) -> None:
+        # plans the windows (ViewEngine.windows) exactly as the CPU engine; renders nothing
+        self.planner = ViewEngine(views, "none", draft, **recipe_kwargs)
+        self.source = FolderSource(root, proposals, keys, seed, self.planner.recipe)
+        self.canvas = _canvas_size(canvas, self.recipe)
+        self.draft = draft
+
+    root = _from_source("root")
+    store = _from_source("store")
+    keys = _from_source("keys")
+    classes = _from_source("classes")
+    seed = _from_source("seed")
+    epoch = _from_source("epoch")
+
+    @property
+    def recipe(self) -> ViewRecipe:
+        return self.planner.recipe
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before each epoch when ``seed`` is set, so epochs get different crops."""
+        self.source.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def target(self, index: int) -> int:
+        return self.source.target(index)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        s = self.source.sample(index)
+
+        def plan(size: tuple[int, int]) -> list[Box]:
+            return [w.box for w in self.planner.windows(size, s.proposals, s.rng, s.key)]
+
+        return load_canvas_item(s.path, plan, self.canvas, s.rng, self.target(index), s.key,
+                                self.draft)
+
+
+def is_canvas_batch(batch: Any) -> bool:
+    """Whether ``batch`` is a collated canvas batch (a mapping with ``canvas`` and ``windows``)."""
+    return isinstance(batch, Mapping) and "canvas" in batch and "windows" in batch
+
+
+def collate_canvas(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack canvas items: a plain stack, cheap enough for the main process.
+
+    Output: ``{"canvas": uint8 (B, 3, H, W), "windows": float32 (B, V, 4), "valid": int64
+    (B, 2), "seed": int64 (B,), "target": int64 (B,), "key": list[str]}``.
+    """
+    if not items:
+        raise ValueError("collate_canvas got an empty batch")
+    first = items[0]
+    if not is_canvas_batch(first):
+        raise TypeError(
+            f"collate_canvas expects CanvasDataset items (dicts with {CANVAS_KEYS}), got "
+            f"{type(first).__name__}. Fix: use it only with objcrop_plugin.engine.gpu.CanvasDataset"
+        )
+    shapes = {tuple(it["canvas"].shape) for it in items}
+    if len(shapes) > 1:
+        raise ValueError(f"canvases of different sizes in one batch: {sorted(shapes)}")
+    # default_collate stacks straight into shared memory inside DataLoader workers
+    return torch.utils.data.default_collate(list(items))
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device, non_blocking: bool) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
+class DeviceViewLoader:
+    """Wraps a DataLoader of canvas batches; yields ``(views, targets, filenames)`` on the device.
+
+    A drop-in for the DataLoader in a plain PyTorch or lightly training loop: the loop body
+    stays as it is, the views arrive as lightly's ``MultiViewCollate`` would give them, but
+    cut and augmented on ``device``.
+
+    Args:
+        loader: a DataLoader over a :class:`CanvasDataset` with ``collate_fn=collate_canvas``
+            (``pin_memory=True`` lets the copy to a GPU overlap with compute).
+        engine: the :class:`~objcrop_plugin.engine.gpu.GPUViewEngine` (same recipe as the
+            dataset).
+        device: where the views are made (default: ``cuda`` when available, else ``cpu``).
+        non_blocking: asynchronous host-to-device copies (effective with pinned memory).
+
+    Example:
+        >>> loader = DataLoader(CanvasDataset(root, store), batch_size=256, num_workers=8,
+        ...                     collate_fn=collate_canvas, pin_memory=True)  # doctest: +SKIP
+        >>> for views, targets, filenames in DeviceViewLoader(loader, engine):  # doctest: +SKIP
+        ...     loss = model.training_step((views, targets, filenames), 0)
+    """
+
+    def __init__(
+        self,
+        loader: Any,
+        engine: GPUViewEngine,
+        device: torch.device | str | None = None,
+        non_blocking: bool = True,
+    ) -> None:
+        self.loader = loader
+        self.engine = engine
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.non_blocking = bool(non_blocking)
+
+    @property
+    def dataset(self) -> Any:
+        return getattr(self.loader, "dataset", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pass the epoch to the dataset and sampler that take one (seeded crops, DDP order)."""
+        for obj in (self.dataset, getattr(self.loader, "sampler", None),
+                    getattr(self.loader, "batch_sampler", None)):
+            if obj is not None and callable(getattr(obj, "set_epoch", None)):
+                obj.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, list[str]]]:
+        for batch in self.loader:
+            if not is_canvas_batch(batch):
+                raise TypeError(
+                    f"DeviceViewLoader got a {type(batch).__name__} batch, not a canvas batch. "
+                    "Fix: DataLoader(CanvasDataset(...), collate_fn=collate_canvas)"
+                )
+            yield self.engine.transform_batch(_to_device(batch, self.device, self.non_blocking))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(engine={self.engine!r}, device='{self.device}')"

@@ -1,0 +1,158 @@
+"""solo-learn's training dataset as module-level classes that hand each image and its key on.
+
+solo-learn makes its dataset classes inside a factory function, so DataLoader workers started
+with ``spawn`` (macOS, Windows, or ``multiprocessing_context="spawn"``) cannot pickle them;
+these classes can: their items keep solo-learn's format ``(index, [views], target)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from ...files import normalize_key
+from ...images import load_rgb, open_image
+from ...proposals.store import ProposalStore
+from .errors import SoloConfigError
+from .transform import ObjectAwareTransform
+
+__all__ = ["IndexedDataset", "ObjectAwareSoloDataset", "check_keys", "unwrap_solo_dataset"]
+
+log = logging.getLogger("objcrop_plugin")
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """solo-learn's ``dataset_with_index`` as a module-level class: items ``(index, *item)``.
+
+    solo-learn makes its dataset classes inside a factory function, so DataLoader workers
+    started with ``spawn`` (macOS, Windows, or ``multiprocessing_context="spawn"``) cannot
+    pickle them; this wrapper can. Attributes (``samples``, ``classes``, ...) are the wrapped
+    dataset's.
+    """
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        return (index, *self.dataset[index])
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":  # not yet set (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class ObjectAwareSoloDataset(IndexedDataset):
+    """solo-learn's training dataset with object-aware views: items ``(index, [views], target)``.
+
+    Input to this dataset:
+        the dataset solo-learn's ``prepare_datasets`` built (an ImageFolder for ``custom`` with
+        labels, ``imagenet`` and ``imagenet100``; solo-learn's ``CustomDatasetWithoutLabels``
+        for ``no_labels``), with its listing, ``data.fraction`` subset and targets.
+
+    Output of this dataset:
+        ``(index, views, target)`` exactly as solo-learn's: ``views`` a list of float tensors
+        ``(3, crop_size, crop_size)`` (see :class:`ObjectAwareTransform`), ``target`` the
+        class index (``-1`` without labels).
+
+    Each image is decoded upright (EXIF orientation applied), since proposal boxes refer to
+    the displayed image, and passed with its key (path relative to ``key_root``).
+
+    Args:
+        dataset: solo-learn's dataset (unwrapped from its index factory).
+        transform: the object-aware transform.
+        key_root: the folder store keys are relative to (``data.train_path`` by default).
+    """
+
+    def __init__(
+        self,
+        dataset: torch.utils.data.Dataset,
+        transform: ObjectAwareTransform,
+        key_root: str | os.PathLike[str],
+    ) -> None:
+        super().__init__(dataset)
+        self.transform = transform
+        self.key_root = os.path.abspath(os.fspath(key_root))
+
+    def item(self, index: int) -> tuple[str, int]:
+        """``(path, target)`` of item ``index``, from solo-learn's listing."""
+        ds = self.dataset
+        samples = getattr(ds, "samples", None)
+        if samples is not None:
+            path, target = samples[index]
+            target_transform = getattr(ds, "target_transform", None)
+            if target_transform is not None:
+                target = target_transform(target)
+            return os.fspath(path), target
+        images = getattr(ds, "images", None)
+        if images is not None:
+            return os.path.join(os.fspath(ds.root), images[index]), -1
+        raise TypeError(
+            f"{type(ds).__name__}: expected solo-learn's ImageFolder (samples) or "
+            "CustomDatasetWithoutLabels (images) listing"
+        )
+
+    def key(self, index: int) -> str:
+        return normalize_key(self.item(index)[0], self.key_root)
+
+    def __getitem__(self, index: int) -> tuple[int, list[torch.Tensor], int]:
+        path, target = self.item(index)
+        image = load_rgb(open_image(path))
+        views = self.transform(image, key=normalize_key(path, self.key_root), index=index)
+        return index, views, target
+
+
+def unwrap_solo_dataset(dataset: Any) -> Any:
+    """solo-learn's ``DatasetWithIndex`` instance turned back into its (picklable) base class."""
+    cls = type(dataset)
+    if cls.__name__ == "DatasetWithIndex" and len(cls.__bases__) == 1:
+        dataset.__class__ = cls.__bases__[0]
+        return dataset
+    return None
+
+
+def check_keys(dataset: ObjectAwareSoloDataset, store: ProposalStore, strict: bool, n: int = 2000) -> float:
+    """The fraction of (up to ``n`` evenly spaced) dataset images the store has proposals for.
+
+    Raises:
+        SoloConfigError: none of them has proposals (the store was built over another folder),
+            or some have none in strict mode.
+    """
+    total = len(dataset)
+    if total == 0:
+        return 1.0
+    step = max(1, total // n)
+    probe = list(range(0, total, step))[:n]
+    keys = [dataset.key(i) for i in probe]
+    missing = [k for k in keys if k not in store]
+    if not missing:
+        return 1.0
+    found = 1.0 - len(missing) / len(keys)
+    example_store = next(iter(store.keys()), "<empty store>")
+    if found == 0.0:
+        raise SoloConfigError(
+            f"data.proposals: none of the {len(keys)} images checked has proposals in "
+            f"{store.path}: the dataset's key '{missing[0]}' (path relative to "
+            f"{dataset.key_root}) is not in the store, whose keys look like '{example_store}'. "
+            "Fix: point data.train_path at the folder the store was built over, set "
+            "data.proposals_root to the folder its keys are relative to, or rebuild the store "
+            "with `objcrop proposals build DATA.TRAIN_PATH --out STORE`"
+        )
+    if strict:
+        raise SoloConfigError(
+            f"data.proposals: {len(missing)} of {len(keys)} images checked have no proposals in "
+            f"{store.path} (e.g. '{missing[0]}') and crop.strict is true. Fix: build proposals "
+            "for every image, or set crop.strict=false to fall back to scene crops"
+        )
+    log.warning(
+        "objcrop: %.1f%% of the images checked have no proposals in %s (e.g. '%s'); they get "
+        "scene crops",
+        100 * (1 - found), store.path, missing[0],
+    )
+    return found

@@ -1,0 +1,165 @@
+"""Proposal importers: a file of someone else's boxes in, proposal records out.
+
+:class:`ProposalImporter` is the base class of the importers (``jsonl``, ``coco``,
+``openimages``, and third-party ones), as
+:class:`~objcrop_plugin.proposals.generators.ProposalGenerator` is of the generators. An
+importer is a proposal source of kind ``"importer"`` in the entry-point group
+``objcrop_plugin.proposals``; :func:`make_importer` builds one by its registered name and
+``objcrop proposals import INPUT --source NAME --param key=value --out STORE`` runs it.
+
+Example (a third-party importer; register it in the package's ``pyproject.toml`` with
+``[project.entry-points."objcrop_plugin.proposals"] csv_xyxy = "my_pkg:CsvImporter"``):
+    >>> import csv
+    >>> class CsvImporter(ProposalImporter):
+    ...     '''Rows ``key,width,height,x1,y1,x2,y2``, one box each.'''
+    ...     name = "csv_xyxy"
+    ...     def __init__(self, path, key_prefix=""):
+    ...         super().__init__(path)
+    ...         self.key_prefix = key_prefix
+    ...     def records(self):
+    ...         with open(self.path, newline="") as f:
+    ...             for key, w, h, *box in csv.reader(f):
+    ...                 yield (self.key_prefix + key, [[float(v) for v in box]], [1.0],
+    ...                        (int(w), int(h)))
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..registry import RegistryError, list_proposal_sources, load_proposal_source
+from .store import ProposalRecord, ProposalStore
+
+__all__ = ["ProposalImporter", "import_to_store", "make_importer"]
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+
+class ProposalImporter:
+    """Base class of proposal importers.
+
+    A subclass sets :attr:`name` (the name it is registered under), takes the input file as
+    its first constructor argument and its options as keyword arguments with defaults and plain
+    values (``str``, ``int``, ``float``, ``bool``, ``None``, lists, mappings: what
+    ``--param key=value`` passes, the value parsed as JSON when it is JSON, else a string), calls
+    ``super().__init__(path)``, and implements :meth:`records`.
+
+    Args:
+        path: the input file.
+
+    Output of :meth:`records`: one :class:`~objcrop_plugin.proposals.store.ProposalRecord`
+    per image (or a tuple ``(key, boxes, scores, (width, height))``): ``key`` the image's path
+    relative to the dataset root, ``boxes`` ``(K, 4)`` float xyxy pixels of an image of
+    ``(width, height)``, ``scores`` ``(K,)`` best first (``None``: the order is the ranking).
+
+    Attributes:
+        path: the input file.
+        missing: keys skipped because their image is absent (filled by :meth:`records`, for
+            importers that check the image folder).
+    """
+
+    kind: ClassVar[str] = "importer"
+    name: ClassVar[str] = "importer"
+
+    def __init__(self, path: PathLike) -> None:
+        self.path = Path(path)
+        self.missing: list[str] = []
+
+    def records(self) -> Iterator[ProposalRecord]:
+        """One record per image of the input (see the class doc)."""
+        raise NotImplementedError
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """What a store built from this importer records about its source."""
+        return {"source": self.name, "path": str(self.path)}
+
+    def write(self, out_path: PathLike, meta: dict[str, Any] | None = None) -> int:
+        """Write the records to a proposal store, atomically; returns the image count."""
+        return import_to_store(self, out_path, meta)
+
+
+def import_to_store(importer: Any, out_path: PathLike, meta: dict[str, Any] | None = None) -> int:
+    """Write an importer's records to a proposal store, atomically.
+
+    Args:
+        importer: anything with ``records() -> Iterator[ProposalRecord]`` (an importer, a
+            :class:`~objcrop_plugin.proposals.store.ProposalStore`); its ``meta`` attribute,
+            when it has one, is recorded in the store's metadata.
+        out_path: the store file; written only if every record was read without error.
+        meta: more metadata (overrides the importer's keys).
+
+    Returns:
+        The number of images written.
+    """
+    count = 0
+
+    def counted() -> Iterator[ProposalRecord]:
+        nonlocal count
+        for rec in importer.records():
+            count += 1
+            yield rec
+
+    src_meta = getattr(importer, "meta", None)
+    merged = {**(src_meta if isinstance(src_meta, dict) else {}), **(meta or {})}
+    ProposalStore.write(out_path, counted(), merged)
+    missing = getattr(importer, "missing", None)
+    if missing:
+        log.info("%s: %d images skipped as missing", out_path, len(missing))
+    return count
+
+
+def _options(factory: Any) -> list[str]:
+    try:
+        params = list(inspect.signature(factory).parameters.values())[1:]  # after the path
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def make_importer(name: str, path: PathLike, **params: Any) -> ProposalImporter:
+    """A registered proposal importer by name, reading ``path``, with keyword options.
+
+    Example:
+        >>> make_importer("coco", "instances_val2017.json", key_prefix="val2017/")  # doctest: +SKIP
+
+    Raises:
+        objcrop_plugin.registry.RegistryError: an unknown name (the message lists the known
+            importers), or a generator's name.
+        TypeError: an option the importer does not take (the message lists those it does).
+        FileNotFoundError: ``path`` does not exist (from the importer).
+    """
+    if name not in list_proposal_sources():
+        known = ", ".join(list_proposal_sources(kind="importer"))
+        raise RegistryError(
+            f"unknown proposal importer '{name}'. Known importers: {known}. A third-party "
+            "importer is found when its distribution declares a ProposalImporter subclass in "
+            "the entry-point group 'objcrop_plugin.proposals'."
+        )
+    factory = load_proposal_source(name)
+    if getattr(factory, "kind", None) != "importer":
+        raise RegistryError(
+            f"proposal source '{name}' is a {getattr(factory, 'kind', 'non-importer')}, not an "
+            f"importer: use `objcrop proposals build IMAGES_DIR --method {name}` for it. "
+            f"Importers: {', '.join(list_proposal_sources(kind='importer'))}."
+        )
+    accepted = _options(factory)
+    try:
+        sig = inspect.signature(factory)
+        takes_any = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    except (TypeError, ValueError):
+        takes_any = True
+    unknown = [k for k in params if k not in accepted]
+    if unknown and not takes_any:
+        raise TypeError(
+            f"proposal importer '{name}' got unknown option(s) {unknown}; it accepts: "
+            f"{', '.join(accepted) or 'none'}"
+        )
+    return factory(path, **params)

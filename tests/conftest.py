@@ -1,0 +1,47 @@
+"""Fixtures shared by the whole suite.
+
+- ``demo_data``: a session-scoped factory for the embedded synthetic dataset. Each distinct set
+  of arguments is written once per session (the generator is deterministic), so test modules
+  that want the same scenes share one folder instead of regenerating it.
+- ``one_thread``: torch with one intra-op thread for the duration of a test: the tensors in
+  these tests are tiny, and on a busy 2-core machine extra threads only add synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from objcrop_plugin.data.synthetic import SyntheticDataset, write_dataset
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., SyntheticDataset]:
+    """``demo_data(n_images=12, size=(96, 72), seed=0)`` -> a written
+    :class:`~objcrop_plugin.data.synthetic.SyntheticDataset` (read-only: do not modify it;
+    copy it to ``tmp_path`` first when a test writes into the folder)."""
+    cache: dict[tuple[Any, ...], SyntheticDataset] = {}
+
+    def make(n_images: int = 12, size: tuple[int, int] = (96, 72), seed: int = 0) -> SyntheticDataset:
+        key = (int(n_images), tuple(size), int(seed))
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"demo_{n_images}_{size[0]}x{size[1]}_s{seed}")
+            cache[key] = write_dataset(root, n_images=n_images, size=tuple(size), seed=seed,
+                                       workers=1)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run the test with ``torch.set_num_threads(1)``, restoring the previous count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -1,0 +1,80 @@
+"""solo-learn's dataset as module-level classes: items, pickling, EXIF, the store key check."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from PIL import Image
+from solo_testing import (
+    H,
+    W,
+    make_cfg,
+    make_entry,
+    make_transform,
+    object_of,
+    scene_boxes,
+    scene_image,
+    solo_like_pipeline,
+)
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+
+from objcrop_plugin.integrations.solo.datasets import (
+    IndexedDataset,
+    ObjectAwareSoloDataset,
+    check_keys,
+)
+from objcrop_plugin.proposals import ProposalStore
+from objcrop_plugin.solo import ObjectAwareTransform, SoloConfigError, parse_object_aware
+
+
+def test_dataset_items_keep_solos_format_and_pickle(scenes):
+    transform = make_transform(scenes, [make_entry("object_aware"), make_entry("object_dilated")])
+    base = ImageFolder(str(scenes / "train"))
+    dataset = ObjectAwareSoloDataset(base, transform, scenes / "train")
+    assert len(dataset) == 8 and dataset.classes == ["a", "b"]  # forwarded to solo's dataset
+    index, views, target = dataset[5]
+    assert index == 5 and target == 1 and len(views) == 2
+    assert dataset.key(5) == "b/005.png"
+    clone = pickle.loads(pickle.dumps(dataset))  # module-level classes: spawn workers can
+    assert clone.key(5) == "b/005.png" and len(clone[0][1]) == 2
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4)
+    idx, batch_views, targets = next(iter(loader))
+    assert idx.tolist() == [0, 1, 2, 3] and targets.tolist() == [0] * 4
+    assert [tuple(v.shape) for v in batch_views] == [(4, 3, 64, 64)] * 2
+
+    plain = IndexedDataset(ImageFolder(str(scenes / "train"), transform=T.ToTensor()))
+    again = pickle.loads(pickle.dumps(plain))
+    i, x, y = again[2]
+    assert (i, y, tuple(x.shape)) == (2, 0, (3, H, W))
+
+
+def test_dataset_decodes_upright_exif_images(tmp_path):
+    # stored rotated, with an EXIF tag that turns it upright: boxes refer to the upright image
+    folder = tmp_path / "exif" / "a"
+    folder.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed = stored rotated 90 degrees clockwise
+    stored = scene_image(0).transpose(Image.Transpose.ROTATE_90)
+    stored.save(folder / "000.jpg", exif=exif, quality=100, subsampling=0)
+    store = tmp_path / "exif.objcrop"
+    ProposalStore.write(store, [("a/000.jpg", scene_boxes(0), [1.0, 1.0], (W, H))])
+    plan = parse_object_aware(make_cfg([make_entry("object_aware")], proposals=str(store)))
+    transform = ObjectAwareTransform(plan, [solo_like_pipeline(64)])
+    dataset = ObjectAwareSoloDataset(ImageFolder(str(tmp_path / "exif")), transform,
+                                     tmp_path / "exif")
+    assert dataset.key(0) == "a/000.jpg"
+    for _ in range(10):
+        object_of(dataset[0][1][0])
+    assert transform.recipe.fallbacks.fallbacks == 0
+
+
+def test_key_check_reports_a_store_built_over_another_folder(scenes):
+    transform = make_transform(scenes, [make_entry("object_aware")])
+    wrong = ProposalStore(scenes / "wrong.objcrop")
+    dataset = ObjectAwareSoloDataset(ImageFolder(str(scenes / "train")), transform, scenes / "train")
+    with pytest.raises(SoloConfigError, match=r"'a/000.png'.*keys look like 'images/000.png'.*Fix"):
+        check_keys(dataset, wrong, strict=False)
+    assert check_keys(dataset, transform.store, strict=False) == 1.0
