@@ -297,7 +297,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     res = evaluate_backbone(
         net, args.root, keys, labels, train_fraction=args.train_fraction, seed=args.seed,
         image_size=size, batch_size=args.batch_size, num_workers=args.workers,
-        probe={"epochs": args.epochs}, knn_kwargs={"k": args.k},
+        probe={"epochs": args.epochs}, knn_kwargs={"k": args.k}, pooling=args.pooling,
+        scale=args.scale,
     )
     summary = {k: float(res[k]) for k in ("probe_map", "knn_map", "prevalence_map")}
     summary.update(n_train=int(res["n_train"]), n_test=int(res["n_test"]))
@@ -371,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="weights to load (a timm state dict or a training checkpoint)")
     p.add_argument("--prefix", help="key prefix of the backbone inside the checkpoint")
     p.add_argument("--image-size", type=int, nargs="+", default=[224])
+    p.add_argument("--pooling", choices=("avg", "max", "avgmax"), default="avg",
+                   help="feature pooling (the demo's protocol: avgmax)")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply the image size by this (the demo's protocol: 2)")
     p.add_argument("--train-fraction", type=float, default=0.7)
     p.add_argument("--epochs", type=int, default=100, help="linear probe epochs (default 100)")
     p.add_argument("--k", type=int, default=20, help="kNN neighbours (default 20)")

@@ -145,16 +145,29 @@ def test_stats_eval_and_coco_import_commands(tmp_path, capsys):
     assert result["recall"]["0.5"]["1"] == 1.0
 
 
-def test_eval_command_on_demo_data(tmp_path, capsys):
-    from objcrop_plugin.data.synthetic import write_dataset
-
-    demo = write_dataset(tmp_path / "demo", n_images=12, size=(96, 72), seed=0)
+def test_eval_command_on_demo_data(tmp_path, capsys, demo_data, monkeypatch):
+    demo = demo_data(n_images=12, size=(96, 72), seed=0)
     rc = main(["eval", "--root", str(demo.root), "--model", "resnet10t", "--image-size", "64",
                "--epochs", "5", "--k", "3", "--json", str(tmp_path / "r.json")])
     assert rc == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert set(res) >= {"probe_map", "knn_map", "prevalence_map"}
     assert 0 <= res["probe_map"] <= 100 and res["n_train"] + res["n_test"] == 12
+
+    # the demo's protocol from the command line: reaches evaluate_backbone unchanged
+    import objcrop_plugin.eval as ev
+
+    seen = {}
+    real = ev.evaluate_backbone
+
+    def spy(*args, **kwargs):
+        seen.update(pooling=kwargs["pooling"], scale=kwargs["scale"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "evaluate_backbone", spy)
+    assert main(["eval", "--root", str(demo.root), "--model", "resnet10t", "--image-size", "32",
+                 "--pooling", "avgmax", "--scale", "2", "--epochs", "2", "--k", "3"]) == 0
+    assert seen == {"pooling": "avgmax", "scale": 2.0}
 
 
 def test_demo_command_quick_budget_writes_results_picture_and_ends_with_result(tmp_path, capsys):

@@ -157,7 +157,31 @@ def _from_source(name: str) -> property:
 
 # ------------------------------------------------------------------------ the CPU engine
 
-class ObjectCropDataset(torch.utils.data.Dataset):
+class _FolderDataset(torch.utils.data.Dataset):
+    """What both datasets take from their :class:`FolderSource` (``self.source``): its
+    attributes, length, targets and epoch."""
+
+    source: FolderSource
+
+    root = _from_source("root")
+    store = _from_source("store")
+    keys = _from_source("keys")
+    classes = _from_source("classes")
+    seed = _from_source("seed")
+    epoch = _from_source("epoch")
+
+    def set_epoch(self, epoch: int) -> None:
+        """Call before each epoch when ``seed`` is set, so epochs get different crops."""
+        self.source.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def target(self, index: int) -> int:
+        return self.source.target(index)
+
+
+class ObjectCropDataset(_FolderDataset):
     """A folder of images with object-aware views, host-library neutral.
 
     Each item is ``(views, target, key)``: ``views`` a list of tensors (globals first),
@@ -189,26 +213,9 @@ class ObjectCropDataset(torch.utils.data.Dataset):
         self.engine = ViewEngine(views, photometrics, draft, **recipe_kwargs)
         self.source = FolderSource(root, proposals, keys, seed, self.engine.recipe)
 
-    root = _from_source("root")
-    store = _from_source("store")
-    keys = _from_source("keys")
-    classes = _from_source("classes")
-    seed = _from_source("seed")
-    epoch = _from_source("epoch")
-
     @property
     def recipe(self) -> ViewRecipe:
         return self.engine.recipe
-
-    def set_epoch(self, epoch: int) -> None:
-        """Call before each epoch when ``seed`` is set, so epochs get different crops."""
-        self.source.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def target(self, index: int) -> int:
-        return self.source.target(index)
 
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int, str]:
         s = self.source.sample(index)
@@ -312,7 +319,7 @@ def load_canvas_item(
     return canvas_item(image, size, boxes, canvas_size, rng, target, key)
 
 
-class CanvasDataset(torch.utils.data.Dataset):
+class CanvasDataset(_FolderDataset):
     """A folder of images as fixed-size canvases plus planned crop windows, for the GPU engine.
 
     Input to this dataset:
@@ -356,26 +363,9 @@ class CanvasDataset(torch.utils.data.Dataset):
         self.canvas = _canvas_size(canvas, self.recipe)
         self.draft = draft
 
-    root = _from_source("root")
-    store = _from_source("store")
-    keys = _from_source("keys")
-    classes = _from_source("classes")
-    seed = _from_source("seed")
-    epoch = _from_source("epoch")
-
     @property
     def recipe(self) -> ViewRecipe:
         return self.planner.recipe
-
-    def set_epoch(self, epoch: int) -> None:
-        """Call before each epoch when ``seed`` is set, so epochs get different crops."""
-        self.source.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def target(self, index: int) -> int:
-        return self.source.target(index)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         s = self.source.sample(index)

@@ -136,7 +136,13 @@ class DataConfig:
 
 @dataclass
 class CropConfig:
-    """How views are cut: from object proposals (``object_aware``) or the scene."""
+    """How views are cut: from object proposals (``object_aware``) or the scene.
+
+    ``object_aware`` means, here as in solo-learn recipes, "views cut from the sample's
+    proposal"; this section covers all of the recipe's views (``views``, default
+    ``obj_obj_dilate``), whereas a solo-learn augmentation entry's ``crop: object_aware`` covers
+    that entry's views only (the policy ``object``). See docs/solo-learn.md.
+    """
 
     type: Literal["object_aware", "scene"] = "object_aware"
     views: str | list[Any] | None = None  # default: obj_obj_dilate / scene_scene
