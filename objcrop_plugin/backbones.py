@@ -26,13 +26,20 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["BackboneError", "create_backbone", "load_backbone_weights"]
+__all__ = [
+    "BackboneError",
+    "WeightsFileError",
+    "create_backbone",
+    "load_backbone_weights",
+    "read_weights_file",
+]
 
 PathLike = str | os.PathLike[str]
 
@@ -45,13 +52,72 @@ class BackboneError(ValueError):
     model or file and the fix)."""
 
 
+class WeightsFileError(BackboneError):
+    """A file that ``torch.load(..., weights_only=True)`` refuses or cannot read: truncated, not
+    a ``torch.save`` file, or pickled Python objects that a weights-only load does not run.
+    ``path`` and ``reason`` are attributes; the message is ``"PATH: not a plain weights file
+    (REASON)"``."""
+
+    def __init__(self, path: PathLike, reason: str) -> None:
+        self.path, self.reason = os.fspath(path), reason
+        super().__init__(f"{self.path}: not a plain weights file ({reason})")
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why ``torch.load`` failed, in one phrase."""
+    text = str(exc)
+    if any(s in text for s in ("Unsupported global", "unrecognized function", "Can only build",
+                               "allowlisted", "safe_globals")):
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f" ({found.group(1)})" if found else ""
+        return (f"it holds pickled Python objects{what} besides tensors and plain containers; "
+                "a weights-only load refuses to run them")
+    if isinstance(exc, EOFError) or any(
+        s in text for s in ("central directory", "PytorchStreamReader", "unexpected EOF",
+                            "file read failed", "Ran out of input")
+    ):
+        return "truncated, or not a torch.save file"
+    return "not a torch.save file"
+
+
+def read_weights_file(path: PathLike) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``: tensors, numbers, strings
+    and plain containers only, whatever the installed torch's default; a pickle that would
+    run code is refused before it runs.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        WeightsFileError: anything else that keeps the file from loading (the message names
+            the file and why).
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise FileNotFoundError(f"weights file not found: {p}")
+    if os.path.isdir(p):
+        raise WeightsFileError(p, "a folder, not a file")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch raises many types here (UnpicklingError, RuntimeError, KeyError...)
+        raise WeightsFileError(p, _load_failure(exc)) from None
+
+
 def _check_name(name: str) -> None:
     import timm
 
-    arch = name.split(".", 1)[0]  # "resnet50.a1_in1k": the tag names pretrained weights
+    arch, _, tag = name.partition(".")  # "resnet50.a1_in1k": the tag names pretrained weights
     if timm.is_model(arch):
+        tags = timm.list_pretrained(f"{arch}.*")
+        if tag and name not in tags:
+            known = f" Its tags: {', '.join(t.split('.', 1)[1] for t in tags[:8])}." if tags else ""
+            raise BackboneError(
+                f"timm's model '{arch}' has no tag '{tag}'.{known} Fix: name the model "
+                f"'{arch}' (a tag only names pretrained weights, and none are downloaded here)"
+            )
         return
-    close = difflib.get_close_matches(arch, timm.list_models(), n=5)
+    by_lower = {n.lower(): n for n in timm.list_models()}  # "ResNet50" is close to "resnet50"
+    close = [by_lower[n] for n in difflib.get_close_matches(arch.lower(), list(by_lower), n=5)]
     hint = f" Close matches: {', '.join(close)}." if close else ""
     raise BackboneError(f"timm has no model '{name}'.{hint} See timm.list_models().")
 
@@ -84,7 +150,8 @@ def create_backbone(
 
     Raises:
         BackboneError: ``name`` is not a timm model (close matches are named),
-            ``pretrained=True``, or the checkpoint holds no complete set of the model's tensors.
+            ``pretrained=True``, the checkpoint is not a plain weights file, or it holds no
+            complete set of the model's tensors.
         FileNotFoundError: ``checkpoint`` does not exist.
     """
     import timm
@@ -116,12 +183,21 @@ def load_backbone_weights(
     wins over ``momentum``/``ema``/``target``/``teacher`` copies, then the shortest prefix.
 
     Raises:
-        BackboneError: no state dict in the file, none of its tensors fit ``net``, or some of
-            ``net``'s tensors are missing under the prefix (the message names the file, the
-            prefix and some missing keys).
+        BackboneError: the file is not a plain weights file (truncated, not a ``torch.save``
+            file, or pickled objects a weights-only load refuses), holds no state dict, none
+            of its tensors fit ``net``, or some of ``net``'s tensors are missing under the
+            prefix (the message names the file, the prefix and some missing keys, and the fix).
+        FileNotFoundError: ``checkpoint`` does not exist.
     """
     path = os.fspath(checkpoint)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = read_weights_file(path)
+    except WeightsFileError as exc:
+        raise BackboneError(
+            f"{exc}. Fix: pass a plain weights file (a state dict of tensors): `objcrop "
+            "train` writes one as OUT_DIR/backbone.pth; from your own model, "
+            "torch.save(model.state_dict(), PATH)"
+        ) from None
     for key in ("state_dict", "model", "backbone"):
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping):
             obj = obj[key]

@@ -30,6 +30,7 @@ __all__ = [
     "dilate",
     "ensure_min_size",
     "rescale",
+    "size_mismatch",
     "valid_mask",
     "area",
     "iou",
@@ -190,6 +191,37 @@ def rescale(boxes: object, from_size: Size, to_size: Size) -> np.ndarray:
     b[:, 0::2] *= tw / fw
     b[:, 1::2] *= th / fh
     return b
+
+
+def size_mismatch(from_size: Size, to_size: Size, rtol: float = 0.01) -> str | None:
+    """Why boxes of an image of ``from_size`` cannot be rescaled to ``to_size``.
+
+    Rescaling is right for the same image at another resolution: the same aspect ratio, up to
+    ``rtol`` and the half pixel each side was rounded to. For another aspect ratio the boxes
+    would land on other objects.
+
+    Returns:
+        ``None`` when the aspect ratios agree; ``"transposed"`` when ``from_size`` is
+        ``to_size``'s transpose (width and height swapped: the boxes were computed on the image
+        turned by 90 degrees, as a mismatch in applying the EXIF orientation gives);
+        ``"aspect"`` for any other aspect ratio.
+
+    Example:
+        >>> size_mismatch((640, 480), (320, 240)), size_mismatch((640, 480), (480, 640))
+        (None, 'transposed')
+        >>> size_mismatch((640, 480), (640, 360))
+        'aspect'
+    """
+    fw, fh = _check_size(from_size)
+    tw, th = _check_size(to_size)
+
+    def same(aw: float, ah: float, bw: float, bh: float) -> bool:
+        tol = rtol + 0.5 / aw + 0.5 / ah + 0.5 / bw + 0.5 / bh
+        return abs(np.log((aw / ah) / (bw / bh))) <= tol
+
+    if same(fw, fh, tw, th):
+        return None
+    return "transposed" if same(fw, fh, th, tw) else "aspect"
 
 
 def iou(a: object, b: object) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -30,9 +31,12 @@ def _add_demo_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from .files import check_output
     from .proposals.store import ProposalStore
-    from .viz import crops_figure
+    from .viz import PICTURE_KIND, crops_figure
 
+    # before any work (the demo data may have to be written), and again once the inputs are known
+    check_output(args.out, PICTURE_KIND, [args.root, args.proposals], args.force)
     if args.root:
         root = Path(args.root)
         store = ProposalStore(args.proposals) if args.proposals else None
@@ -44,6 +48,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         root, keys = demo.root, list(demo.keys)
         store = ProposalStore(args.proposals or demo.proposals_path)
     keys = args.keys or keys[args.first : args.first + args.n]
+    check_output(args.out, PICTURE_KIND, [root, store and store.path], args.force)
     out = crops_figure(
         root, keys, store, recipes=args.views, out=args.out, seed=args.seed,
         photometrics=args.photometrics,
@@ -152,6 +157,7 @@ def cmd_policies(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from .proposals.importer_base import import_to_store, make_importer
 
+    _check_store_out(args, [args.src])
     try:
         importer = make_importer(args.source, args.src, **_parse_params(args.param))
     except TypeError as exc:  # an option the importer does not take
@@ -165,9 +171,11 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .proposals.jsonl import export_jsonl
+    from .files import check_output
+    from .proposals.jsonl import JSONL_KIND, export_jsonl
     from .proposals.store import ProposalStore
 
+    check_output(args.out, JSONL_KIND, [args.store], args.force)
     n = export_jsonl(ProposalStore(args.store), args.out)
     print(f"wrote {args.out} ({n} images)")
     return 0
@@ -180,6 +188,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(json.dumps({"path": str(store.path), "images": len(store), "boxes": store.n_boxes,
                       "meta": store.meta}, indent=2))
     return 0
+
+
+def _check_store_out(args: argparse.Namespace, inputs: list, out: str | None = None) -> None:
+    """``--out`` of a command writing a store (and its failures list): see check_output."""
+    from .files import check_output
+    from .proposals.build import FAILURES_KIND, failures_path
+    from .proposals.store import STORE_KIND
+
+    out = out or args.out
+    check_output(out, STORE_KIND, inputs, args.force)
+    check_output(failures_path(Path(out)), FAILURES_KIND, inputs, args.force)
 
 
 def _parse_params(items: list[str] | None) -> dict:
@@ -196,7 +215,7 @@ def _parse_params(items: list[str] | None) -> dict:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from .proposals.build import build_store, resolve_shard
+    from .proposals.build import build_store, resolve_shard, shard_path
 
     params = _parse_params(args.param)
     # only what the user set: the same build from the API or the CLI has the same settings
@@ -207,10 +226,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     if args.bing_model:
         params["model_dir"] = str(args.bing_model)
     shard = resolve_shard(args.shard)
+    _check_store_out(args, [args.images_dir], str(shard_path(args.out, *shard)))
     summary = build_store(
         args.images_dir, args.out, method=args.method, params=params, workers=args.workers,
         shard=shard, chunk_size=args.chunk_size, max_pixels=args.max_pixels,
-        progress=not args.no_progress,
+        progress=not args.no_progress, restart=args.restart,
     )
     print(summary.format())
     if summary.failure_rate > args.max_failure_rate:
@@ -226,6 +246,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_import_coco(args: argparse.Namespace) -> int:
     from .proposals.importers import CocoImporter, import_to_store
 
+    _check_store_out(args, [args.annotations, args.images_json, args.images_root])
     imp = CocoImporter(
         args.annotations, images_json=args.images_json, images_root=args.images_root,
         key_prefix=args.key_prefix, include_crowd=args.include_crowd, min_score=args.min_score,
@@ -241,6 +262,7 @@ def cmd_import_coco(args: argparse.Namespace) -> int:
 def cmd_import_openimages(args: argparse.Namespace) -> int:
     from .proposals.importers import OpenImagesImporter, import_to_store
 
+    _check_store_out(args, [args.boxes_csv, args.images_root])
     imp = OpenImagesImporter(args.boxes_csv, args.images_root, key_format=args.key_format,
                              include_group_of=not args.no_group_of)
     n = import_to_store(imp, args.out)
@@ -276,6 +298,7 @@ def cmd_proposals_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from .proposals.build import merge_stores
 
+    _check_store_out(args, args.stores)
     n = merge_stores(args.out, args.stores)
     print(f"wrote {args.out} ({n} images from {len(args.stores)} stores)")
     return 0
@@ -308,6 +331,69 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction from 0 to 1, got {text}")
+    return value
+
+
+def _add_force_arg(p: argparse.ArgumentParser, what: str = "store") -> None:
+    p.add_argument(
+        "--force", action="store_true",
+        help=f"overwrite --out even when it is a regular file that is not a {what} written by "
+        "objcrop (never an input of the command, a folder or a device)",
+    )
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .files import OutputKind, check_output
+    from .images import list_images, scan_images, write_bad_list
+
+    root = Path(args.root)
+    # its own list may be replaced; nothing the scan reads, nor another file without --force
+    check_output(args.out, OutputKind("bad-image list", lambda h: h.startswith(
+        b"key\tproblem\tdetail\n")), [root, args.proposals], args.force)
+    keys = list_images(root)
+    stored_size = None
+    if args.proposals:
+        from .proposals.store import ProposalStore
+
+        store = ProposalStore(args.proposals)
+
+        def stored_size(key: str) -> tuple[int, int] | None:
+            props = store.get(key)
+            return None if props is None else props.image_size
+
+    rows = scan_images(root, keys, stored_size, progress=not args.no_progress)
+    if not rows:
+        print(f"objcrop check: all {len(keys)} images under {root} are readable"
+              + (f" and match {args.proposals}" if args.proposals else ""))
+        return 0
+    out = write_bad_list(args.out, rows, ("key", "problem", "detail"))
+    counts: dict[str, int] = {}
+    for _key, problem, _detail in rows:
+        counts[problem] = counts.get(problem, 0) + 1
+    images = len({key for key, _, _ in rows})
+    print(f"objcrop check: {images} of {len(keys)} images under {root} have problems ("
+          + ", ".join(f"{n} {p}" for p, n in sorted(counts.items())) + f"); the list is in {out}",
+          file=sys.stderr)
+    return 3
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="objcrop",
@@ -327,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--photometrics", default="none",
                    help="apply a photometric preset to the views (default none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="crops.png", help="output PNG (default crops.png)")
+    p.add_argument("--out", "-o", default="crops.png", help="output PNG (default crops.png)")
+    _add_force_arg(p, "PNG")
     _add_demo_data_args(p)
     p.set_defaults(func=cmd_show)
 
@@ -388,6 +475,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("policies", help="list registered crop policies and proposal sources")
     p.set_defaults(func=cmd_policies)
 
+    p = sub.add_parser(
+        "check",
+        help="scan an image folder for what training would stumble on; exit 3 when some are bad",
+        description="Open and decode every image (and with --proposals check that its key is in "
+        "the store with a stored size of the image's aspect ratio); write the bad ones to a "
+        "tab-separated list. Exit 0 when clean, 3 when problems were found.",
+    )
+    p.add_argument("root", metavar="DATA", help="the image folder")
+    p.add_argument("--proposals", metavar="STORE", help="the proposal store to check against")
+    p.add_argument("--out", default="bad_images.tsv",
+                   help="where the list goes (default: bad_images.tsv here)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out even when it is a file of another kind")
+    p.set_defaults(func=cmd_check)
+
     prop = sub.add_parser("proposals", help="proposal stores").add_subparsers(
         dest="proposals_command", required=True
     )
@@ -399,7 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
         "arguments, e.g. --source coco --param key_prefix=train2017/.",
     )
     p.add_argument("src", metavar="INPUT")
-    p.add_argument("--out", required=True, help="the store to write")
+    p.add_argument("--out", "-o", required=True, help="the store to write")
+    _add_force_arg(p)
     p.add_argument("--source", default="jsonl",
                    help="importer: jsonl (default), coco, openimages, or a plugin's name")
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
@@ -407,42 +511,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
     p = prop.add_parser("export", help="proposal store -> JSON Lines")
     p.add_argument("store")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", "-o", required=True, help="the JSON Lines file to write")
+    _add_force_arg(p, "JSON Lines file")
     p.set_defaults(func=cmd_export)
     p = prop.add_parser(
         "build", help="run a proposal generator over an image folder (parallel, resumable)",
         description="Run a proposal generator over every image under IMAGES_DIR. Resumable: "
         "run the same command again after an interruption. Exit status 3 when more than "
         "--max-failure-rate of the images could not be read (they are listed in "
-        "STORE.failures.tsv either way).",
+        "STORE.failures.tsv either way). One build per store at a time (a lock file beside "
+        "it); an unfinished build is resumed only with the same settings.",
     )
     p.add_argument("images_dir")
-    p.add_argument("--out", required=True, help="the store to write")
+    p.add_argument("--out", "-o", required=True, help="the store to write")
+    _add_force_arg(p)
+    p.add_argument("--restart", action="store_true",
+                   help="discard an unfinished build of --out instead of resuming it")
     p.add_argument("--method", default="graph_segments",
                    help="generator: bing, bing_opencv, graph_segments, selective_search")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--top-k", type=int, help="boxes kept per image (default 10)")
-    p.add_argument("--max-side", type=int, help="working resolution (default 512)")
+    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
+                   help="processes (default: the CPU count)")
+    p.add_argument("--top-k", type=_positive_int, help="boxes kept per image (default 10)")
+    p.add_argument("--max-side", type=_positive_int, help="working resolution (default 512)")
     p.add_argument("--bing-model", help="BING model folder (opencv_contrib "
                    "modules/saliency/samples/ObjectnessTrainedModel)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="another generator parameter (repeatable)")
     p.add_argument("--shard", help="i/N: build every N-th image from i (default: RANK/"
                    "WORLD_SIZE or SLURM array variables, else 0/1)")
-    p.add_argument("--chunk-size", type=int, default=64, help="images per resumable unit")
-    p.add_argument("--max-pixels", type=int, default=89_478_485,
+    p.add_argument("--chunk-size", type=_positive_int, default=64,
+                   help="images per resumable unit (default 64)")
+    p.add_argument("--max-pixels", type=_positive_int, default=89_478_485,
                    help="larger images are failures (default 89478485, PIL's limit)")
-    p.add_argument("--max-failure-rate", type=float, default=0.01,
-                   help="exit 3 above this fraction of failed images (default 0.01)")
+    p.add_argument("--max-failure-rate", type=_fraction, default=0.01,
+                   help="exit 3 above this fraction of failed images, 0-1 (default 0.01)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_build)
     p = prop.add_parser("merge", help="join shard stores into one")
     p.add_argument("stores", nargs="+")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", "-o", required=True, help="the store to write")
+    _add_force_arg(p)
     p.set_defaults(func=cmd_merge)
     p = prop.add_parser("import-coco", help="COCO annotations or detection results -> store")
     p.add_argument("annotations", help="COCO annotations JSON, or a detection results JSON list")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", "-o", required=True, help="the store to write")
+    _add_force_arg(p)
     p.add_argument("--images-json", help="annotations file giving image ids, names and sizes "
                    "(needed for a detection results file)")
     p.add_argument("--images-root", help="dataset root: images whose file is missing are skipped")
@@ -454,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = prop.add_parser("import-openimages", help="OpenImages box CSV -> store")
     p.add_argument("boxes_csv")
     p.add_argument("--images-root", required=True, help="dataset root (image sizes are read here)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", "-o", required=True, help="the store to write")
+    _add_force_arg(p)
     p.add_argument("--key-format", default="{image_id}.jpg", help="key of an ImageID, e.g. "
                    "'train/{image_id}.jpg' (default '{image_id}.jpg')")
     p.add_argument("--no-group-of", action="store_true", help="drop IsGroupOf boxes")
@@ -485,7 +599,19 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        return rc
+    except BrokenPipeError:
+        # the reader went away (piped into head): stop quietly, as Unix tools do, and keep
+        # the interpreter's final flush of stdout from raising again
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13  # what a shell reports for a tool ended by SIGPIPE
+    except KeyboardInterrupt as exc:
+        print(f"objcrop: {exc}" if str(exc) else "objcrop: interrupted", file=sys.stderr)
+        return 130
     except (FileNotFoundError, ValueError, LookupError, OSError) as exc:
         print(f"objcrop: error: {exc}", file=sys.stderr)
         return 2

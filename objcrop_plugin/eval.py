@@ -272,8 +272,10 @@ def load_backbone(
     to choose, ``""`` for none). ``**timm_kwargs`` go to ``timm.create_model``.
 
     Raises:
-        objcrop_plugin.backbones.BackboneError: unknown model name, or a checkpoint without a
-            complete set of the model's tensors (a :class:`ValueError`).
+        objcrop_plugin.backbones.BackboneError: unknown model name (close matches are named),
+            a checkpoint that is not a plain weights file (truncated, not a ``torch.save``
+            file, or pickled objects, which are never run), or one without a complete set of
+            the model's tensors (a :class:`ValueError`).
         FileNotFoundError: ``checkpoint`` does not exist.
     """
     from .backbones import create_backbone, load_backbone_weights

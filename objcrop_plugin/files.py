@@ -1,4 +1,4 @@
-"""Files at the bottom of the package: atomic writes and dataset keys.
+"""Files at the bottom of the package: atomic writes, output checks, locks and dataset keys.
 
 Nothing here imports another module of the package, so every layer (images, proposals,
 engines, training) can use it.
@@ -7,14 +7,35 @@ engines, training) can use it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import posixpath
+import socket
+import stat
 import tempfile
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_write", "normalize_key"]
+__all__ = [
+    "OutputFileError",
+    "OutputKind",
+    "OutputLockedError",
+    "atomic_write",
+    "check_output",
+    "normalize_key",
+    "output_lock",
+]
+
+
+class OutputFileError(ValueError):
+    """An output path this tool must not write: an input, a folder or device, a foreign file."""
+
+
+class OutputLockedError(OutputFileError):
+    """Another live process holds the output's lock (the message names it and the lock file)."""
 
 
 def _umask() -> int:
@@ -49,8 +70,13 @@ def atomic_write(
 
     The new file keeps the mode of the file it replaces, else the umask's default (``mkstemp``
     alone would make it owner-only).
+
+    Raises:
+        OutputFileError: ``path`` is a folder, device, pipe or socket (the rename would replace
+            it, or a symbolic link to it, with a regular file); nothing is created.
     """
     path = Path(path)
+    _refuse_non_regular(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -80,6 +106,214 @@ def atomic_write(
             finally:
                 os.close(dfd)
     return path
+
+
+def _refuse_non_regular(path: Path) -> None:
+    try:
+        st = os.stat(path)  # follows links: a link to /dev/stdout is a device here
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise OutputFileError(f"{path} is a folder. Fix: give a file path to write.")
+    if not stat.S_ISREG(st.st_mode):
+        raise OutputFileError(
+            f"{path} is not a regular file (a device, pipe or socket); objcrop writes files by "
+            "renaming a finished temporary file over the target, which would replace it. "
+            "Fix: give a file path to write."
+        )
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """A kind of file a command writes, and how to recognise one that this tool made.
+
+    Attributes:
+        name: what the file is, for messages ("proposal store").
+        matches: ``matches(head) -> bool`` on the file's first ``head_bytes`` bytes.
+        head_bytes: how many bytes ``matches`` needs.
+    """
+
+    name: str
+    matches: Callable[[bytes], bool]
+    head_bytes: int = 4096
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output(
+    path: str | os.PathLike[str],
+    kind: OutputKind,
+    inputs: Iterable[str | os.PathLike[str] | None] = (),
+    force: bool = False,
+) -> Path:
+    """May a command write ``path``? Return it if so; raise :class:`OutputFileError` if not.
+
+    Writes go to a new path, or over a regular file of the same ``kind`` made by this tool (a
+    store over a store), or over an empty file. Never over an input of the same command (a
+    file in ``inputs``, or a file inside a folder in ``inputs`` that is not of ``kind``), a
+    folder, a device, pipe or socket, or a symbolic link (the atomic rename would replace the
+    link, not write through it). Over any other regular file only with ``force``.
+
+    Args:
+        path: the output the command is about to write.
+        kind: what the command writes.
+        inputs: the files and folders the command reads (``None`` entries are ignored).
+        force: allow replacing a regular file of another kind (``--force``).
+
+    Example:
+        >>> import tempfile, os
+        >>> d = tempfile.mkdtemp()
+        >>> src = os.path.join(d, "in.txt")
+        >>> _ = open(src, "w").write("mine")
+        >>> check_output(src, OutputKind("text", lambda h: False), inputs=[src])
+        Traceback (most recent call last):
+        ...
+        objcrop_plugin.files.OutputFileError: ...is also an input of this command...
+    """
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    except NotADirectoryError:
+        raise OutputFileError(f"{path}: a parent of this path is a file, not a folder") from None
+    ins = [Path(p) for p in inputs if p is not None]
+    for inp in ins:
+        if _same_file(path, inp):
+            raise OutputFileError(
+                f"{path} is also an input of this command ({inp}); writing it would destroy "
+                "the input. Fix: write to another path."
+            )
+    if stat.S_ISLNK(st.st_mode):
+        raise OutputFileError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); writing replaces the link "
+            "itself, not the file it points to. Fix: give the target's path, or another path."
+        )
+    _refuse_non_regular(path)
+    if st.st_size == 0:
+        return path  # nothing to lose
+    try:
+        with open(path, "rb") as f:
+            head = f.read(kind.head_bytes)
+    except OSError as exc:
+        raise OutputFileError(f"{path} exists and cannot be read ({exc.strerror})") from None
+    if kind.matches(head):
+        return path
+    resolved = path.resolve()
+    for inp in ins:
+        if inp.is_dir() and inp.resolve() in resolved.parents:
+            raise OutputFileError(
+                f"{path} is inside {inp}, a folder this command reads, and is not a "
+                f"{kind.name}. Fix: write the output outside {inp}."
+            )
+    if force:
+        return path
+    raise OutputFileError(
+        f"{path} exists and is not a {kind.name} written by objcrop; refusing to replace it. "
+        "Fix: choose another output path, or pass --force to overwrite it."
+    )
+
+
+_HOST = socket.gethostname()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists, owned by someone else (or we cannot tell: assume alive)
+    return True
+
+
+def _holder(lock: Path) -> dict:
+    try:
+        info = json.loads(lock.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _locked_error(lock: Path, what: str, holder: dict) -> OutputLockedError:
+    who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since "
+           f"{holder.get('since', '?')}") if holder else "another process"
+    return OutputLockedError(
+        f"{what} is being written by {who} (lock file {lock}). Fix: wait for that run to end, "
+        f"or write to another path; if that process is gone, delete {lock}."
+    )
+
+
+@contextlib.contextmanager
+def output_lock(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Hold the exclusive lock of ``target`` (the file ``.NAME.lock`` beside it) for a block.
+
+    The lock file names the holder's pid and host. A second holder is refused at once with
+    :class:`OutputLockedError`. A lock left by a dead process is taken over: with ``fcntl``
+    (POSIX) the kernel drops a dead holder's lock on any host that shares the lock; without it,
+    a lock naming a dead pid on this host is taken over. The lock file is removed on release.
+
+    Yields:
+        the lock file's path.
+    """
+    target = Path(target)
+    lock = target.with_name(f".{target.name}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    info = json.dumps({"pid": os.getpid(), "host": _HOST,
+                       "since": time.strftime("%Y-%m-%d %H:%M:%S %z")})
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        fcntl = None
+    if fcntl is None:  # pragma: no cover - Windows
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                holder = _holder(lock)
+                if holder.get("host") == _HOST and not _pid_alive(int(holder.get("pid", -1))):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(lock)
+                    continue
+                raise _locked_error(lock, str(target), holder) from None
+        else:
+            raise _locked_error(lock, str(target), _holder(lock))
+        os.write(fd, info.encode())
+        os.close(fd)
+        try:
+            yield lock
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+        return
+    while True:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise _locked_error(lock, str(target), _holder(lock)) from None
+        try:  # the holder before us may have removed the file between our open and flock
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, info.encode())
+        yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        os.close(fd)
 
 
 def normalize_key(key: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+import stat
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -19,8 +20,8 @@ from typing import TypeVar
 import numpy as np
 from PIL import Image
 
-from .boxes import ImageSize
-from .files import normalize_key
+from .boxes import ImageSize, size_mismatch
+from .files import atomic_write, normalize_key
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -32,7 +33,10 @@ __all__ = [
     "load_rgb",
     "open_image",
     "opened_from",
+    "read_image",
+    "scan_images",
     "to_rgb",
+    "write_bad_list",
 ]
 
 #: File name endings listed as images (lower case).
@@ -95,8 +99,34 @@ def opened_from(img: Image.Image, path: str | os.PathLike[str]) -> OpenedImage:
     return OpenedImage(img, orientation, size, os.fspath(path))
 
 
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "another kind of file"
+
+
 def open_image(path: str | os.PathLike[str]) -> OpenedImage:
-    """Open an image and read its displayed size without decoding the pixels."""
+    """Open an image and read its displayed size without decoding the pixels.
+
+    Raises:
+        ImageDecodeError: the file is missing, not a regular file (a FIFO would block the
+            open forever, a device would never end), or not an image PIL can open.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ImageDecodeError(
+            f"{path}: cannot open as an image ({type(exc).__name__}: {exc}). "
+            "Fix: remove or replace the file."
+        ) from exc
+    if not stat.S_ISREG(mode):
+        raise ImageDecodeError(
+            f"{path}: not a regular file but {_kind(mode)}; only regular files are read as "
+            "images. Fix: remove it from the image folder."
+        )
     try:
         img = Image.open(path)
     except Exception as exc:
@@ -229,15 +259,164 @@ def decode_planned(
 
 
 def list_images(root: str | os.PathLike[str]) -> list[str]:
-    """All image files under ``root``, as sorted keys (paths relative to ``root``, ``/``-separated)."""
+    """All image files under ``root``, as sorted keys (paths relative to ``root``, ``/``-separated).
+
+    Links to folders are followed, but each real folder is entered once: a link back up the
+    tree (``self -> .``) or a second link to the same folder adds nothing, so a link can never
+    lead into a cycle. Each real file is listed once too (symbolic and hard links to a listed
+    file are left out), under its real name where the tree holds one: the real folders and
+    files are walked first, links after. Only regular files are listed (a FIFO, socket or
+    device named ``*.jpg`` would block or never end a read), with an image extension
+    (:data:`IMAGE_EXTENSIONS`) and a name not starting with a dot; hidden folders are skipped.
+    """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    keys = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith("."):
-                keys.append(normalize_key(os.path.join(dirpath, name), root))
+    top = os.stat(root)
+    seen_dirs = {(top.st_dev, top.st_ino)}
+    seen_files: set[tuple[int, int]] = set()
+    keys: list[str] = []
+    linked_dirs: list[str] = []  # followed once the real tree is listed
+    linked_files: list[str] = []
+
+    def add(path: str, ident: tuple[int, int]) -> None:
+        if ident not in seen_files:
+            seen_files.add(ident)
+            keys.append(normalize_key(path, root))
+
+    def walk(folder: str, dev: int) -> None:
+        stack = [(folder, dev)]
+        while stack:
+            here, here_dev = stack.pop()
+            try:
+                entries = sorted(os.scandir(here), key=lambda e: e.name)
+            except OSError:  # an unreadable folder: nothing to list there
+                continue
+            subdirs = []
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                try:
+                    if entry.is_symlink():
+                        if entry.is_dir():
+                            linked_dirs.append(entry.path)
+                        elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                            linked_files.append(entry.path)
+                    elif entry.is_dir():
+                        st = entry.stat()
+                        ident = (st.st_dev, st.st_ino)
+                        if ident not in seen_dirs:  # a bind mount can repeat a folder
+                            seen_dirs.add(ident)
+                            subdirs.append((entry.path, st.st_dev))
+                    elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
+                        add(entry.path, (here_dev, entry.inode()))
+                except OSError:
+                    continue
+            stack.extend(reversed(subdirs))
+
+    walk(os.fspath(root), top.st_dev)
+    while linked_dirs:
+        path = linked_dirs.pop(0)
+        try:
+            st = os.stat(path)
+        except OSError:  # a broken link
+            continue
+        if (st.st_dev, st.st_ino) not in seen_dirs:
+            seen_dirs.add((st.st_dev, st.st_ino))
+            walk(path, st.st_dev)
+    for path in linked_files:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):  # not a FIFO, device, folder or broken link
+            add(path, (st.st_dev, st.st_ino))
     keys.sort()
     return keys
+
+
+def read_image(path: str | os.PathLike[str]) -> OpenedImage:
+    """Open and fully decode an image, to check that it can be read (pixels discarded).
+
+    Returns the :class:`OpenedImage` (closed) with its displayed size and EXIF orientation.
+
+    Raises:
+        ImageDecodeError: the file cannot be opened or decoded (the message names it).
+    """
+    opened = open_image(path)
+    try:
+        load_rgb(opened)
+    finally:
+        opened.image.close()
+    return opened
+
+
+def scan_images(
+    root: str | os.PathLike[str],
+    keys: Sequence[str] | None = None,
+    stored_size: Callable[[str], tuple[int, int] | None] | None = None,
+    progress: bool = False,
+) -> list[tuple[str, str, str]]:
+    """Check every image of a folder up front: what training would stumble on.
+
+    Each image is opened and fully decoded; with ``stored_size`` (a key's image size in the
+    proposal store, ``None`` when the store has no entry) its key must be in the store and the
+    stored size must have the image's aspect ratio (:func:`~objcrop_plugin.boxes.size_mismatch`;
+    a transposed size says the EXIF orientation was applied on one side only).
+
+    Args:
+        root: the image folder; keys are paths relative to it.
+        keys: the images to check (default :func:`list_images`).
+        stored_size: the proposal store's size lookup, or ``None`` to check images only.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        one ``(key, problem, detail)`` row per problem found, ``problem`` one of
+        ``unreadable``, ``no_proposals``, ``size_transposed``, ``size_mismatch``.
+    """
+    root = Path(root)
+    keys = list_images(root) if keys is None else list(keys)
+    rows: list[tuple[str, str, str]] = []
+    it: Iterable[str] = keys
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(keys, desc=f"checking {root}", unit="img")
+    for key in it:
+        try:
+            opened = read_image(root / key)
+        except ImageDecodeError as exc:
+            rows.append((key, "unreadable", str(exc)))
+            continue
+        if stored_size is None:
+            continue
+        stored = stored_size(key)
+        if stored is None:
+            rows.append((key, "no_proposals", "no entry in the proposal store (scene crops)"))
+            continue
+        why = size_mismatch(stored, opened.size)
+        if why is not None:
+            (sw, sh), (w, h) = stored, opened.size
+            detail = f"stored size {sw}x{sh}, image {w}x{h} (EXIF orientation {opened.orientation})"
+            if why == "transposed":
+                detail += ": the stored size is the transpose, an EXIF orientation mismatch"
+            rows.append((key, f"size_{why}" if why == "transposed" else "size_mismatch",
+                         detail + "; rebuild its proposals"))
+    return rows
+
+
+def write_bad_list(
+    path: str | os.PathLike[str], rows: Iterable[Sequence[str]], header: Sequence[str]
+) -> Path:
+    """Write a tab-separated list atomically (:func:`~objcrop_plugin.files.atomic_write`).
+
+    Tabs and line breaks inside a field are written as ``\\t`` and ``\\n``, so each row
+    stays one line.
+    """
+
+    def clean(field: object) -> str:
+        return str(field).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
+
+    lines = ["\t".join(clean(f) for f in header)]
+    lines += ["\t".join(clean(f) for f in row) for row in rows]
+    return atomic_write(path, ("\n".join(lines) + "\n").encode("utf-8"))

@@ -390,7 +390,11 @@ class ViewRecipe:
 
     Input to this recipe: the image size ``(width, height)``, the image's proposal boxes
     ``(K, 4)`` in pixels of that image (``None`` when the image has no entry in the store),
-    optional scores ``(K,)``, a ``numpy.random.Generator`` and the sample's key (for logs).
+    optional scores ``(K,)``, a ``numpy.random.Generator``, the sample's key (for logs) and
+    optionally ``boxes_size``, the ``(width, height)`` the boxes refer to when it is not the
+    image's: boxes of an image of the same aspect ratio are rescaled; of another aspect ratio
+    (width and height swapped by an EXIF orientation mismatch, or another image) they would
+    land on other objects, so the sample falls back to scene crops, counted as ``mismatched``.
 
     Output of this recipe: a list of :class:`CropWindow`, globals first, then locals.
 
@@ -442,6 +446,7 @@ class ViewRecipe:
         scores: np.ndarray | None = None,
         rng: np.random.Generator | None = None,
         key: str | None = None,
+        boxes_size: Size | None = None,
     ) -> list[CropWindow]:
         w, h = image_size
         if not (w > 0 and h > 0):
@@ -451,7 +456,19 @@ class ViewRecipe:
         candidates = np.zeros(0, dtype=np.int64)
         b = None
         if self.needs_proposals:
-            if boxes is None:
+            mismatch = None
+            if boxes is not None and boxes_size is not None and tuple(boxes_size) != (w, h):
+                mismatch = box_ops.size_mismatch(boxes_size, image_size)
+                if mismatch is None:  # the same image at another resolution
+                    boxes = box_ops.rescale(boxes, boxes_size, image_size)
+            if mismatch is not None:
+                (bw, bh) = boxes_size
+                detail = f"its proposals are for a {bw}x{bh} image but it is {w}x{h}"
+                if mismatch == "transposed":
+                    detail += " (the stored size is the transpose: an EXIF orientation mismatch)"
+                self._fallback("mismatched", key, detail + "; rebuild the proposals "
+                               "(`objcrop proposals build`)")
+            elif boxes is None:
                 self._fallback("missing", key, "no entry in the proposal store")
             else:
                 b = box_ops.as_boxes(boxes)

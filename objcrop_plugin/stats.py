@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 import multiprocessing as mp
 from multiprocessing import context as mp_context
 
-__all__ = ["FallbackCounter"]
+from .images import ImageDecodeError
+
+__all__ = ["BadImages", "FallbackCounter", "TooManyBadImagesError"]
 
 log = logging.getLogger("objcrop_plugin")
 
@@ -24,10 +27,16 @@ class FallbackCounter:
         missing: samples whose key had no entry in the proposal store.
         unusable: samples whose proposals were all unusable (NaN, outside the image, too small,
             filtered by area).
+        mismatched: samples whose stored image size has another aspect ratio than the image
+            (width and height swapped by an EXIF orientation mismatch, or another image under
+            the same key): the boxes would land on other objects, so they are not used.
+
+    Logging: the first few fallbacks of each process are warnings naming the key, then every
+    power of two; every fallback is logged with its key at INFO level (``objcrop -v``).
     """
 
-    FIELDS = ("samples", "missing", "unusable")
-    #: log the first few fallbacks of each process with their keys, then every power of ten
+    FIELDS = ("samples", "missing", "unusable", "mismatched")
+    #: log the first few fallbacks of each process with their keys, then every power of two
     LOG_FIRST = 5
 
     def __init__(self, values: dict[str, int] | None = None) -> None:
@@ -37,7 +46,8 @@ class FallbackCounter:
         self._lock = mp.get_context("spawn").Lock()
         self._logged = 0
         for name, value in (values or {}).items():
-            self._values[self.FIELDS.index(name)] = int(value)
+            if name in self.FIELDS:  # counts pickled by an older version may lack a field
+                self._values[self.FIELDS.index(name)] = int(value)
 
     def add(self, field: str, n: int = 1) -> None:
         i = self.FIELDS.index(field)
@@ -49,14 +59,15 @@ class FallbackCounter:
         self.add(field)
         self._logged += 1
         n = self._logged
-        if n <= self.LOG_FIRST or (n & (n - 1) == 0 and n > 0):
-            log.warning(
-                "objcrop: scene-crop fallback for %s (%s): %s [%d so far in this process]",
-                key if key is not None else "<no key>",
-                field,
-                detail,
-                n,
-            )
+        level = logging.WARNING if n <= self.LOG_FIRST or n & (n - 1) == 0 else logging.INFO
+        log.log(
+            level,
+            "objcrop: scene-crop fallback for %s (%s): %s [%d so far in this process]",
+            key if key is not None else "<no key>",
+            field,
+            detail,
+            n,
+        )
 
     def as_dict(self) -> dict[str, int]:
         return {name: int(self._values[i]) for i, name in enumerate(self.FIELDS)}
@@ -64,7 +75,7 @@ class FallbackCounter:
     @property
     def fallbacks(self) -> int:
         d = self.as_dict()
-        return d["missing"] + d["unusable"]
+        return d["missing"] + d["unusable"] + d["mismatched"]
 
     def __repr__(self) -> str:
         return f"FallbackCounter({self.as_dict()})"
@@ -81,3 +92,141 @@ def _rebuild_shared(values, lock) -> FallbackCounter:
     counter._lock = lock
     counter._logged = 0
     return counter
+
+
+class TooManyBadImagesError(ImageDecodeError):
+    """More images could not be read than the failure rate allows (the message says which).
+
+    An :class:`~objcrop_plugin.images.ImageDecodeError`, so code that stopped on the first
+    unreadable image stops here too."""
+
+
+class BadImages:
+    """Unreadable images met while training, counted across DataLoader workers.
+
+    Created in the main process and inherited by DataLoader workers as
+    :class:`FallbackCounter` is (shared memory). A dataset calls :meth:`record` for each image
+    it could not read (and then serves a replacement, see
+    :class:`~objcrop_plugin.engine.datasets.ObjectCropDataset`); each image counts once
+    however many epochs meet it, the first meeting is logged as a warning naming its file.
+
+    Args:
+        n: the dataset's length: one shared flag per index, and the denominator of the failure
+            rate. ``None`` where indices are unknown (a collate function): then every unreadable
+            item counts, over the items seen (:meth:`seen`).
+        max_failure_rate: :meth:`record` raises :class:`TooManyBadImagesError` once more than
+            this fraction of the ``n`` images is bad (``n=None``: of the items seen, judged
+            from ``1 / max_failure_rate`` items on).
+
+    Example:
+        >>> bad = BadImages(200, max_failure_rate=0.01)
+        >>> bad.record(7, "a/x.jpg", "cannot decode")
+        >>> bad.indices(), bad.count
+        ([7], 1)
+    """
+
+    def __init__(self, n: int | None, max_failure_rate: float = 0.01) -> None:
+        rate = float(max_failure_rate)
+        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"max_failure_rate must be in [0, 1], got {max_failure_rate!r}")
+        self.n = None if n is None else int(n)
+        self.max_failure_rate = rate
+        self._flags = mp.RawArray("b", max(self.n or 0, 1))
+        self._counts = mp.RawArray("q", 3)  # bad images, failed reads, items seen
+        self._lock = mp.get_context("spawn").Lock()
+
+    @property
+    def count(self) -> int:
+        """Distinct bad images (``n=None``: bad items)."""
+        return int(self._counts[0])
+
+    @property
+    def failed_reads(self) -> int:
+        """Reads that failed, all epochs and retries together."""
+        return int(self._counts[1])
+
+    def seen(self, k: int = 1) -> None:
+        """Count ``k`` items met (``n=None`` only: the failure rate's denominator)."""
+        with self._lock:
+            self._counts[2] += int(k)
+
+    @property
+    def limit(self) -> int:
+        """How many bad images are tolerated."""
+        total = self.n if self.n is not None else int(self._counts[2])
+        return math.floor(self.max_failure_rate * total + 1e-9)
+
+    def record(self, index: int | None, where: str, detail: object) -> None:
+        """Count item ``index`` (of file ``where``) as unreadable; raise above the rate."""
+        with self._lock:
+            first = True
+            if self.n is not None and index is not None:
+                first = not self._flags[index]
+                self._flags[index] = 1
+            if first:
+                self._counts[0] += 1
+            self._counts[1] += 1
+            count = int(self._counts[0])
+            seen = int(self._counts[2])
+        if first:
+            log.warning("objcrop: skipping unreadable image %s (%s); a readable one takes its "
+                        "place [%d bad so far]", where, detail, count)
+        judged = self.n is not None or (
+            self.max_failure_rate > 0 and seen >= 1 / self.max_failure_rate
+        ) or self.max_failure_rate == 0
+        if judged and count > self.limit:
+            raise TooManyBadImagesError(self.message(f"{where} ({detail})"))
+
+    def message(self, example: str | None = None, listed_in: object = None) -> str:
+        """Why :class:`TooManyBadImagesError` stopped the run, with an example and the list."""
+        total = f"{self.n} images" if self.n is not None else f"{int(self._counts[2])} items seen"
+        text = (
+            f"{self.count} of {total} could not be read, more than max_failure_rate "
+            f"{self.max_failure_rate:.2%} allows"
+        )
+        if example:
+            text += f"; e.g. {example}"
+        if listed_in:
+            text += f"; the list is in {listed_in}"
+        return text + (
+            ". Fix: remove or replace the files (`objcrop check DATA` lists them all), or "
+            "raise max_failure_rate (objcrop train: data.max_failure_rate)"
+        )
+
+    def indices(self) -> list[int]:
+        """The indices recorded as bad, in order (``n=None``: always empty)."""
+        if self.n is None:
+            return []
+        flags = bytes(self._flags)[: self.n]
+        found, i = [], flags.find(1)
+        while i >= 0:
+            found.append(i)
+            i = flags.find(1, i + 1)
+        return found
+
+    def as_dict(self) -> dict[str, int]:
+        return {"bad_images": self.count, "failed_reads": self.failed_reads}
+
+    def __repr__(self) -> str:
+        return f"BadImages(n={self.n}, {self.as_dict()})"
+
+    def __reduce__(self):
+        if mp_context.get_spawning_popen() is not None:
+            return (_rebuild_bad, (self.n, self.max_failure_rate, self._flags, self._counts,
+                                   self._lock))
+        return (_copy_bad, (self.n, self.max_failure_rate, bytes(self._flags),
+                            list(self._counts[:])))
+
+
+def _rebuild_bad(n, rate, flags, counts, lock) -> BadImages:
+    bad = BadImages.__new__(BadImages)
+    bad.n, bad.max_failure_rate = n, rate
+    bad._flags, bad._counts, bad._lock = flags, counts, lock
+    return bad
+
+
+def _copy_bad(n, rate, flags, counts) -> BadImages:
+    bad = BadImages(n, rate)
+    bad._flags[: len(flags)] = list(flags)
+    bad._counts[:] = counts
+    return bad

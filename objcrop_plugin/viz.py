@@ -8,15 +8,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from ._random import sample_rng
+from .boxes import size_mismatch
 from .engine.cpu import ViewEngine
-from .files import atomic_write
+from .files import OutputKind, atomic_write
 from .images import load_rgb, open_image
 from .proposals.store import ProposalStore
 
-__all__ = ["crops_figure"]
+__all__ = ["PICTURE_KIND", "crops_figure"]
+
+_SOFTWARE = "objcrop-plugin crops_figure"
+#: what ``objcrop show --out`` may replace: a PNG this function wrote (its tEXt chunk says so;
+#: Pillow writes text chunks before the image data, so the first 4 KiB hold it)
+PICTURE_KIND = OutputKind(
+    "crops picture",
+    lambda head: head.startswith(b"\x89PNG\r\n\x1a\n") and _SOFTWARE.encode() in head,
+)
 
 # view colours: distinguishable, colour-blind friendly (Okabe-Ito)
 _COLOURS = [
@@ -82,10 +91,13 @@ def crops_figure(
         y = head + row * (row_h + pad)
         opened = open_image(Path(root) / key)
         image = load_rgb(opened)
-        props = store.lookup(key, image.size) if store is not None else None
+        props = store.get(key) if store is not None else None
         thumb, scale = _fit(image, big_w, row_h - 14)
         tdraw = ImageDraw.Draw(thumb)
-        if props is not None:
+        # boxes of another aspect ratio belong to another orientation: neither drawn nor used
+        # (the recipes fall back to scene crops and count it)
+        if props is not None and size_mismatch(props.image_size, image.size) is None:
+            props = props.rescaled(image.size)
             order = np.argsort(-np.nan_to_num(props.scores.astype(np.float64), nan=-np.inf))
             for b in props.boxes[order[:top_k]]:
                 if np.isfinite(b).all():
@@ -96,7 +108,8 @@ def crops_figure(
         for ei, e in enumerate(engines):
             rng = sample_rng(seed, row, ei)
             windows = e.recipe(image.size, None if props is None else props.boxes,
-                               None if props is None else props.scores, rng=rng, key=key)
+                               None if props is None else props.scores, rng=rng, key=key,
+                               boxes_size=None if props is None else props.image_size)
             pset = None if photometrics == "none" else photometrics
             crops = e.crops(image, windows)
             for w, crop in zip(windows, crops):
@@ -121,4 +134,6 @@ def crops_figure(
             label = w.policy + (" (fallback)" if w.fallback else "")
             draw.text((cx, y + cell.size[1] + 5), label, fill=colour, font=small)
 
-    return atomic_write(out, lambda f: canvas.save(f, format="PNG"))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", _SOFTWARE)
+    return atomic_write(out, lambda f: canvas.save(f, format="PNG", pnginfo=info))

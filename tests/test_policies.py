@@ -442,7 +442,7 @@ def test_missing_proposals_fall_back_to_counted_scene_crops():
     for w in windows:
         assert_usable(w.box, _SIZE)
     recipe(_SIZE, None, rng=np.random.default_rng(1), key="b.jpg")
-    assert recipe.fallbacks.as_dict() == {"samples": 2, "missing": 2, "unusable": 0}
+    assert recipe.fallbacks.as_dict() == {"samples": 2, "missing": 2, "unusable": 0, "mismatched": 0}
     assert recipe.fallbacks.fallbacks == 2
 
 
@@ -452,7 +452,7 @@ def test_unusable_proposals_fall_back_and_count_separately():
     windows = recipe(_SIZE, bad, np.ones(4), rng=np.random.default_rng(0), key="c.jpg")
     assert all(w.fallback and w.policy == "scene" for w in windows)
     assert [w.local for w in windows] == [False, False, True, True]
-    assert recipe.fallbacks.as_dict() == {"samples": 1, "missing": 0, "unusable": 1}
+    assert recipe.fallbacks.as_dict() == {"samples": 1, "missing": 0, "unusable": 1, "mismatched": 0}
     # an image stored with zero boxes is unusable too
     recipe(_SIZE, np.zeros((0, 4)), rng=np.random.default_rng(0))
     assert recipe.fallbacks.as_dict()["unusable"] == 2
@@ -463,7 +463,7 @@ def test_scene_only_recipes_never_count_fallbacks():
     windows = recipe(_SIZE, None, rng=np.random.default_rng(0))
     assert [w.policy for w in windows] == ["scene", "scene"]
     assert not any(w.fallback for w in windows)
-    assert recipe.fallbacks.as_dict() == {"samples": 1, "missing": 0, "unusable": 0}
+    assert recipe.fallbacks.as_dict() == {"samples": 1, "missing": 0, "unusable": 0, "mismatched": 0}
 
 
 def test_strict_mode_raises_naming_the_key():
@@ -495,7 +495,7 @@ def test_fallback_counts_from_dataloader_workers_reach_the_main_process():
         _FallbackDataset(recipe), batch_size=None, num_workers=2, multiprocessing_context="fork"
     )
     assert sum(loader) == 10
-    assert recipe.fallbacks.as_dict() == {"samples": 10, "missing": 5, "unusable": 5}
+    assert recipe.fallbacks.as_dict() == {"samples": 10, "missing": 5, "unusable": 5, "mismatched": 0}
 
 
 # ----------------------------------------------------------------------------- factories

@@ -9,7 +9,7 @@ normalisation.
 Example:
     >>> from objcrop_plugin.engine import ViewEngine
     >>> engine = ViewEngine("obj_obj_dilate", photometrics="mocov2")  # doctest: +SKIP
-    >>> views = engine.from_path("img.jpg", proposals=store.lookup("img.jpg"), rng=rng)  # doctest: +SKIP
+    >>> views = engine.from_path("img.jpg", proposals=store.get("img.jpg"), rng=rng)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -74,15 +74,17 @@ class ViewEngine:
     ) -> list[CropWindow]:
         """Draw the crop windows of an image of ``image_size`` ``(width, height)``.
 
-        ``proposals``: the image's :class:`Proposals` (any resolution; rescaled), a function
-        ``image_size -> Proposals | None`` (a store lookup), or ``None`` (scene crops).
+        ``proposals``: the image's :class:`Proposals` as stored, a function
+        ``image_size -> Proposals | None`` (e.g. ``lambda size: store.get(key)``), or ``None``
+        (scene crops). Proposals of the same image at another resolution are rescaled; of
+        another aspect ratio (an EXIF orientation mismatch swaps width and height) they are
+        not used: scene crops instead, counted in ``recipe.fallbacks`` as ``mismatched``.
         """
         props = proposals(image_size) if callable(proposals) else proposals
-        if props is not None and props.image_size != image_size:
-            props = props.rescaled(image_size)
         if props is None:
             return self.recipe(image_size, None, None, rng=rng, key=key)
-        return self.recipe(image_size, props.boxes, props.scores, rng=rng, key=key)
+        return self.recipe(image_size, props.boxes, props.scores, rng=rng, key=key,
+                           boxes_size=props.image_size)
 
     def render(
         self, image: Image.Image, windows: Sequence[CropWindow], rng: np.random.Generator,

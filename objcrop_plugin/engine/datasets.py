@@ -12,17 +12,8 @@ targets from class subfolders), the proposal store, and each index's random stre
   CPU engine would cut (the same stream, so the same windows) in canvas pixels and a
   per-sample photometric seed. :func:`collate_canvas` just stacks them, and
   :class:`DeviceViewLoader` hands the batches to a
-  :class:`~objcrop_plugin.engine.gpu.GPUViewEngine` on the device.
-
-Example:
-    >>> from torch.utils.data import DataLoader
-    >>> from objcrop_plugin.engine.gpu import GPUViewEngine
-    >>> ds = CanvasDataset("images/", "train.objcrop", views="obj_obj_dilate")  # doctest: +SKIP
-    >>> loader = DataLoader(ds, batch_size=256, num_workers=8, pin_memory=True,
-    ...                     collate_fn=collate_canvas)  # doctest: +SKIP
-    >>> engine = GPUViewEngine.from_recipe(ds.recipe, photometrics="mocov2")  # doctest: +SKIP
-    >>> for views, targets, keys in DeviceViewLoader(loader, engine, "cuda"):  # doctest: +SKIP
-    ...     x0, x1 = views
+  :class:`~objcrop_plugin.engine.gpu.GPUViewEngine` on the device (example in
+  :mod:`objcrop_plugin.engine.gpu`).
 """
 
 from __future__ import annotations
@@ -30,16 +21,25 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .._random import SEED_HIGH, sample_rng
-from ..images import IMAGE_EXTENSIONS, OpenedImage, decode_planned, list_images
+from ..images import (
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    OpenedImage,
+    decode_planned,
+    list_images,
+    read_image,
+    write_bad_list,
+)
 from ..policies import ViewRecipe
 from ..proposals.store import Proposals, ProposalStore
+from ..stats import BadImages
 from .cpu import ViewEngine
 from .photometric import PhotometricSet
 
@@ -55,6 +55,7 @@ __all__ = [
     "Sample",
     "canvas_item",
     "collate_canvas",
+    "first_readable",
     "fit_to_canvas",
     "is_canvas_batch",
     "load_canvas_item",
@@ -133,14 +134,16 @@ class FolderSource:
         key = self.keys[index]
         return self._class_index.get(key.split("/", 1)[0], 0) if self.classes else 0
 
-    def sample(self, index: int) -> Sample:
+    def sample(self, index: int, stream: int | None = None) -> Sample:
         """Item ``index``'s key, file, random stream and proposal lookup (``None`` without a
-        store): a function ``image_size -> Proposals | None``, as
-        :meth:`ViewEngine.windows <objcrop_plugin.engine.cpu.ViewEngine.windows>` takes it."""
+        store): a function ``image_size -> Proposals | None`` giving the stored proposals, as
+        :meth:`ViewEngine.windows <objcrop_plugin.engine.cpu.ViewEngine.windows>` takes it.
+        ``stream``: draw from index ``stream``'s stream instead (a replacement image)."""
         key = self.keys[index]
         store = self.store
-        lookup = (lambda size: store.lookup(key, size)) if store is not None else None
-        return Sample(key, self.root / key, sample_rng(self.seed, index, self.epoch), lookup)
+        lookup = (lambda _size: store.get(key)) if store is not None else None
+        rng = sample_rng(self.seed, index if stream is None else stream, self.epoch)
+        return Sample(key, self.root / key, rng, lookup)
 
 
 def _from_source(name: str) -> property:
@@ -157,11 +160,46 @@ def _from_source(name: str) -> property:
 
 # ------------------------------------------------------------------------ the CPU engine
 
+T = TypeVar("T")
+
+
+def first_readable(
+    index: int, n: int, make: Callable[[int, int], T], bad: BadImages, where: Callable[[int], str]
+) -> tuple[T, int]:
+    """``make(index, index)``, or where image ``index`` cannot be read, the next one that can.
+
+    The rule every training dataset of the package follows for an unreadable image (corrupt,
+    truncated, gone, not a regular file): count it in ``bad`` (which logs it with its file
+    ``where(j)`` and raises :class:`~objcrop_plugin.stats.TooManyBadImagesError` above the
+    failure rate) and serve ``make(j, index)`` for the first ``j`` of ``index + 1, index + 2,
+    ...`` (mod ``n``) that reads, the second argument being the index whose random stream to
+    draw from. The replacement depends only on which files read, so batch shapes hold and a
+    resumed run sees the same samples.
+
+    Returns:
+        ``(item, j)``: the item and the index of the image it was made from.
+    """
+    for step in range(n):
+        j = (index + step) % n
+        try:
+            return make(j, index), j
+        except ImageDecodeError as exc:
+            bad.record(j, where(j), _reason(exc))
+    raise ImageDecodeError(f"none of the {n} images can be read (e.g. {where(index)})")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    return text.split(": ", 1)[1] if ": " in text else text
+
+
 class _FolderDataset(torch.utils.data.Dataset):
     """What both datasets take from their :class:`FolderSource` (``self.source``): its
-    attributes, length, targets and epoch."""
+    attributes, length, targets and epoch; and the unreadable-image rule (:func:`first_readable`,
+    counted in ``self.bad``)."""
 
     source: FolderSource
+    bad: BadImages
 
     root = _from_source("root")
     store = _from_source("store")
@@ -180,6 +218,35 @@ class _FolderDataset(torch.utils.data.Dataset):
     def target(self, index: int) -> int:
         return self.source.target(index)
 
+    def _readable(self, index: int, make: Callable[[Sample, int], T]) -> tuple[T, int]:
+        """``make(sample, j)`` for item ``index``'s image or its replacement ``j``."""
+        n = len(self.source)
+        return first_readable(
+            index, n, lambda j, stream: make(self.source.sample(j, stream), j), self.bad,
+            lambda j: str(self.root / self.keys[j]),
+        )
+
+    def bad_images(self) -> list[tuple[str, str, str]]:
+        """``(key, path, reason)`` of every image found unreadable so far (in any worker)."""
+        rows = []
+        for i in self.bad.indices():
+            path = self.root / self.keys[i]
+            try:
+                read_image(path)
+                reason = "could not be read during training (reads now)"
+            except ImageDecodeError as exc:
+                reason = _reason(exc)
+            rows.append((self.keys[i], str(path), reason))
+        return rows
+
+    def write_bad_images(self, path: str | os.PathLike[str]) -> int:
+        """Write :meth:`bad_images` as a tab-separated list (``key, path, reason``) atomically
+        when there are any; returns how many."""
+        rows = self.bad_images()
+        if rows:
+            write_bad_list(path, rows, ("key", "path", "reason"))
+        return len(rows)
+
 
 class ObjectCropDataset(_FolderDataset):
     """A folder of images with object-aware views, host-library neutral.
@@ -196,6 +263,12 @@ class ObjectCropDataset(_FolderDataset):
         seed: ``None``: each worker's torch seed drives the crops (different every epoch);
             an int: crops depend only on ``(seed, epoch, index, rank)``, reproducibly.
         keys: the images to use (default: every image under ``root``).
+        max_failure_rate: unreadable images (corrupt, truncated, gone) are skipped: item ``i``
+            is then made from the next image that reads (``i + 1``, ``i + 2``, ... mod ``N``)
+            with item ``i``'s random stream, so batch shapes hold and runs stay reproducible;
+            each is logged with its file and counted in ``dataset.bad`` across workers
+            (:meth:`bad_images` lists them). Above this fraction of the images
+            :class:`~objcrop_plugin.stats.TooManyBadImagesError` stops the run.
         recipe_kwargs: parameters of the view recipe.
     """
 
@@ -208,19 +281,27 @@ class ObjectCropDataset(_FolderDataset):
         draft: bool = True,
         seed: int | None = None,
         keys: Sequence[str] | None = None,
+        max_failure_rate: float = 0.01,
         **recipe_kwargs: Any,
     ) -> None:
         self.engine = ViewEngine(views, photometrics, draft, **recipe_kwargs)
         self.source = FolderSource(root, proposals, keys, seed, self.engine.recipe)
+        self.bad = BadImages(len(self.source), max_failure_rate)
 
     @property
     def recipe(self) -> ViewRecipe:
         return self.engine.recipe
 
+    def item_name(self, index: int) -> str:
+        """The name item ``index`` carries: its key."""
+        return self.keys[index]
+
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int, str]:
-        s = self.source.sample(index)
-        views = self.engine.from_path(s.path, s.proposals, s.rng, key=s.key)
-        return views, self.target(index), s.key
+        def make(s: Sample, j: int) -> list[torch.Tensor]:
+            return self.engine.from_path(s.path, s.proposals, s.rng, key=s.key)
+
+        views, j = self._readable(index, make)
+        return views, self.target(j), self.item_name(j)
 
 
 # ------------------------------------------------------------------------ the GPU engine
@@ -340,6 +421,7 @@ class CanvasDataset(_FolderDataset):
         canvas: ``(height, width)`` or one int; default twice the largest view side (448 for
             224-pixel views): large enough that global views rarely need more detail.
         draft: decode JPEGs at 1/2, 1/4 or 1/8 resolution when the canvas allows.
+        max_failure_rate: unreadable images are skipped as in :class:`ObjectCropDataset`.
 
     Photometrics are applied on the device (:class:`~objcrop_plugin.engine.gpu.GPUViewEngine`,
     built with ``GPUViewEngine.from_recipe(dataset.recipe, ...)``), so there is no
@@ -355,11 +437,13 @@ class CanvasDataset(_FolderDataset):
         seed: int | None = None,
         keys: Sequence[str] | None = None,
         draft: bool = True,
+        max_failure_rate: float = 0.01,
         **recipe_kwargs: Any,
     ) -> None:
         # plans the windows (ViewEngine.windows) exactly as the CPU engine; renders nothing
         self.planner = ViewEngine(views, "none", draft, **recipe_kwargs)
         self.source = FolderSource(root, proposals, keys, seed, self.planner.recipe)
+        self.bad = BadImages(len(self.source), max_failure_rate)
         self.canvas = _canvas_size(canvas, self.recipe)
         self.draft = draft
 
@@ -368,13 +452,14 @@ class CanvasDataset(_FolderDataset):
         return self.planner.recipe
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        s = self.source.sample(index)
+        def make(s: Sample, j: int) -> dict[str, Any]:
+            def plan(size: tuple[int, int]) -> list[Box]:
+                return [w.box for w in self.planner.windows(size, s.proposals, s.rng, s.key)]
 
-        def plan(size: tuple[int, int]) -> list[Box]:
-            return [w.box for w in self.planner.windows(size, s.proposals, s.rng, s.key)]
+            return load_canvas_item(s.path, plan, self.canvas, s.rng, self.target(j), s.key,
+                                    self.draft)
 
-        return load_canvas_item(s.path, plan, self.canvas, s.rng, self.target(index), s.key,
-                                self.draft)
+        return self._readable(index, make)[0]
 
 
 def is_canvas_batch(batch: Any) -> bool:

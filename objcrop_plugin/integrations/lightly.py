@@ -50,9 +50,10 @@ from ..engine.cpu import ViewEngine
 from ..engine.datasets import ObjectCropDataset
 from ..engine.photometric import PhotometricSet
 from ..files import normalize_key
-from ..images import opened_from
+from ..images import ImageDecodeError, opened_from
 from ..policies import ViewRecipe
 from ..proposals.store import ProposalStore
+from ..stats import BadImages
 
 __all__ = ["ObjectAwareCollate", "ObjectAwareDataset"]
 
@@ -103,6 +104,15 @@ class ObjectAwareCollate:
 
     Images without a usable proposal (no entry in the store, or only unusable boxes) get scene
     crops instead, counted in ``collate_fn.recipe.fallbacks`` across all DataLoader workers.
+
+    An image that cannot be decoded here (a lazily opened, corrupt or truncated file) is
+    skipped: its place in the batch takes a copy of the next readable item of the batch
+    (cyclically), so the batch keeps its shape; it is logged with its filename and counted in
+    ``collate_fn.bad`` across workers, and above ``max_failure_rate`` of the items seen (judged
+    from ``1 / max_failure_rate`` items on) :class:`~objcrop_plugin.stats.TooManyBadImagesError`
+    stops the loop. ``LightlyDataset`` decodes each image in its own ``__getitem__``, so a file
+    it cannot read fails there, before this function: use :class:`ObjectAwareDataset` (which
+    skips it) or check the folder first with ``objcrop check``.
     Boxes refer to the displayed image: an image whose EXIF orientation tag is still set (as
     lightly's loader leaves it) is turned upright before cropping.
 
@@ -126,6 +136,7 @@ class ObjectAwareCollate:
         key_fn: maps a filename to its store key, for datasets whose filenames are not the
             store's keys (e.g. ``lambda f: "train/" + f``; with the ``spawn`` start method it
             must be picklable, so a module-level function).
+        max_failure_rate: the fraction of unreadable items tolerated (default 1%).
         recipe_kwargs: the recipe's parameters, e.g. ``size=224``, ``dilation=0.2``,
             ``top_k=10``, ``strict=True``; for ``multi_crop`` ``global_size``,
             ``local_size``, ``n_local``.
@@ -155,6 +166,7 @@ class ObjectAwareCollate:
         seed: int | None = None,
         draft: bool = True,
         key_fn: Callable[[str], str] | None = None,
+        max_failure_rate: float = 0.01,
         **recipe_kwargs: Any,
     ) -> None:
         if seed is not None and int(seed) < 0:
@@ -165,6 +177,7 @@ class ObjectAwareCollate:
         self.root = None if root is None else os.path.abspath(os.fspath(root))
         self.seed = None if seed is None else int(seed)
         self.key_fn = key_fn
+        self.bad = BadImages(None, max_failure_rate)
         self._collate = MultiViewCollate()
 
     @property
@@ -186,7 +199,7 @@ class ObjectAwareCollate:
         # lightly's loader opens the file lazily and keeps the EXIF tag without applying it:
         # plan in displayed pixels, decode (draft mode if still lazy), resample each window once
         store = self.store
-        proposals = (lambda s: store.lookup(key, s)) if store is not None else None
+        proposals = (lambda _size: store.get(key)) if store is not None else None
         return self.engine.from_path(opened_from(image, key), proposals, rng, key)
 
     def __call__(
@@ -194,7 +207,8 @@ class ObjectAwareCollate:
     ) -> tuple[list[torch.Tensor], torch.Tensor, list[str]]:
         """Turns ``[(image, target, filename), ...]`` into ``(views, targets, filenames)``."""
         rng = process_rng(self.seed)
-        items = []
+        items: list[Any] = []
+        self.bad.seen(len(batch))
         for item in batch:
             try:
                 image, target, filename = item
@@ -210,7 +224,20 @@ class ObjectAwareCollate:
                     f"{type(image).__name__}. Fix: create the dataset with transform=None "
                     "(this collate function crops and augments the views itself)."
                 )
-            items.append((self.views(image, self.key(filename), rng), target, filename))
+            try:
+                items.append((self.views(image, self.key(filename), rng), target, filename))
+            except ImageDecodeError as exc:
+                items.append(None)
+                self.bad.record(None, str(filename), str(exc).split(": ", 1)[-1])
+        readable = [k for k, it in enumerate(items) if it is not None]
+        if not readable:
+            raise ImageDecodeError(
+                f"none of the {len(items)} images of the batch can be read (e.g. "
+                f"{batch[0][2]}). Fix: `objcrop check DATA` lists unreadable images"
+            )
+        # an unreadable item's place: the next readable one, cyclically
+        items = [it if it is not None else items[next((j for j in readable if j > k), readable[0])]
+                 for k, it in enumerate(items)]
         return self._collate(items)
 
     def __repr__(self) -> str:
@@ -249,6 +276,10 @@ class ObjectAwareDataset(ObjectCropDataset):
     DDP rank)``: then call ``dataset.set_epoch(epoch)`` before each epoch. Fallbacks to scene
     crops are counted in ``dataset.recipe.fallbacks`` across workers.
 
+    Unreadable images (corrupt, truncated, gone) are skipped: the item is made from the next
+    readable image, logged and counted in ``dataset.bad`` across workers, up to
+    ``max_failure_rate`` (see :class:`~objcrop_plugin.engine.datasets.ObjectCropDataset`).
+
     Args:
         root: the image folder (lightly's ``input_dir``).
         proposals: a :class:`~objcrop_plugin.proposals.ProposalStore` or a path to one
@@ -258,6 +289,7 @@ class ObjectAwareDataset(ObjectCropDataset):
         draft: decode JPEGs at reduced resolution when no view needs more.
         filenames: only these files (paths relative to ``root``), as ``LightlyDataset``'s
             ``filenames`` argument.
+        max_failure_rate: the fraction of unreadable images tolerated (default 1%).
 
     Raises:
         ValueError: ``root`` holds videos (lightly reads them frame by frame; use
@@ -285,6 +317,7 @@ class ObjectAwareDataset(ObjectCropDataset):
         seed: int | None = None,
         draft: bool = True,
         filenames: Sequence[str] | None = None,
+        max_failure_rate: float = 0.01,
         **recipe_kwargs: Any,
     ) -> None:
         # lightly's own listing, so order, targets and filenames are LightlyDataset's exactly
@@ -309,6 +342,7 @@ class ObjectAwareDataset(ObjectCropDataset):
             draft,
             seed,
             keys=[normalize_key(f) for f in self.filenames],
+            max_failure_rate=max_failure_rate,
             **recipe_kwargs,
         )
         self.classes = list(getattr(listing, "classes", []))
@@ -316,9 +350,8 @@ class ObjectAwareDataset(ObjectCropDataset):
     def target(self, index: int) -> int:
         return self._targets[index]
 
-    def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int, str]:
-        views, target, _key = super().__getitem__(index)
-        return views, target, self.filenames[index]
+    def item_name(self, index: int) -> str:
+        return self.filenames[index]
 
     def get_filenames(self) -> list[str]:
         """All filenames, as ``LightlyDataset.get_filenames``."""

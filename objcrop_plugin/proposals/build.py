@@ -8,6 +8,12 @@ When every chunk is done they are assembled, in key order, into the store (atomi
 failures into ``<store>.failures.tsv``, and the parts folder is removed. The result does not
 depend on the number of workers, on interruptions, or on sharding (after ``merge``).
 
+One build at a time per store: a build holds ``.<store>.lock`` (naming its pid and host), and
+a second build of the same store is refused. The settings (method, generator parameters with
+the effective ``top_k``/``max_side``, image folder, the images, chunk size, shard, pixel
+limit) are in ``manifest.json`` and each chunk file's first line carries their digest, so a
+build only ever resumes chunks made with its own settings (``restart=True`` starts over).
+
 Sharding across machines: ``shard=(i, n)`` takes every n-th key starting at i; the index and
 count come from ``--shard i/N``, or from ``RANK``/``WORLD_SIZE`` (torchrun) or
 ``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT`` (SLURM arrays). :func:`merge_stores` joins
@@ -23,6 +29,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,13 +38,15 @@ from typing import Any
 
 import numpy as np
 
-from ..files import atomic_write
+from ..files import OutputKind, atomic_write, output_lock
 from ..images import draft_factor, list_images, load_rgb, open_image
 from ..registry import load_proposal_source
 from .generators import ProposalGenerator
 from .store import ProposalRecord, ProposalStore, ProposalStoreWriter, _record_from
 
 __all__ = [
+    "FAILURES_KIND",
+    "BuildInterrupted",
     "BuildSummary",
     "build_store",
     "make_generator",
@@ -51,6 +60,16 @@ log = logging.getLogger("objcrop_plugin")
 #: images above this many pixels are failures, not decoded (PIL's own bomb limit is 89.5 M)
 DEFAULT_MAX_PIXELS = 89_478_485
 
+#: what a build or merge may replace beside the store: its own failures list
+FAILURES_KIND = OutputKind("failures list", lambda head: head.startswith(b"key\treason\n"))
+
+
+class BuildInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a build; the message says what is saved and how to resume."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "interrupted"
+
 
 def make_generator(name: str, **params: Any) -> ProposalGenerator:
     """A registered proposal generator by name, with keyword parameters."""
@@ -60,10 +79,39 @@ def make_generator(name: str, **params: Any) -> ProposalGenerator:
             f"proposal source '{name}' is an importer, not a generator: use "
             f"`objcrop proposals import` for it"
         )
+    accepted = _options(factory)
+    if accepted is not None:
+        unknown = sorted(set(params) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"proposal generator '{name}' got unknown parameter(s) {unknown}; it accepts: "
+                f"{', '.join(accepted) or 'none'}"
+            )
     try:
         return factory(**params)
-    except TypeError as exc:
-        raise TypeError(f"proposal generator '{name}': {exc}") from None
+    except TypeError as exc:  # a value of the wrong type
+        raise ValueError(f"proposal generator '{name}': {exc}") from None
+
+
+def _options(factory: Any) -> list[str] | None:
+    """The keyword parameters a generator class takes, or None when it takes any."""
+    import inspect
+
+    names: list[str] = []
+    for cls in (factory.__mro__ if isinstance(factory, type) else [factory]):
+        init = cls.__init__ if isinstance(factory, type) else cls
+        if init is object.__init__:
+            continue
+        try:
+            sig = inspect.signature(init)
+        except (TypeError, ValueError):
+            return None
+        params = [p for p in sig.parameters.values() if p.name != "self"]
+        names += [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                  and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return names
+    return None
 
 
 def resolve_shard(shard: str | None = None, env: dict[str, str] | None = None) -> tuple[int, int]:
@@ -136,8 +184,25 @@ def _parts_dir(out: Path) -> Path:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(method: str, params: dict[str, Any], root: str, max_pixels: int) -> None:
+def _block_sigint() -> Any:
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - Windows
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+
+def _restore_sigmask(old: Any) -> None:
+    if old is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _init_worker(method: str, params: dict[str, Any], root: str, max_pixels: int,
+                 settings: str = "", ignore_sigint: bool = False) -> None:
     import torch
+
+    if ignore_sigint:  # Ctrl-C reaches the whole process group: the main process handles it
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     torch.set_num_threads(1)  # parallelism comes from processes
     try:
@@ -147,7 +212,8 @@ def _init_worker(method: str, params: dict[str, Any], root: str, max_pixels: int
     except ImportError:
         pass
     _WORKER.update(
-        generator=make_generator(method, **params), root=Path(root), max_pixels=max_pixels
+        generator=make_generator(method, **params), root=Path(root), max_pixels=max_pixels,
+        settings=settings,
     )
 
 
@@ -177,7 +243,7 @@ def propose_file(
 def _run_chunk(task: tuple[int, list[str], str]) -> tuple[int, int]:
     index, keys, chunk_file = task
     gen, root, max_pixels = _WORKER["generator"], _WORKER["root"], _WORKER["max_pixels"]
-    lines = []
+    lines = [json.dumps({"settings": _WORKER["settings"]})]
     for key in keys:
         try:
             rec = propose_file(gen, root / key, key, max_pixels)
@@ -192,13 +258,30 @@ def _run_chunk(task: tuple[int, list[str], str]) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- build
 
 
-def _manifest(method: str, params: dict[str, Any], keys: Sequence[str], chunk_size: int,
-              shard: tuple[int, int], max_pixels: int) -> dict[str, Any]:
+def _manifest(method: str, params: dict[str, Any], generator: ProposalGenerator, root: Path,
+              keys: Sequence[str], chunk_size: int, shard: tuple[int, int],
+              max_pixels: int) -> dict[str, Any]:
     digest = hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
     return {
-        "method": method, "params": params, "keys_sha256": digest, "images": len(keys),
-        "chunk_size": chunk_size, "shard": list(shard), "max_pixels": max_pixels,
+        "method": method, "params": params, "root": str(root.resolve()),
+        "top_k": getattr(generator, "top_k", None), "max_side": getattr(generator, "max_side", None),
+        "keys_sha256": digest, "images": len(keys), "chunk_size": chunk_size,
+        "shard": list(shard), "max_pixels": max_pixels,
     }
+
+
+def _settings_digest(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def _chunk_settings(path: Path) -> str | None:
+    """The settings digest on a chunk file's first line (None: a file without one)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline() or "{}")
+    except (OSError, ValueError):
+        return None
+    return first.get("settings") if isinstance(first, dict) else None
 
 
 def _read_chunk(path: Path) -> Iterator[tuple[ProposalRecord | None, str, str | None]]:
@@ -207,12 +290,50 @@ def _read_chunk(path: Path) -> Iterator[tuple[ProposalRecord | None, str, str | 
             if not line.strip():
                 continue
             obj = json.loads(line)
+            if "settings" in obj:
+                continue
             if "error" in obj:
                 yield None, obj["key"], obj["error"]
             else:
                 rec = _record_from(obj["key"], obj["boxes"], obj["scores"],
                                    (obj["width"], obj["height"]))
                 yield rec, rec.key, None
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k != "keys_sha256"
+                     else "the image list" for k in keys)
+
+
+def _resumable_chunks(parts: Path, manifest: dict[str, Any], restart: bool) -> None:
+    """Make ``parts`` hold only chunks of this build's settings, or refuse (see module doc)."""
+    digest = _settings_digest(manifest)
+    manifest_file = parts / "manifest.json"
+    if restart:
+        shutil.rmtree(parts, ignore_errors=True)
+    if manifest_file.exists():
+        try:
+            previous = json.loads(manifest_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            previous = {"manifest": "unreadable"}
+        if previous != manifest:
+            raise ValueError(
+                f"{parts} holds an unfinished build with other settings or images "
+                f"({_differences(previous, manifest)}). Fix: run the same command as before to "
+                "resume it, or add --restart to discard it and start over."
+            )
+    chunk_files = sorted(parts.glob("chunk-*.jsonl")) if parts.is_dir() else []
+    foreign = [f for f in chunk_files if _chunk_settings(f) != digest]
+    if foreign:
+        raise ValueError(
+            f"{parts} holds {len(foreign)} chunk file(s) made with other or unknown settings "
+            f"(e.g. {foreign[0].name}), not by this command; resuming would mix them into the "
+            "store. Fix: add --restart to discard them and start over."
+        )
+    if not manifest_file.exists():
+        parts.mkdir(parents=True, exist_ok=True)
+        atomic_write(manifest_file, [json.dumps(manifest, sort_keys=True).encode()])
 
 
 def build_store(
@@ -226,6 +347,7 @@ def build_store(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     mp_context: str = "spawn",
+    restart: bool = False,
 ) -> BuildSummary:
     """Run a proposal generator over every image under ``images_dir`` into a store.
 
@@ -234,88 +356,117 @@ def build_store(
         out: the store to write (for a shard of several, :func:`shard_path` of it).
         method: a registered generator (``bing``, ``graph_segments``, ``selective_search``...).
         params: the generator's parameters (``top_k``, ``max_side``, ``model_dir``...).
-        workers: processes (each single-threaded).
+        workers: processes (each single-threaded), >= 1.
         shard: ``(index, count)``: this process builds every count-th image from index.
-        chunk_size: images per resumable unit of work.
+        chunk_size: images per resumable unit of work, >= 1.
         max_pixels: larger images are recorded as failures without being decoded.
+        restart: discard an unfinished build of ``out`` instead of resuming it.
 
     Returns:
         a :class:`BuildSummary`; failures are also written to ``<out>.failures.tsv``.
+
+    Raises:
+        ValueError: bad arguments, a folder without images, or an unfinished build of ``out``
+            with other settings (resume only with the same ones, or ``restart=True``).
+        objcrop_plugin.files.OutputLockedError: another build of ``out`` is running.
+        BuildInterrupted: Ctrl-C; finished chunks are kept for the next run to resume.
     """
     t0 = time.perf_counter()
+    for name, value in (("workers", workers), ("chunk_size", chunk_size),
+                        ("max_pixels", max_pixels)):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     params = dict(params or {})
     root = Path(images_dir)
     out = shard_path(out, *shard)
-    keys = list_images(root)[shard[0] :: shard[1]]
-    make_generator(method, **params)  # fail fast on a bad method / parameters / model folder
+    all_keys = list_images(root)
+    if not all_keys:
+        raise ValueError(
+            f"no images under {root} (looked for image files, hidden ones excluded); nothing "
+            f"to build, {out} was not written. Fix: check the folder."
+        )
+    keys = all_keys[shard[0] :: shard[1]]
+    if not keys:
+        log.warning("shard %d/%d of %s has no images (%d in all): writing an empty store",
+                    shard[0], shard[1], root, len(all_keys))
+    generator = make_generator(method, **params)  # fail fast on a bad method / parameters
     parts = _parts_dir(out)
-    manifest = _manifest(method, params, keys, chunk_size, shard, max_pixels)
-    manifest_file = parts / "manifest.json"
-    if manifest_file.exists():
-        previous = json.loads(manifest_file.read_text())
-        if previous != manifest:
-            raise ValueError(
-                f"{parts} holds an unfinished build with other settings or images "
-                f"({previous.get('method')}, {previous.get('images')} images). Fix: run the same "
-                f"command as before to resume it, or delete {parts} to start over."
-            )
-    else:
-        parts.mkdir(parents=True, exist_ok=True)
-        atomic_write(manifest_file, [json.dumps(manifest, sort_keys=True).encode()])
+    manifest = _manifest(method, params, generator, root, keys, chunk_size, shard, max_pixels)
+    settings = _settings_digest(manifest)
+    del generator
+    with output_lock(out):
+        _resumable_chunks(parts, manifest, restart)
+        chunks = [keys[s : s + chunk_size] for s in range(0, len(keys), chunk_size)]
+        files = [parts / f"chunk-{c:06d}.jsonl" for c in range(len(chunks))]
+        todo = [(c, chunks[c], str(files[c])) for c in range(len(chunks)) if not files[c].exists()]
+        summary = BuildSummary(out=out)
+        summary.resumed_images = sum(len(chunks[c]) for c in range(len(chunks))
+                                     if files[c].exists())
+        init = (method, params, str(root), max_pixels, settings)
 
-    chunks = [keys[s : s + chunk_size] for s in range(0, len(keys), chunk_size)]
-    files = [parts / f"chunk-{c:06d}.jsonl" for c in range(len(chunks))]
-    todo = [(c, chunks[c], str(files[c])) for c in range(len(chunks)) if not files[c].exists()]
-    summary = BuildSummary(out=out)
-    summary.resumed_images = sum(len(chunks[c]) for c in range(len(chunks)) if files[c].exists())
+        bar = None
+        if progress:
+            from tqdm import tqdm
 
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(keys), initial=summary.resumed_images, unit="img", smoothing=0.1,
-                   desc=f"proposals ({method})", dynamic_ncols=True)
-    try:
-        if todo and workers <= 1:
-            _init_worker(method, params, str(root), max_pixels)
-            for task in todo:
-                _, n = _run_chunk(task)
-                if bar is not None:
-                    bar.update(n)
-        elif todo:
-            ctx = mp.get_context(mp_context)
-            with ctx.Pool(workers, _init_worker, (method, params, str(root), max_pixels)) as pool:
-                for _, n in pool.imap_unordered(_run_chunk, todo):
+            bar = tqdm(total=len(keys), initial=summary.resumed_images, unit="img",
+                       smoothing=0.1, desc=f"proposals ({method})", dynamic_ncols=True)
+        try:
+            if todo and workers <= 1:
+                _init_worker(*init)
+                for task in todo:
+                    _, n = _run_chunk(task)
                     if bar is not None:
                         bar.update(n)
-    finally:
-        if bar is not None:
-            bar.close()
+            elif todo:
+                ctx = mp.get_context(mp_context)
+                # workers start with SIGINT blocked and ignore it from _init_worker on, so a
+                # Ctrl-C (sent to the whole process group) stops only this process, which
+                # terminates them: no traceback from each worker
+                old = _block_sigint()
+                try:
+                    pool = ctx.Pool(workers, _init_worker, (*init, True))
+                finally:
+                    _restore_sigmask(old)
+                with pool:
+                    for _, n in pool.imap_unordered(_run_chunk, todo):
+                        if bar is not None:
+                            bar.update(n)
+        except KeyboardInterrupt:
+            done = [c for c in range(len(chunks)) if files[c].exists()]
+            saved = sum(len(chunks[c]) for c in done)
+            raise BuildInterrupted(
+                f"interrupted: {saved} of {len(keys)} images ({len(done)} of {len(chunks)} "
+                f"chunks) are saved in {parts}; {out} was not written. Run the same command "
+                "again to resume."
+            ) from None
+        finally:
+            if bar is not None:
+                bar.close()
 
-    # assemble, in key order, into the store and the failures file
-    def records() -> Iterator[ProposalRecord]:
-        for f in files:
-            for rec, key, error in _read_chunk(f):
-                if rec is None:
-                    summary.failures.append((key, error or "unknown error"))
-                    continue
-                summary.boxes += len(rec.boxes)
-                summary.empty += len(rec.boxes) == 0
-                yield rec
+        # assemble, in key order, into the store and the failures file
+        def records() -> Iterator[ProposalRecord]:
+            for f in files:
+                for rec, key, error in _read_chunk(f):
+                    if rec is None:
+                        summary.failures.append((key, error or "unknown error"))
+                        continue
+                    summary.boxes += len(rec.boxes)
+                    summary.empty += len(rec.boxes) == 0
+                    yield rec
 
-    meta = {"method": method, "params": params, "generator": "objcrop_plugin"}
-    with ProposalStoreWriter(out, meta) as writer:
-        for rec in records():
-            writer.add_record(rec)
-    summary.images = len(keys)
-    fail_file = failures_path(out)
-    if summary.failures:
-        body = "key\treason\n" + "".join(f"{k}\t{r}\n" for k, r in summary.failures)
-        atomic_write(fail_file, [body.encode("utf-8")])
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            fail_file.unlink()
-    shutil.rmtree(parts, ignore_errors=True)
+        meta = {"method": method, "params": params, "generator": "objcrop_plugin"}
+        with ProposalStoreWriter(out, meta) as writer:
+            for rec in records():
+                writer.add_record(rec)
+        summary.images = len(keys)
+        fail_file = failures_path(out)
+        if summary.failures:
+            body = "key\treason\n" + "".join(f"{k}\t{r}\n" for k, r in summary.failures)
+            atomic_write(fail_file, [body.encode("utf-8")])
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                fail_file.unlink()
+        shutil.rmtree(parts, ignore_errors=True)
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..registry import RegistryError, list_proposal_sources, load_proposal_source
-from .store import ProposalRecord, ProposalStore
+from .store import ProposalRecord, ProposalStoreWriter, _as_record
 
 __all__ = ["ProposalImporter", "import_to_store", "make_importer"]
 
@@ -98,18 +98,25 @@ def import_to_store(importer: Any, out_path: PathLike, meta: dict[str, Any] | No
 
     Returns:
         The number of images written.
+
+    Raises:
+        ValueError: the input holds no records (an empty file, or every image it lists is
+            missing); nothing is written.
     """
-    count = 0
-
-    def counted() -> Iterator[ProposalRecord]:
-        nonlocal count
-        for rec in importer.records():
-            count += 1
-            yield rec
-
     src_meta = getattr(importer, "meta", None)
     merged = {**(src_meta if isinstance(src_meta, dict) else {}), **(meta or {})}
-    ProposalStore.write(out_path, counted(), merged)
+    with ProposalStoreWriter(out_path, merged) as writer:
+        for item in importer.records():
+            writer.add_record(_as_record(item))
+        if not len(writer):
+            missing = getattr(importer, "missing", None)
+            why = (f"all {len(missing)} images it lists are missing" if missing
+                   else "no records: is it empty?")
+            raise ValueError(
+                f"{getattr(importer, 'path', importer)}: nothing to import ({why}); {out_path} "
+                "was not written."
+            )
+        count = len(writer)
     missing = getattr(importer, "missing", None)
     if missing:
         log.info("%s: %d images skipped as missing", out_path, len(missing))

@@ -687,7 +687,13 @@ class OpenImagesImporter(ProposalImporter):
             image, ``scores`` ``(K,)`` best first, ``image_size`` ``(width, height)``.
         """
         self.missing, self.unreadable = [], []
-        order, idx, boxes, scores = self._read_csv()
+        try:
+            order, idx, boxes, scores = self._read_csv()
+        except UnicodeDecodeError as exc:
+            raise ProposalFileError(
+                f"{self.path}: not UTF-8 text ({exc.reason} at byte {exc.start} of a read "
+                "block). Fix: convert the file to UTF-8."
+            ) from None
         perm, offsets = _group(idx, scores, len(order))
         boxes, scores = boxes[perm], scores[perm]
         for j, image_id in enumerate(order):

@@ -12,16 +12,29 @@ or ``null`` (then the order of ``boxes`` is the ranking). Blank lines are skippe
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..files import atomic_write
+from ..files import OutputKind, atomic_write
 from .importer_base import ProposalImporter
 from .store import ProposalRecord, ProposalStore, _as_record
 
-__all__ = ["JsonLinesImporter", "ProposalFileError", "export_jsonl", "import_jsonl", "read_jsonl"]
+__all__ = [
+    "JSONL_KIND",
+    "JsonLinesImporter",
+    "ProposalFileError",
+    "export_jsonl",
+    "import_jsonl",
+    "read_jsonl",
+]
+
+log = logging.getLogger(__name__)
+
+#: what ``objcrop proposals export --out`` may replace: a JSON Lines proposals file
+JSONL_KIND = OutputKind("JSON Lines proposals file", lambda head: head.lstrip().startswith(b'{"key"'))
 
 
 class ProposalFileError(ValueError):
@@ -29,10 +42,17 @@ class ProposalFileError(ValueError):
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> Iterator[ProposalRecord]:
-    """Yield the records of a JSON Lines proposals file, checking every line."""
+    """Yield the records of a JSON Lines proposals file (UTF-8), checking every line."""
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise ProposalFileError(
+                    f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                    f"{exc.start + 1}). Fix: convert the file to UTF-8."
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -63,17 +83,33 @@ def import_jsonl(
 def export_jsonl(
     records: ProposalStore | Iterable[ProposalRecord], path: str | os.PathLike[str]
 ) -> int:
-    """Write records (or a whole store) to a JSON Lines file, atomically. Returns the count."""
+    """Write records (or a whole store) to a JSON Lines file, atomically. Returns the count.
+
+    The file is strict JSON: a NaN score is written as ``null``, and a box with a NaN or
+    infinite coordinate is left out (logged as a warning naming the keys).
+    """
     items = records.records() if isinstance(records, ProposalStore) else records
     count = 0
+    dropped: list[tuple[str, int]] = []
 
     def lines() -> Iterator[bytes]:
         nonlocal count
         for rec in items:
             count += 1
-            yield (json.dumps(rec.to_json(), separators=(",", ":")) + "\n").encode("utf-8")
+            obj = rec.to_json()
+            if len(obj["boxes"]) != len(rec.boxes):
+                dropped.append((rec.key, len(rec.boxes) - len(obj["boxes"])))
+            line = json.dumps(obj, separators=(",", ":"), allow_nan=False)
+            yield (line + "\n").encode("utf-8")
 
     atomic_write(path, lines())
+    if dropped:
+        names = ", ".join(f"{k} ({n})" for k, n in dropped[:10])
+        more = f" and {len(dropped) - 10} more images" if len(dropped) > 10 else ""
+        log.warning(
+            "%s: left out %d boxes with a NaN or infinite coordinate (strict JSON has no NaN): "
+            "%s%s", path, sum(n for _, n in dropped), names, more,
+        )
     return count
 
 

@@ -50,9 +50,10 @@ from typing import Any
 import numpy as np
 
 from .. import boxes as box_ops
-from ..files import atomic_write, normalize_key
+from ..files import OutputKind, atomic_write, normalize_key
 
 __all__ = [
+    "STORE_KIND",
     "MissingProposalsError",
     "ProposalRecord",
     "ProposalStore",
@@ -67,6 +68,22 @@ VERSION = 1
 _PREAMBLE = struct.Struct("<8sIIII")
 _ALIGN = 64
 _LITTLE = sys.byteorder == "little"
+_MAX_SIDE = 2**31 - 1  # sizes are stored as int32
+
+#: what the store-writing commands (proposals build, import, merge) may replace with --out
+STORE_KIND = OutputKind("proposal store", lambda head: head.startswith(MAGIC))
+
+# every section a store has: (dtype, shape as a function of n_images N and n_boxes M)
+_SECTIONS: dict[str, tuple[str, Any]] = {
+    "key_hash": ("<u8", lambda n, m: [n]),
+    "key_offsets": ("<i8", lambda n, m: [n + 1]),
+    "keys": ("|u1", None),
+    "box_offsets": ("<i8", lambda n, m: [n + 1]),
+    "boxes": ("<f4", lambda n, m: [m, 4]),
+    "scores": ("<f4", lambda n, m: [m]),
+    "sizes": ("<i4", lambda n, m: [n, 2]),
+    "table": ("<i8", None),
+}
 
 
 class StoreFormatError(ValueError):
@@ -99,7 +116,13 @@ class Proposals:
     image_size: box_ops.ImageSize
 
     def rescaled(self, to_size: tuple[int, int]) -> Proposals:
-        """The same proposals in pixels of the image resized to ``to_size`` (width, height)."""
+        """The same proposals in pixels of the image resized to ``to_size`` (width, height).
+
+        Each axis is scaled on its own. That is right for the same image at another resolution;
+        for another aspect ratio (see :func:`~objcrop_plugin.boxes.size_mismatch`) it is
+        another image, or the same one turned by an EXIF orientation mismatch, and the view
+        engines do not use its boxes (scene crops, counted as ``mismatched``).
+        """
         to_size = box_ops.ImageSize(int(to_size[0]), int(to_size[1]))
         if to_size == self.image_size:
             return Proposals(self.boxes.astype(np.float64), self.scores, to_size)
@@ -116,15 +139,18 @@ class ProposalRecord:
     image_size: box_ops.ImageSize
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON Lines object: strict JSON, so boxes with a NaN or infinite coordinate (no
+        crop policy can use them) are left out and a NaN score is ``null``."""
         # str() of a float32 is the shortest decimal that reads back as the same float32, so an
         # export -> import round trip is exact (rounding to a few decimals merged close scores)
-        scores = [None if not np.isfinite(s) else float(str(s)) for s in _f32(self.scores)]
+        boxes, scores = _f32(self.boxes), _f32(self.scores)
+        keep = np.isfinite(boxes).all(axis=1) if boxes.size else np.ones(len(boxes), bool)
         return {
             "key": self.key,
             "width": int(self.image_size[0]),
             "height": int(self.image_size[1]),
-            "boxes": [[float(str(v)) for v in b] for b in _f32(self.boxes)],
-            "scores": scores,
+            "boxes": [[float(str(v)) for v in b] for b in boxes[keep]],
+            "scores": [None if not np.isfinite(s) else float(str(s)) for s in scores[keep]],
         }
 
 
@@ -166,6 +192,8 @@ def _record_from(key: Any, boxes: Any, scores: Any, image_size: Any) -> Proposal
         ) from None
     if w <= 0 or h <= 0:
         raise ValueError(f"{key}: image size must be positive, got {(w, h)}")
+    if w > _MAX_SIDE or h > _MAX_SIDE:
+        raise ValueError(f"{key}: image size {(w, h)} is too large (at most {_MAX_SIDE} a side)")
     return ProposalRecord(key, b.astype(np.float32), s.astype(np.float32), box_ops.ImageSize(w, h))
 
 
@@ -361,24 +389,27 @@ class ProposalStore:
         if len(blob) != hlen or zlib.crc32(blob) & 0xFFFFFFFF != hcrc:
             mm.close()
             raise self._fail("header is truncated or corrupted (CRC-32 mismatch)")
-        head = json.loads(blob)
-        if head.get("file_size") != size:
+        try:
+            head = json.loads(blob)
+            layout = self._check_layout(head, size, _PREAMBLE.size + hlen)
+        except StoreFormatError:
             mm.close()
-            raise self._fail(
-                f"file is {size} bytes but its header says {head.get('file_size')}: truncated "
-                "or appended to"
-            )
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            mm.close()
+            raise self._fail(f"header is malformed ({type(exc).__name__}: {exc})") from None
         self._mm = mm
         self._head = head
         self.meta: dict[str, Any] = head.get("meta", {})
         arrays = {}
-        for name, spec in head["sections"].items():
-            count = int(np.prod(spec["shape"])) if spec["shape"] else 1
-            arr = np.frombuffer(mm, dtype=spec["dtype"], count=count, offset=spec["offset"])
-            arr = arr.reshape(spec["shape"])
-            if verify and zlib.crc32(arr.data) & 0xFFFFFFFF != spec["crc32"]:
+        for name, (dtype, shape, offset) in layout.items():
+            count = int(np.prod(shape))
+            arr = np.frombuffer(mm, dtype=dtype, count=count, offset=offset).reshape(shape)
+            if verify and zlib.crc32(arr.data) & 0xFFFFFFFF != head["sections"][name]["crc32"]:
                 raise self._fail(f"section '{name}' is corrupted (CRC-32 mismatch)")
             arrays[name] = arr
+        if verify:
+            self._check_content(arrays)
         self._n = int(head["n_images"])
         self._key_hash = arrays["key_hash"]
         self._keys = arrays["keys"]
@@ -402,6 +433,76 @@ class ProposalStore:
         # the header holds every section's CRC-32: a rebuild with the same keys but other boxes
         # changes it, where the table's CRC alone would not
         self._fingerprint = (size, int(hcrc))
+
+    def _check_layout(
+        self, head: Any, size: int, data_start: int
+    ) -> dict[str, tuple[str, list[int], int]]:
+        """Sections' dtypes, shapes and extents against the counts, before mapping any."""
+        if not isinstance(head, dict) or not isinstance(head.get("sections"), dict):
+            raise self._fail("header is malformed (no sections)")
+        if head.get("file_size") != size:
+            raise self._fail(
+                f"file is {size} bytes but its header says {head.get('file_size')}: truncated "
+                "or appended to"
+            )
+        n, m = head.get("n_images"), head.get("n_boxes")
+        if not (isinstance(n, int) and isinstance(m, int) and n >= 0 and m >= 0):
+            raise self._fail(f"header counts are invalid (n_images={n!r}, n_boxes={m!r})")
+        layout = {}
+        for name, (dtype, expect) in _SECTIONS.items():
+            spec = head["sections"].get(name)
+            if not isinstance(spec, dict):
+                raise self._fail(f"section '{name}' is missing from the header")
+            shape, offset = spec.get("shape"), spec.get("offset")
+            if not isinstance(spec.get("crc32"), int):
+                raise self._fail(f"section '{name}' has no CRC-32 in the header")
+            if spec.get("dtype") != dtype:
+                raise self._fail(f"section '{name}' has dtype {spec.get('dtype')!r}, not {dtype}")
+            if not (isinstance(shape, list) and all(isinstance(v, int) and v >= 0 for v in shape)):
+                raise self._fail(f"section '{name}' has an invalid shape {shape!r}")
+            if expect is not None and shape != expect(n, m):
+                raise self._fail(
+                    f"section '{name}' has shape {shape}, expected {expect(n, m)} for {n} images "
+                    f"and {m} boxes"
+                )
+            nbytes = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+            if not (isinstance(offset, int) and offset >= data_start and offset + nbytes <= size):
+                raise self._fail(
+                    f"section '{name}' ({nbytes} bytes at offset {offset!r}) lies outside the "
+                    f"file ({size} bytes)"
+                )
+            layout[name] = (dtype, shape, offset)
+        keys_shape, table_shape = layout["keys"][1], layout["table"][1]
+        if len(keys_shape) != 1:
+            raise self._fail(f"section 'keys' has shape {keys_shape}, expected one dimension")
+        c = table_shape[0] if len(table_shape) == 1 else 0
+        # a power of two with at least one empty slot, or a probe for a missing key never ends
+        if not (c > n and c & (c - 1) == 0):
+            raise self._fail(
+                f"hash table has shape {table_shape}; it needs a power-of-two size above the "
+                f"{n} images"
+            )
+        return layout
+
+    def _check_content(self, a: dict[str, np.ndarray]) -> None:
+        """Values the lookups index with: vectorised, O(file) once on opening."""
+        n, m = len(a["key_hash"]), len(a["boxes"])
+        table = a["table"]
+        if ((table < -1) | (table >= n)).any():
+            bad = table[(table < -1) | (table >= n)][0]
+            raise self._fail(f"hash table entry {int(bad)} is outside [-1, {n})")
+        used = table[table >= 0]
+        if used.size != n or (n and np.bincount(used, minlength=n).max() != 1):
+            raise self._fail(f"hash table holds {used.size} entries for {n} images (each once)")
+        for name, end in (("key_offsets", len(a["keys"])), ("box_offsets", m)):
+            off = a[name]
+            if off[0] != 0 or off[-1] != end or (np.diff(off) < 0).any():
+                raise self._fail(
+                    f"section '{name}' does not rise from 0 to {end} (entries out of order or "
+                    "out of bounds)"
+                )
+        if (a["sizes"] <= 0).any():
+            raise self._fail("an image size is not positive")
 
     # -- pickling: by path, so workers map the file instead of copying it --------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -445,13 +546,17 @@ class ProposalStore:
         except AttributeError:
             raise ValueError(f"{self.path}: lookup in a closed proposal store") from None
         i = h & self._mask
-        while True:
-            r = t[i]
-            if r < 0:
-                return -1
-            if kh[r] == h and mm[base + ko[r] : base + ko[r + 1]] == kb:
-                return r
-            i = (i + 1) & self._mask
+        try:
+            for _ in range(self._mask + 1):  # bounded: a crafted full table must not hang
+                r = t[i]
+                if r < 0:
+                    return -1
+                if kh[r] == h and mm[base + ko[r] : base + ko[r + 1]] == kb:
+                    return r
+                i = (i + 1) & self._mask
+        except IndexError:
+            raise self._fail(f"hash table entry {r} is outside [-1, {self._n})") from None
+        return -1
 
     def _record(self, r: int) -> Proposals:
         a, b = self._bo[r], self._bo[r + 1]
@@ -469,7 +574,9 @@ class ProposalStore:
         """The proposals of ``key``, rescaled to ``image_size`` (width, height) when given.
 
         Returns ``None`` for a missing key, or raises :class:`MissingProposalsError` when the
-        store was opened with ``strict=True``.
+        store was opened with ``strict=True``. The view engines take the stored proposals
+        (:meth:`get`) and leave rescaling to the view recipe, which refuses another aspect
+        ratio (see :meth:`Proposals.rescaled`).
         """
         k = normalize_key(key)
         r = self._index(k)

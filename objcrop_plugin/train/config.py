@@ -12,6 +12,7 @@ the file, what was expected and (for misspellings) the closest known key.
       labels: null                    # labels for evaluation after training (demo labels
                                       # file or COCO instances JSON); null: no evaluation
       num_workers: 4
+      persistent_workers: false       # keep workers between epochs
     crop:
       type: object_aware              # or "scene"; `crop: object_aware` alone is shorthand
       views: obj_obj_dilate           # view recipe (registered name)
@@ -129,7 +130,12 @@ class DataConfig:
     proposals: str | None = None
     labels: str | None = None
     num_workers: int = 4
+    # keep the DataLoader workers between epochs (resume stays exact either way)
+    persistent_workers: bool = False
     limit: int | None = None  # use the first N images (sorted keys); handy for smoke runs
+    # unreadable images are skipped (replaced by the next readable one, listed in
+    # out_dir/bad_images.tsv); the run stops when more than this fraction of the images is bad
+    max_failure_rate: float = 0.01
     # relative paths resolve against the recipe file's folder when True, else the current one
     paths_relative_to_recipe: bool = False
 
@@ -368,6 +374,10 @@ def _semantic_checks(cfg: RecipeConfig) -> None:
         raise RecipeError(f"trainer.batch_size must be >= 1, got {t.batch_size}")
     if cfg.data.num_workers < 0:
         raise RecipeError(f"data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if not 0.0 <= cfg.data.max_failure_rate <= 1.0:
+        raise RecipeError(
+            f"data.max_failure_rate must be a fraction in [0, 1], got {cfg.data.max_failure_rate}"
+        )
     if cfg.optimizer.lr <= 0:
         raise RecipeError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
     _check_params(cfg)

@@ -4,8 +4,10 @@ What a run does, in ``trainer.out_dir``:
 
 - ``config.yaml``: the resolved recipe (defaults filled in, overrides applied), written first;
 - ``checkpoints/last.ckpt``: Lightning checkpoint, written atomically at the end of each epoch
-  (and every ``trainer.checkpoint_every_n_steps``); a rerun of the same command resumes from
-  it after a kill (``trainer.resume: never`` starts afresh);
+  (and every ``trainer.checkpoint_every_n_steps``), the one before it kept as
+  ``checkpoints/previous.ckpt``; a rerun of the same command resumes from the newer of the two
+  that loads (``trainer.resume: never`` starts afresh). Checkpoints are read with
+  ``weights_only=True``: a planted pickle runs no code, it is refused;
 - ``backbone.pth``: the backbone's weights as a timm state dict, loadable with
   ``timm.create_model(NAME, pretrained=False, num_classes=0, checkpoint_path="backbone.pth")``
   (or ``objcrop eval --checkpoint``);
@@ -25,6 +27,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,7 +38,22 @@ import torch
 
 from .config import PHOTOMETRICS, RecipeConfig, RecipeError, recipe_params, save_recipe, to_dict
 
-__all__ = ["build_backbone", "build_dataset", "export_backbone", "train"]
+__all__ = [
+    "CheckpointError",
+    "EpochShuffleSampler",
+    "build_backbone",
+    "build_dataset",
+    "export_backbone",
+    "load_checkpoint",
+    "train",
+]
+
+#: the newest checkpoint of a run and the one before it, in ``OUT_DIR/checkpoints``
+LAST, PREVIOUS = "last.ckpt", "previous.ckpt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (the message names the file, why, and the fix)."""
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +132,13 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
 
         return CanvasDataset(
             root, store, views=recipe, canvas=cfg.crop.canvas, seed=seed, keys=keys,
+            max_failure_rate=cfg.data.max_failure_rate,
         )
     from ..engine.datasets import ObjectCropDataset
 
     return ObjectCropDataset(
         root, store, views=recipe, photometrics=photometrics, draft=cfg.crop.draft, seed=seed,
-        keys=keys,
+        keys=keys, max_failure_rate=cfg.data.max_failure_rate,
     )
 
 
@@ -141,24 +160,114 @@ def export_backbone(backbone: torch.nn.Module, path: str | os.PathLike[str]) -> 
     return Path(path)
 
 
-def _checkpoint_io() -> Any:
+def _keep_previous(path: Path) -> None:
+    """Before ``last.ckpt`` is replaced, keep its current content as ``previous.ckpt`` (a hard
+    link renamed into place, so ``last.ckpt`` exists throughout)."""
+    if path.name != LAST or not path.is_file():
+        return
+    prev = path.with_name(PREVIOUS)
+    tmp = path.with_name(f".{PREVIOUS}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(path, tmp)
+    except OSError:  # a file system without hard links
+        shutil.copyfile(path, tmp)
+    os.replace(tmp, prev)
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A training checkpoint, read with ``torch.load(..., weights_only=True)`` and checked to be
+    a Lightning checkpoint (``state_dict`` and ``loops``).
+
+    Raises:
+        CheckpointError: the file is truncated, not a ``torch.save`` file, holds pickled objects
+            a weights-only load refuses to run, or is not a Lightning training checkpoint.
+    """
+    from ..backbones import WeightsFileError, read_weights_file
+
+    try:
+        ckpt = read_weights_file(path)  # Lightning's checkpoints need no allow-list
+    except (WeightsFileError, FileNotFoundError) as exc:
+        raise CheckpointError(f"{path}: {getattr(exc, 'reason', exc)}") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or (
+        "loops" not in ckpt
+    ):
+        raise CheckpointError(f"{path}: not a training checkpoint of `objcrop train` (no "
+                              "state_dict and loop state)")
+    return ckpt
+
+
+def _resume_epoch(ckpt: dict[str, Any]) -> int:
+    """The epoch Lightning resumes a checkpoint in: what it passes to ``set_epoch``."""
+    try:
+        return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        return int(ckpt.get("epoch", 0) or 0)
+
+
+def _checkpoint_io(preloaded: dict[str, dict[str, Any]] | None = None) -> Any:
     from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+    loaded = preloaded if preloaded is not None else {}
+
     class AtomicCheckpointIO(TorchCheckpointIO):
-        """Checkpoints written to a temporary file and renamed: a kill never leaves a torn
-        ``last.ckpt`` behind."""
+        """Checkpoints written to a temporary file and renamed (a kill never leaves a torn
+        ``last.ckpt``), the one before kept as ``previous.ckpt``; read weights-only."""
 
         def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+            _keep_previous(Path(path))
             _atomic_torch_save(checkpoint, path)
 
+        def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: Any = None) -> Any:
+            # whatever the installed Lightning and torch default to: weights only (the runner
+            # read and checked this very file already; that copy is handed over)
+            ckpt = loaded.pop(str(path), None)
+            return ckpt if ckpt is not None else load_checkpoint(path)
+
     return AtomicCheckpointIO()
+
+
+def _pick_checkpoint(
+    ckpt_dir: Path, echo: Callable[[str], None]
+) -> tuple[Path, dict[str, Any]] | None:
+    """The newest of ``last.ckpt`` / ``previous.ckpt`` that loads weights-only, or ``None`` when
+    there is neither. An unreadable ``last.ckpt`` is renamed ``last.ckpt.unreadable`` (so the
+    next save keeps the good ``previous.ckpt``), saying so.
+
+    Raises:
+        CheckpointError: there are checkpoints but none loads.
+    """
+    candidates = [ckpt_dir / name for name in (LAST, PREVIOUS) if (ckpt_dir / name).is_file()]
+    if not candidates:
+        return None
+    failures = []
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as exc:
+            failures.append(str(exc))
+            continue
+        if failures:
+            bad = ckpt_dir / LAST
+            if path.name != LAST:
+                with contextlib.suppress(FileNotFoundError):  # another DDP rank moved it
+                    os.replace(bad, bad.with_name(LAST + ".unreadable"))
+            echo(f"cannot resume from {failures[0]}; kept it as {LAST}.unreadable and resuming "
+                 f"from the checkpoint before it, {path}")
+        return path, ckpt
+    raise CheckpointError(
+        f"cannot resume the run in {ckpt_dir.parent}: " + "; ".join(failures) + ". Fix: set "
+        "trainer.out_dir to a new folder, or trainer.resume=never to start afresh there "
+        "(overwriting these checkpoints); a checkpoint from elsewhere is never unpickled"
+    )
 
 
 #: keys that may change between a run and its resumption
 _RESUMABLE_CHANGES = {
     ("trainer", "epochs"), ("trainer", "max_steps"), ("trainer", "resume"),
     ("trainer", "progress_bar"), ("trainer", "log_every_n_steps"), ("data", "num_workers"),
-    ("data", "labels"), ("eval",), ("name",),
+    ("data", "persistent_workers"), ("data", "max_failure_rate"), ("data", "labels"), ("eval",), ("name",),
 }
 
 
@@ -223,23 +332,61 @@ def _callbacks(
     return [SetEpoch(), ckpt] + ([] if cfg.trainer.progress_bar else [EpochLog()])
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+class EpochShuffleSampler(torch.utils.data.Sampler[tuple[int, int]]):
     """A random order per epoch that depends only on ``(seed, epoch)``, so a run resumed from an
     epoch-end checkpoint sees exactly the batches of an uninterrupted one. Lightning calls
-    :meth:`set_epoch` before each epoch."""
+    :meth:`set_epoch` before each epoch.
 
-    def __init__(self, n: int, seed: int) -> None:
+    It yields ``(epoch, index)`` pairs (read by :class:`EpochItems`): the epoch travels with
+    the index into the DataLoader workers, so their crops follow the epoch even where a
+    ``set_epoch`` in the main process cannot reach them (persistent workers, or workers
+    started before the epoch was known, as on resume).
+
+    With ``world_size > 1`` (DDP) each rank takes every ``world_size``-th item of the epoch's
+    order from its rank on, padded to equal lengths as ``DistributedSampler`` does; the rank is
+    read from ``torch.distributed`` when the epoch starts.
+    """
+
+    def __init__(self, n: int, seed: int, world_size: int = 1) -> None:
         self.n, self.seed, self.epoch = int(n), int(seed), 0
+        self.world_size = max(int(world_size), 1)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.n
+        return -(-self.n // self.world_size)
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        from .._random import distributed_rank
+
+        epoch = self.epoch
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.world_size > 1:
+            total = len(self) * self.world_size
+            order = (order * (total // max(self.n, 1) + 1))[:total]
+            order = order[distributed_rank() % self.world_size :: self.world_size]
+        return iter([(epoch, i) for i in order])
+
+
+class EpochItems(torch.utils.data.Dataset):
+    """``dataset`` indexed by ``(epoch, index)`` (or a plain index, at the current epoch):
+    the dataset's epoch is set from the item before the item is made, in whichever process
+    makes it."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: Any) -> Any:
+        if isinstance(item, tuple):
+            epoch, item = item
+            if getattr(self.dataset, "epoch", None) != epoch:
+                self.dataset.set_epoch(epoch)
+        return self.dataset[item]
 
 
 def _collate(cfg: RecipeConfig) -> Any:
@@ -298,15 +445,18 @@ def train(
 
     from .._random import distributed_rank
     from .methods import make_method
+    from .resources import PREFETCH_FACTOR, check_machine
 
     if distributed_rank() != 0 or int(os.environ.get("LOCAL_RANK", "0") or 0) != 0:
         echo = _silent  # DDP: one voice (rank 0)
+    check_machine(cfg)  # before anything is written or started
     out = Path(cfg.trainer.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    if cfg.trainer.resume == "auto" and last.is_file():
+    picked = None
+    if cfg.trainer.resume == "auto" and any((ckpt_dir / n).is_file() for n in (LAST, PREVIOUS)):
         _check_same_run(cfg, out / "config.yaml")
+        picked = _pick_checkpoint(ckpt_dir, echo)
+    out.mkdir(parents=True, exist_ok=True)
     save_recipe(cfg, out / "config.yaml")
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
 
@@ -339,28 +489,49 @@ def train(
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
     workers = cfg.data.num_workers
+    resume, preloaded = None, {}
+    if picked is not None:
+        resume = str(picked[0])
+        preloaded[resume] = picked[1]
     with _quiet_lightning(not t.progress_bar):
-        trainer = pl.Trainer(
-            max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
-            devices=devices, num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
-            default_root_dir=out, callbacks=_callbacks(cfg, ckpt_dir, dataset, echo),
-            plugins=[_checkpoint_io()], logger=CSVLogger(out, name="logs"),
-            enable_progress_bar=t.progress_bar, log_every_n_steps=t.log_every_n_steps,
-            deterministic=t.deterministic, limit_train_batches=t.limit_train_batches,
-            gradient_clip_val=t.gradient_clip_val,
-            accumulate_grad_batches=t.accumulate_grad_batches, enable_model_summary=False,
-            num_sanity_val_steps=0,
-        )
-        # one process: a per-epoch order from (seed, epoch) (exact resume); DDP: Lightning
-        # puts its DistributedSampler (seeded, set_epoch each epoch) in place of shuffle=True
-        sampler = EpochShuffleSampler(len(dataset), t.seed) if trainer.world_size == 1 else None
+        try:
+            trainer = pl.Trainer(
+                max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
+                devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
+                precision=t.precision, default_root_dir=out,
+                callbacks=_callbacks(cfg, ckpt_dir, dataset, echo),
+                plugins=[_checkpoint_io(preloaded)], logger=CSVLogger(out, name="logs"),
+                enable_progress_bar=t.progress_bar, log_every_n_steps=t.log_every_n_steps,
+                deterministic=t.deterministic, limit_train_batches=t.limit_train_batches,
+                gradient_clip_val=t.gradient_clip_val,
+                accumulate_grad_batches=t.accumulate_grad_batches, enable_model_summary=False,
+                num_sanity_val_steps=0, use_distributed_sampler=False,
+            )
+        except Exception as exc:
+            from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+            if not isinstance(exc, (MisconfigurationException, ValueError)):
+                raise
+            raise RecipeError(
+                f"trainer (accelerator {t.accelerator!r}, devices {t.devices!r}, strategy "
+                f"{t.strategy!r}, precision {t.precision!r}): {exc}"
+            ) from None
+        # a per-epoch order from (seed, epoch), sharded over DDP ranks, with the epoch carried
+        # to the workers in each index: exact resume for any number of workers
+        sampler = EpochShuffleSampler(len(dataset), t.seed, trainer.world_size)
+        epoch = _resume_epoch(picked[1]) if picked is not None else 0
+        # Lightning creates the first iterator (and forks the workers) before it sets the
+        # resumed epoch: set it now
+        sampler.set_epoch(epoch)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_size=t.batch_size, shuffle=sampler is None, sampler=sampler,
+            EpochItems(dataset), batch_size=t.batch_size, sampler=sampler,
             drop_last=True, num_workers=workers, collate_fn=_collate(cfg),
-            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if workers > 0 else None,
-            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
+            persistent_workers=workers > 0 and cfg.data.persistent_workers,
         )
-        resume = str(last) if t.resume == "auto" and last.is_file() else None
         if resume:
             echo(f"resuming from {resume}")
         echo(
@@ -370,11 +541,22 @@ def train(
             f"backbone {cfg.backbone.name}, {t.epochs} epochs; output in {out}"
         )
         t0 = time.perf_counter()
-        trainer.fit(module, loader, ckpt_path=resume)
+        from ..stats import TooManyBadImagesError
+
+        try:
+            trainer.fit(module, loader, ckpt_path=resume)
+        except TooManyBadImagesError:  # raised in a worker: the main process has the counts
+            dataset.write_bad_images(out / "bad_images.tsv")
+            raise TooManyBadImagesError(
+                dataset.bad.message(listed_in=out / "bad_images.tsv")
+            ) from None
     secs = time.perf_counter() - t0
     result: dict[str, Any] = {"name": cfg.name, "out_dir": str(out)}
     if trainer.global_rank != 0:
         return result
+    if dataset.write_bad_images(out / "bad_images.tsv"):
+        echo(f"skipped {dataset.bad.count} unreadable images (each replaced by the next readable "
+             f"one), listed in {out / 'bad_images.tsv'}")
     export_backbone(module.backbone, out / "backbone.pth")
     fb = recipe.fallbacks.as_dict()
     loss = trainer.callback_metrics.get("train_loss_epoch")
@@ -385,7 +567,7 @@ def train(
         train_seconds=round(secs, 1),
         images_per_s=round(steps * t.batch_size * trainer.world_size / max(secs, 1e-9), 1),
         final_loss=None if loss is None else round(float(loss), 4),
-        fallbacks=fb, resumed_from=resume, backbone_weights=str(out / "backbone.pth"),
+        fallbacks=fb, bad_images=dataset.bad.as_dict(), resumed_from=resume, backbone_weights=str(out / "backbone.pth"),
         config=to_dict(cfg),
     )
     if cfg.data.labels and cfg.eval.enabled:

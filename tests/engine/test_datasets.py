@@ -70,7 +70,7 @@ def test_missing_key_falls_back_to_scene_and_is_counted(tmp_path):
     ds = ObjectCropDataset(tmp_path, tmp_path / "p.objcrop", size=16, seed=0)
     for i in range(len(ds)):
         ds[i]
-    assert ds.recipe.fallbacks.as_dict() == {"samples": 2, "missing": 1, "unusable": 0}
+    assert ds.recipe.fallbacks.as_dict() == {"samples": 2, "missing": 1, "unusable": 0, "mismatched": 0}
 
 
 def test_undecodable_file_names_the_file(tmp_path):

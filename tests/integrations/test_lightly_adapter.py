@@ -199,7 +199,7 @@ def test_keys_from_key_fn_or_root(demo):
     assert plain.recipe.fallbacks.as_dict()["missing"] == 4
     mapped = ObjectAwareCollate(demo.proposals_path, size=32, key_fn=_prefixed)
     assert mapped(batch)[2] == [f"{i:06d}.jpg" for i in range(4)]  # filenames unchanged
-    assert mapped.recipe.fallbacks.as_dict() == {"samples": 4, "missing": 0, "unusable": 0}
+    assert mapped.recipe.fallbacks.as_dict() == {"samples": 4, "missing": 0, "unusable": 0, "mismatched": 0}
     absolute = [(img, t, str(demo.root / k)) for (img, t, _), k in zip(batch, demo.keys)]
     rooted = ObjectAwareCollate(demo.proposals_path, size=32, root=demo.root)
     rooted(absolute)
@@ -255,7 +255,7 @@ def test_workers_fork_and_spawn_count_fallbacks_in_main(with_extras, demo, conte
         names += batch_names
     assert sorted(names) == sorted(dataset.get_filenames()) and len(names) == 20
     # the 4 extra files are not in the store: counted by the workers, seen here
-    assert collate.recipe.fallbacks.as_dict() == {"samples": 20, "missing": 4, "unusable": 0}
+    assert collate.recipe.fallbacks.as_dict() == {"samples": 20, "missing": 4, "unusable": 0, "mismatched": 0}
 
 
 def test_two_workers_draw_different_crops_of_the_same_image(demo):
@@ -455,3 +455,51 @@ def test_lightly_dino_example_runs_unchanged(demo, path):
     assert [tuple(v.shape) for v in views] == [(4, 3, 64, 64)] * 2 + [(4, 3, 32, 32)] * 2
     assert not torch.equal(before, _params(model.student_backbone))
     assert np.isfinite(_params(model.teacher_backbone).numpy()).all()
+
+
+# ---------------------------------------------------------------- unreadable images
+
+def _with_corrupt(demo, tmp_path, bad=(2,)):
+    root = tmp_path / "data"
+    shutil.copytree(demo.image_dir, root)
+    for i in bad:
+        path = root / f"{i:06d}.jpg"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated
+    store = tmp_path / "p.objcrop"
+    ProposalStore.write(store, [(r.key.split("/", 1)[1], r.boxes, r.scores, r.image_size)
+                                for r in ProposalStore(demo.proposals_path).records()])
+    return root, store
+
+
+def test_dataset_skips_a_corrupt_image_with_lightlys_filenames(demo, tmp_path, caplog):
+    root, store = _with_corrupt(demo, tmp_path)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in root.iterdir())
+    dataset = ObjectAwareDataset(root, store, size=32, seed=0, max_failure_rate=0.1)
+    with caplog.at_level("WARNING", logger="objcrop_plugin"):
+        views, target, filename = dataset[2]
+    assert filename == "000003.jpg" and len(views) == 2  # the next readable image
+    assert dataset.bad.count == 1 and "000002.jpg" in caplog.text
+    loader = _loader(dataset, MultiViewCollate(), num_workers=2, multiprocessing_context="fork")
+    assert all(tuple(v.shape[1:]) == (3, 32, 32) for batch in loader for v in batch[0])
+    assert dataset.bad.count == 1 and dataset.bad.indices() == [2]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in root.iterdir()) == before
+
+
+def test_collate_replaces_an_undecodable_lazy_image_by_the_next_item(demo, tmp_path, caplog):
+    from objcrop_plugin.stats import TooManyBadImagesError
+    root, store = _with_corrupt(demo, tmp_path, bad=())
+    names = [f"{i:06d}.jpg" for i in range(4)]
+    batch = [(Image.open(root / n), 0, n) for n in names]  # lazily opened: decoded by the collate
+    strict_batch = [(Image.open(root / n), 0, n) for n in names]
+    data = (root / names[1]).read_bytes()
+    (root / names[1]).write_bytes(data[: len(data) // 2])  # truncated after the header was read
+    collate = ObjectAwareCollate(store, size=32, max_failure_rate=0.5)
+    with caplog.at_level("WARNING", logger="objcrop_plugin"):
+        views, targets, filenames = collate(batch)
+    assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2
+    assert filenames == [names[0], names[2], names[2], names[3]]
+    assert torch.equal(views[0][1], views[0][2])
+    assert collate.bad.count == 1 and "000001.jpg" in caplog.text
+    strict = ObjectAwareCollate(store, size=32, max_failure_rate=0.0)
+    with pytest.raises(TooManyBadImagesError, match="000001.jpg"):
+        strict(strict_batch)

@@ -296,6 +296,13 @@ def test_openimages_without_confidence_and_with_sizes(tmp_path):
         list(OpenImagesImporter(csv, None, sizes={"a": (100, 50)}).records())
 
 
+def test_openimages_csv_that_is_not_utf8_names_the_file(tmp_path):
+    csv = tmp_path / "boxes.csv"
+    csv.write_bytes("ImageID,XMin,XMax,YMin,YMax\ncaf\u00e9,0,1,0,1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"boxes\.csv: not UTF-8 text.*Fix: convert"):
+        list(OpenImagesImporter(csv, None, sizes={"a": (10, 10)}).records())
+
+
 def test_openimages_to_store(tmp_path):
     root = tmp_path / "train"
     _oi_images(root)

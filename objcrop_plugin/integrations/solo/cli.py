@@ -128,12 +128,12 @@ def _report_fallbacks() -> None:
     if planner is None:
         return
     counts = planner.recipe.fallbacks.as_dict()
-    fallbacks = counts["missing"] + counts["unusable"]
+    fallbacks = planner.recipe.fallbacks.fallbacks
     if counts["samples"]:
         print(
             f"objcrop: {counts['samples']} samples cropped from proposals, {fallbacks} fell back "
             f"to scene crops (no entry: {counts['missing']}, no usable box: "
-            f"{counts['unusable']})",
+            f"{counts['unusable']}, stored size of another aspect: {counts['mismatched']})",
             file=sys.stderr,
         )
 

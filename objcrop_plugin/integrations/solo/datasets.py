@@ -16,6 +16,7 @@ import torch
 from ...files import normalize_key
 from ...images import load_rgb, open_image
 from ...proposals.store import ProposalStore
+from ...stats import BadImages
 from .errors import SoloConfigError
 from .transform import ObjectAwareTransform
 
@@ -64,10 +65,17 @@ class ObjectAwareSoloDataset(IndexedDataset):
     Each image is decoded upright (EXIF orientation applied), since proposal boxes refer to
     the displayed image, and passed with its key (path relative to ``key_root``).
 
+    An unreadable image (corrupt, truncated, gone) is skipped as in objcrop's own datasets
+    (:func:`~objcrop_plugin.engine.datasets.first_readable`): item ``index`` is made from the
+    next readable image with item ``index``'s random stream (and keeps ``index``), logged with
+    its file and counted in ``dataset.bad`` across workers; above ``max_failure_rate`` of the
+    images :class:`~objcrop_plugin.stats.TooManyBadImagesError` stops the run.
+
     Args:
         dataset: solo-learn's dataset (unwrapped from its index factory).
         transform: the object-aware transform.
         key_root: the folder store keys are relative to (``data.train_path`` by default).
+        max_failure_rate: the fraction of unreadable images tolerated (default 1%).
     """
 
     def __init__(
@@ -75,10 +83,12 @@ class ObjectAwareSoloDataset(IndexedDataset):
         dataset: torch.utils.data.Dataset,
         transform: ObjectAwareTransform,
         key_root: str | os.PathLike[str],
+        max_failure_rate: float = 0.01,
     ) -> None:
         super().__init__(dataset)
         self.transform = transform
         self.key_root = os.path.abspath(os.fspath(key_root))
+        self.bad = BadImages(len(dataset), max_failure_rate)
 
     def item(self, index: int) -> tuple[str, int]:
         """``(path, target)`` of item ``index``, from solo-learn's listing."""
@@ -101,10 +111,23 @@ class ObjectAwareSoloDataset(IndexedDataset):
     def key(self, index: int) -> str:
         return normalize_key(self.item(index)[0], self.key_root)
 
+    def readable(self, index: int, make: Any) -> Any:
+        """``make(path, key, target, stream)`` for item ``index``'s image, or where it cannot
+        be read the next one that can (see :func:`~objcrop_plugin.engine.datasets.first_readable`)."""
+        from ...engine.datasets import first_readable
+
+        def attempt(j: int, stream: int) -> Any:
+            path, target = self.item(j)
+            return make(path, normalize_key(path, self.key_root), target, stream)
+
+        return first_readable(index, len(self), attempt, self.bad, lambda j: self.item(j)[0])[0]
+
     def __getitem__(self, index: int) -> tuple[int, list[torch.Tensor], int]:
-        path, target = self.item(index)
-        image = load_rgb(open_image(path))
-        views = self.transform(image, key=normalize_key(path, self.key_root), index=index)
+        def make(path: str, key: str, target: int, stream: int) -> tuple[list[torch.Tensor], int]:
+            image = load_rgb(open_image(path))
+            return self.transform(image, key=key, index=stream), target
+
+        views, target = self.readable(index, make)
         return index, views, target
 
 

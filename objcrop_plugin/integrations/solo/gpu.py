@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from ..._random import sample_rng
-from ...files import normalize_key
 from ...policies import ScenePolicy
+from ...stats import BadImages
 from .config import ObjectAwareConfig, as_plain
 from .datasets import IndexedDataset, ObjectAwareSoloDataset
 from .errors import SoloConfigError
@@ -165,32 +165,36 @@ class ObjectAwareCanvasDataset(ObjectAwareSoloDataset):
     (one per solo-learn view, in solo-learn's order, canvas pixels), ``valid``, ``seed``,
     ``target``, ``key``, ``index``. The default collate function stacks them; the method's
     ``on_after_batch_transfer`` turns the batch into solo-learn's ``[index, views, target]``.
+    Unreadable images are skipped as in :class:`ObjectAwareSoloDataset`.
     """
 
     def __init__(
-        self, dataset: torch.utils.data.Dataset, gpu: GPUViews, key_root: str | os.PathLike[str]
+        self, dataset: torch.utils.data.Dataset, gpu: GPUViews, key_root: str | os.PathLike[str],
+        max_failure_rate: float = 0.01,
     ) -> None:
         IndexedDataset.__init__(self, dataset)
         self.planner = gpu.planner
         self.scenes = gpu.scenes
         self.canvas = gpu.canvas
         self.key_root = os.path.abspath(os.fspath(key_root))
+        self.bad = BadImages(len(dataset), max_failure_rate)
 
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
         from ...engine.datasets import load_canvas_item
 
-        path, target = self.item(index)
-        key = normalize_key(path, self.key_root)
-        rng = sample_rng(None, index)
+        def make(path: str, key: str, target: int, stream: int) -> dict[str, Any]:
+            rng = sample_rng(None, stream)
 
-        def plan(size: tuple[int, int]) -> list[Any]:
-            planned = self.planner.windows(size, key, rng)
-            return [
-                w.box if w is not None else self.scenes[k].sample(size, None, rng)
-                for (k, _), w in zip(self.planner.slots, planned)
-            ]
+            def plan(size: tuple[int, int]) -> list[Any]:
+                planned = self.planner.windows(size, key, rng)
+                return [
+                    w.box if w is not None else self.scenes[k].sample(size, None, rng)
+                    for (k, _), w in zip(self.planner.slots, planned)
+                ]
 
-        item = load_canvas_item(path, plan, self.canvas, rng, target, key)
+            return load_canvas_item(path, plan, self.canvas, rng, target, key)
+
+        item = self.readable(index, make)
         item["index"] = index
         return item
 

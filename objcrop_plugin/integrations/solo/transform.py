@@ -81,12 +81,12 @@ class SlotPlanner:
     ) -> list[CropWindow | None]:
         """One window per slot (``None`` for solo-learn's own crops), for an image of
         ``image_size`` (width, height) whose proposals are stored under ``key``."""
-        boxes = scores = None
+        boxes = scores = size = None
         if self.store is not None and key is not None:
-            props = self.store.lookup(key, image_size)
+            props = self.store.get(key)  # the recipe rescales, or refuses another aspect ratio
             if props is not None:
-                boxes, scores = props.boxes, props.scores
-        planned = self.recipe(image_size, boxes, scores, rng=rng, key=key)
+                boxes, scores, size = props.boxes, props.scores, props.image_size
+        planned = self.recipe(image_size, boxes, scores, rng=rng, key=key, boxes_size=size)
         return [None if pos is None else planned[pos] for _, pos in self.slots]
 
 

@@ -78,3 +78,24 @@ def test_key_check_reports_a_store_built_over_another_folder(scenes):
     with pytest.raises(SoloConfigError, match=r"'a/000.png'.*keys look like 'images/000.png'.*Fix"):
         check_keys(dataset, wrong, strict=False)
     assert check_keys(dataset, transform.store, strict=False) == 1.0
+
+
+def test_dataset_skips_a_corrupt_image_for_the_next_readable_one(scenes, tmp_path, caplog):
+    import shutil
+
+    root = tmp_path / "train"
+    shutil.copytree(scenes / "train", root)
+    bad = root / "a" / "002.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # a truncated PNG
+    transform = make_transform(scenes, [make_entry("object_aware"), make_entry("object_dilated")])
+    dataset = ObjectAwareSoloDataset(ImageFolder(str(root)), transform, root,
+                                     max_failure_rate=0.2)
+    with caplog.at_level("WARNING", logger="objcrop_plugin"):
+        index, views, target = dataset[2]
+    assert index == 2 and len(views) == 2 and target == 0  # image 3 (class a) in its place
+    assert dataset.bad.count == 1 and dataset.bad.indices() == [2] and str(bad) in caplog.text
+    strict = ObjectAwareSoloDataset(ImageFolder(str(root)), transform, root, max_failure_rate=0)
+    from objcrop_plugin.stats import TooManyBadImagesError
+
+    with pytest.raises(TooManyBadImagesError, match="002.png"):
+        strict[2]

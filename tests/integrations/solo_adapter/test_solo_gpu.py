@@ -122,3 +122,18 @@ def test_gpu_mode_trains_through_main_pretrain(solo_root, scenes, tmp_path):
             inside, dilated = (views[0][b], views[1][b]) if c0["blue"] <= c1["blue"] else (
                 views[1][b], views[0][b])
             assert dilated_object_of(dilated) == object_of(inside)
+
+
+def test_gpu_dataset_skips_a_corrupt_image(scenes, tmp_path):
+    import shutil
+
+    pytest.importorskip("kornia")
+    root = tmp_path / "train"
+    shutil.copytree(scenes / "train", root)
+    bad = root / "b" / "007.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    _, _, views = gpu_setup(scenes, [make_entry("object_aware"), make_entry("object_dilated")])
+    dataset = ObjectAwareCanvasDataset(ImageFolder(str(root)), views, root, max_failure_rate=0.2)
+    item = dataset[7]
+    assert item["index"] == 7 and item["key"] == "a/000.png"  # wraps around to index 0
+    assert dataset.bad.indices() == [7]

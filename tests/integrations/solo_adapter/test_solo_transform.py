@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image
 from solo_testing import (
@@ -12,8 +13,11 @@ from solo_testing import (
     make_entry,
     make_transform,
     object_of,
+    scene_boxes,
     scene_image,
 )
+
+from objcrop_plugin.proposals import ProposalStore
 
 
 def test_transform_keeps_solo_order_and_shares_one_proposal(scenes):
@@ -37,7 +41,7 @@ def test_transform_keeps_solo_order_and_shares_one_proposal(scenes):
         assert colour_fractions(views[2])["blue"] > 0.1
         colours.add(colour)
     assert colours == {"red", "green"}
-    assert transform.recipe.fallbacks.as_dict() == {"samples": 40, "missing": 0, "unusable": 0}
+    assert transform.recipe.fallbacks.as_dict() == {"samples": 40, "missing": 0, "unusable": 0, "mismatched": 0}
 
 
 def test_transform_falls_back_to_scene_crops_and_counts(scenes):
@@ -45,7 +49,7 @@ def test_transform_falls_back_to_scene_crops_and_counts(scenes):
     views = transform(scene_image(0), key="not/in/store.png", index=0)
     assert len(views) == 2
     views = transform(scene_image(0))  # no key at all (someone else's dataset)
-    assert transform.recipe.fallbacks.as_dict() == {"samples": 2, "missing": 2, "unusable": 0}
+    assert transform.recipe.fallbacks.as_dict() == {"samples": 2, "missing": 2, "unusable": 0, "mismatched": 0}
     strict = make_transform(scenes, [make_entry("object_aware")], strict=True)
     with pytest.raises(LookupError, match="not/in/store.png"):
         strict(scene_image(0), key="not/in/store.png", index=0)
@@ -56,3 +60,15 @@ def test_transform_rescales_boxes_to_the_decoded_image(scenes):
     big = scene_image(0).resize((W * 3, H * 3), Image.Resampling.NEAREST)
     for index in range(10):
         object_of(transform(big, key="a/000.png", index=index)[0])
+
+
+def test_a_stored_size_of_another_aspect_gives_scene_crops(tmp_path, caplog):
+    # the same boxes stored for the image turned by 90 degrees (an EXIF mismatch): not used
+    ProposalStore.write(tmp_path / "train.objcrop",
+                        [("a/000.png", scene_boxes(0), [1.0, 1.0], (H, W))])
+    transform = make_transform(tmp_path, [make_entry("object_aware")])
+    with caplog.at_level("WARNING", logger="objcrop_plugin"):
+        windows = transform.planner.windows((W, H), "a/000.png", np.random.default_rng(0))
+    assert all(w.fallback for w in windows)
+    assert transform.recipe.fallbacks.as_dict()["mismatched"] == 1
+    assert "a/000.png" in caplog.text and "transpose" in caplog.text
