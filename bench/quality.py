@@ -6,7 +6,7 @@
 The demo's comparison (``objcrop demo``: SimCLR on the embedded synthetic scenes, a
 multi-label linear probe on frozen features, mAP in percent), for several seeds and more
 runs per seed: a randomly initialised network, ``scene_scene``, ``obj_scene`` and
-``obj_obj_dilate`` with ground-truth boxes, and ``obj_obj_dilate`` with each unsupervised
+``obj_obj_dilate`` with oracle (ground-truth) boxes, and ``obj_obj_dilate`` with each unsupervised
 generator's proposals (built once per dataset). Every run of a seed starts from the same
 initialisation and sees the same batches.
 
@@ -16,7 +16,7 @@ Prints one table per seed, a summary (mean and standard deviation over seeds) an
            obj_scene_map=<x> <source>_map=<x> <source>_gain_kept=<x> ... seeds=<n>
 
 (one line) where ``<source>_gain_kept`` is ``(map(source) - scene) / (map(gt) - scene)`` with
-each term averaged over seeds: the share of the ground-truth boxes' gain that the generator's
+each term averaged over seeds: the share of the oracle (ground-truth) boxes' gain that the generator's
 proposals keep. Measures only;
 asserts nothing. The default (3 seeds, 2 generators) takes about 40 minutes on 2 cores.
 """
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", default="default", choices=sorted(BUDGETS))
     parser.add_argument("--sources", nargs="*", default=["graph_segments", "bing"],
-                        help="unsupervised proposal generators to compare with ground truth")
+                        help="unsupervised proposal generators to compare with the oracle boxes")
     parser.add_argument("--bing-model", type=Path, default=DEFAULT_BING)
     parser.add_argument("--out", type=Path, default=Path("bench_out") / "quality")
     parser.add_argument("--data-dir", type=Path, default=None,

@@ -32,12 +32,14 @@ from .proposals import (
     StoreFormatError,
 )
 from .registry import RegistryError, list_policies, list_proposal_sources
+from .transforms import ObjectAwareViews
 
 __version__ = "0.1.0"
 
 __all__ = [
     # datasets and the pieces underneath
     "ObjectCropDataset",
+    "ObjectAwareViews",
     "ProposalStore",
     "make_recipe",
     "make_policy",

@@ -3,7 +3,7 @@
 The demo reproduces the paper's comparison in miniature (Mishra et al., TMLR 2022, Table 1):
 
 1. write the embedded synthetic dataset (:mod:`objcrop_plugin.data.synthetic`) with its
-   ground-truth boxes as the proposal store;
+   ground-truth boxes as the proposal store (oracle boxes: what an annotated dataset gives);
 2. pretrain the same small timm backbone with SimCLR twice, from the same initialisation,
    seed and budget: views ``scene_scene`` (the usual random resized crops) and
    ``obj_obj_dilate`` (view 1 inside a proposal, view 2 inside the dilated proposal);
@@ -287,7 +287,7 @@ def run_demo(
         if views != "random":
             store = store_for(source or "gt")
             log(f"pretraining {cfg['model']} with SimCLR, views={views}, "
-                f"proposals={source or 'ground truth'}")
+                f"proposals={source or 'oracle (ground-truth) boxes'}")
             tr = pretrain_simclr(net, ds.root, store, train_keys, views, cfg, seed, log,
                                  out_dir=out / "runs" / name.replace("@", "_"))
             info.update(

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The prepared device check: one script for a lent GPU machine (one H100/H200), under 8 minutes.
+#
+#   bash bench/device_check.sh            # OUT=/tmp/objcrop-device-check by default
+#
+# Parts, each ending in one RESULT line:
+#   1. the tests that need CUDA (the GPU engine on the device against the CPU, BING on CUDA)
+#   2. bench/gpu_views.py at batch 256: the GPU view engine against its peers, and its time as a
+#      fraction of a ResNet-50 step (bf16, channels-last)
+#   3. the torch BING generator on the GPU and on the CPU (images/s at 512 px)
+#   4. `objcrop train`, MoCo-v2 on ResNet-50 at 224 px on generated data, a few hundred steps,
+#      with crop.engine gpu and with crop.engine cpu (16 workers): images/s each
+# Without CUDA every part shrinks (tiny model, views, batches and step counts) and still runs, so
+# the script itself is checked on any machine; its numbers are then CPU numbers.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/objcrop-device-check}
+mkdir -p "$OUT"
+CUDA=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
+DEVICE=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_') if torch.cuda.is_available() else 'cpu')")
+echo "device check on: $DEVICE (outputs in $OUT)"
+failed=0
+started=$(date +%s)
+
+part() { echo; echo "== $1 ($(( $(date +%s) - started )) s)"; }
+
+part "1. CUDA tests"
+if [ "$CUDA" = 1 ]; then
+  python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/ 2>&1 | tail -5
+  rc=${PIPESTATUS[0]}
+else
+  python3 -m pytest -q -p no:cacheprovider -k "cuda" tests/ 2>&1 | tail -3
+  rc=${PIPESTATUS[0]}
+  [ "$rc" = 5 ] && rc=0  # nothing selected on a CPU machine is fine
+fi
+echo "RESULT part=cuda_tests device=$DEVICE rc=$rc"
+[ "$rc" = 0 ] || failed=1
+
+part "2. GPU view engine (bench/gpu_views.py)"
+if [ "$CUDA" = 1 ]; then
+  python3 bench/gpu_views.py --batch 256 --workers 16 2>&1 | tail -12 || failed=1
+else
+  python3 bench/gpu_views.py --threads 1 --skip-torchvision 2>&1 | tail -4 || failed=1
+fi
+
+part "3. BING on the GPU and the CPU (bench/proposals.py)"
+if [ "$CUDA" = 1 ]; then
+  python3 bench/proposals.py --methods bing --images 80 2>&1 | tail -4 || failed=1
+else
+  python3 bench/proposals.py --methods bing --images 8 --budget 2 2>&1 | tail -4 || failed=1
+fi
+
+part "4. objcrop train: MoCo-v2, crop.engine gpu vs cpu"
+if [ "$CUDA" = 1 ]; then
+  N=6000; SIZE=640x480; BACKBONE=resnet50; VIEW=224; BATCH=128; STEPS=300; WORKERS=16
+  ACCEL=gpu; PREC=bf16-mixed; CANVAS=448
+else
+  N=64; SIZE=160x120; BACKBONE=test_efficientnet; VIEW=32; BATCH=16; STEPS=4; WORKERS=2
+  ACCEL=cpu; PREC=32-true; CANVAS=64
+fi
+objcrop demo-data --data-dir "$OUT/data" --n-images "$N" --image-size "$SIZE" > /dev/null || failed=1
+for engine in gpu cpu; do
+  run="$OUT/train_$engine"
+  rm -rf "$run"
+  objcrop train recipes/lightly/demo_mocov2.yaml \
+    data.train_path="$OUT/data" data.proposals="$OUT/data/proposals_gt.objcrop" data.labels=null \
+    data.num_workers=$WORKERS crop.engine=$engine crop.size=$VIEW crop.canvas=$CANVAS \
+    backbone.name=$BACKBONE backbone.channels_last=$([ "$CUDA" = 1 ] && echo true || echo false) \
+    trainer.batch_size=$BATCH trainer.max_steps=$STEPS trainer.epochs=1000 \
+    trainer.accelerator=$ACCEL trainer.precision=$PREC trainer.progress_bar=false \
+    trainer.resume=never trainer.out_dir="$run" > "$run.log" 2>&1
+  rc=$?
+  ips=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['images_per_s'])" "$run/results.json" 2>/dev/null || echo nan)
+  echo "RESULT part=train engine=$engine device=$DEVICE backbone=$BACKBONE view=$VIEW batch=$BATCH steps=$STEPS images_per_s=$ips rc=$rc"
+  [ "$rc" = 0 ] || { failed=1; tail -5 "$run.log"; }
+done
+
+echo
+echo "device check done in $(( $(date +%s) - started )) s; failed=$failed"
+exit $failed
