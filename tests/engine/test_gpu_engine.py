@@ -115,6 +115,25 @@ def test_views_depend_only_on_the_sample_seed(demo):
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("preset", ["none", "mocov2"])
+def test_cuda_views_match_the_same_engine_on_the_cpu(demo, preset):
+    """The device path (float16 matmuls under precision auto) against the CPU's float32 run:
+    the same windows and per-sample seeds give the same views."""
+    ds = CanvasDataset(demo.root, demo.proposals_path, views="multi_crop", size=32, canvas=64,
+                       seed=3, keys=list(demo.keys))
+    batch = canvas_batch(ds, range(8))
+    engine = GPUViewEngine.from_recipe(ds.recipe, photometrics=preset)
+    on_cpu = engine.transform_batch(batch)[0]
+    cuda = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+    on_gpu = engine.transform_batch(cuda)[0]
+    assert all(v.is_cuda for v in on_gpu)
+    for a, b in zip(on_cpu, on_gpu):
+        assert a.shape == b.shape and torch.isfinite(b).all()
+        # normalised units: 3/255 of the pixel range is about 0.06 after ImageNet std
+        assert (a - b.cpu()).abs().mean() < 0.02, (a - b.cpu()).abs().mean()
+
+
 def test_wrong_number_of_windows_names_the_fix():
     engine = GPUViewEngine.from_recipe("obj_obj_dilate", size=16)
     with pytest.raises(ValueError, match="same recipe"):
