@@ -63,7 +63,6 @@ import yaml
 __all__ = [
     "METHODS",
     "METHOD_DEFAULTS",
-    "PHOTOMETRICS",
     "BackboneConfig",
     "CropConfig",
     "DataConfig",
@@ -112,9 +111,9 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
         "nu_param": 1.0,
     },
 }
+#: the method names; each is also the name of its photometric preset (lightly's defaults for
+#: that method), used when ``crop.photometrics`` is null
 METHODS: tuple[str, ...] = tuple(METHOD_DEFAULTS)
-#: each method's photometric preset when ``crop.photometrics`` is null (lightly's defaults)
-PHOTOMETRICS: dict[str, str] = {name: name for name in METHODS}
 MethodName = Literal[METHODS]  # type: ignore[valid-type]
 
 

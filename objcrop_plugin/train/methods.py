@@ -51,9 +51,9 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
         f"({type(_exc).__name__}: {_exc}). Fix: pip install \"objcrop-plugin[lightly]\""
     ) from _exc
 
-from .config import METHOD_DEFAULTS, PHOTOMETRICS, OptimizerConfig, ScheduleConfig
+from .config import METHOD_DEFAULTS, OptimizerConfig, ScheduleConfig
 
-__all__ = ["BYOL", "METHODS", "PHOTOMETRICS", "MoCoV2", "SSLMethod", "SimCLR", "VICReg", "make_method"]
+__all__ = ["BYOL", "METHODS", "MoCoV2", "SSLMethod", "SimCLR", "VICReg", "make_method"]
 
 
 def _size_groups(views: Sequence[torch.Tensor]) -> list[list[int]]:

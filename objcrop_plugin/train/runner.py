@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .config import PHOTOMETRICS, RecipeConfig, RecipeError, recipe_params, save_recipe, to_dict
+from .config import RecipeConfig, RecipeError, recipe_params, save_recipe, to_dict
 
 __all__ = [
     "CheckpointError",
@@ -118,7 +118,7 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
                 f"`objcrop proposals build {root} -o {cfg.data.proposals}`"
             )
         store = ProposalStore(cfg.data.proposals)
-    photometrics = cfg.crop.photometrics or PHOTOMETRICS[cfg.method.name]
+    photometrics = cfg.crop.photometrics or cfg.method.name  # the method's own preset
     seed = cfg.trainer.seed if cfg.crop.seed is None else cfg.crop.seed
     keys = _keys(cfg, keys)
     if store is not None and not any(k in store for k in keys[:200]):
@@ -480,7 +480,7 @@ def train(
         from ..engine.gpu import GPUViewEngine, apply_gpu_views
 
         engine = GPUViewEngine.from_recipe(
-            recipe, photometrics=cfg.crop.photometrics or PHOTOMETRICS[cfg.method.name],
+            recipe, photometrics=cfg.crop.photometrics or cfg.method.name,
             seed=cfg.trainer.seed,
         )
         module.batch_transform = lambda batch: apply_gpu_views(engine, batch)
