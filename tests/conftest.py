@@ -45,3 +45,39 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kill_and_resume() -> Callable[..., Any]:
+    """``kill_and_resume(cmd, out, ref_out)``: run ``cmd`` (an ``objcrop train`` command line)
+    to the end into ``ref_out``; start it again into its own ``trainer.out_dir`` ``out``, SIGKILL
+    it once ``out/checkpoints/last.ckpt`` exists, and rerun it. Returns the rerun's completed
+    process (asserted to have resumed and succeeded) and its ``results.json``."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    def run(cmd: list[str], out: Any, ref_out: Any) -> tuple[Any, dict[str, Any]]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # the reference runs in a process like the others (same torch thread count: float sums
+        # in another order would differ in the last bits)
+        subprocess.run(cmd + [f"trainer.out_dir={ref_out}"], check=True, env=env,
+                       capture_output=True, timeout=300)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=env)
+        last = out / "checkpoints" / "last.ckpt"
+        deadline = time.monotonic() + 120
+        while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert last.exists(), "the run ended before writing a checkpoint"
+        assert not (out / "results.json").exists(), "the run finished before it was killed"
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "resuming from" in done.stdout
+        return done, json.loads((out / "results.json").read_text())
+
+    return run

@@ -5,11 +5,8 @@ user owns changed."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -78,7 +75,8 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 # ------------------------------------------------------------------ 1: exact resume, workers
 
 @pytest.mark.parametrize("persistent", [False, True], ids=["workers", "persistent_workers"])
-def test_a_killed_run_with_workers_resumes_to_the_same_weights(tmp_path, data, persistent):
+def test_a_killed_run_with_workers_resumes_to_the_same_weights(tmp_path, data, persistent,
+                                                               kill_and_resume):
     """SIGKILL a real `objcrop train` with 2 DataLoader workers after its first checkpoint and
     rerun it: the resumed epochs see the batches and crops of an uninterrupted run (the
     workers start before Lightning sets the resumed epoch, so it must travel with the index)."""
@@ -87,23 +85,7 @@ def test_a_killed_run_with_workers_resumes_to_the_same_weights(tmp_path, data, p
                   trainer={"epochs": 3})
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "objcrop_plugin.cli", "train", str(path)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    subprocess.run(cmd + [f"trainer.out_dir={tmp_path / 'ref'}"], check=True, env=env,
-                   capture_output=True, timeout=300)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    last = out / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert last.exists(), "the run ended before writing a checkpoint"
-    assert not (out / "results.json").exists(), "the run finished before it was killed"
-
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming from" in done.stdout
-    res = json.loads((out / "results.json").read_text())
+    _, res = kill_and_resume(cmd, out, tmp_path / "ref")
     assert res["epochs"] == 3
     _assert_same(_weights(tmp_path / "ref" / "backbone.pth"), _weights(out / "backbone.pth"))
 

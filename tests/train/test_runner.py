@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -104,7 +101,7 @@ def _backbone_state(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "backbone.pth", weights_only=True)
 
 
-def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data):
+def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data, kill_and_resume):
     """SIGKILL a real `objcrop train` process after its first checkpoint, rerun the same
     command: it resumes and ends with exactly the weights of an uninterrupted run."""
     common = dict(method={"name": "mocov2", "params": SMALL_HEADS["mocov2"]},
@@ -112,25 +109,8 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data):
     path = recipe(tmp_path, data, "killed.yaml", **common)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "objcrop_plugin.cli", "train", str(path)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # the reference runs in a process like the others (same torch thread count: float sums
-    # in another order would differ in the last bits)
-    subprocess.run(cmd + [f"trainer.out_dir={tmp_path / 'ref'}"], check=True, env=env,
-                   capture_output=True, timeout=300)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    _, res = kill_and_resume(cmd, out, tmp_path / "ref")
     last = out / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert last.exists(), "the run ended before writing a checkpoint"
-    assert not (out / "results.json").exists(), "the run finished before it was killed"
-
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming from" in done.stdout
-    res = json.loads((out / "results.json").read_text())
     assert res["resumed_from"] == str(last) and res["epochs"] == 6
     a, b = _backbone_state(tmp_path / "ref"), _backbone_state(out)
     assert a.keys() == b.keys()
