@@ -225,6 +225,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         params["max_side"] = args.max_side
     if args.bing_model:
         params["model_dir"] = str(args.bing_model)
+    for opt, key in (("model", "model"), ("checkpoint", "checkpoint"), ("device", "device"),
+                     ("batch_size", "batch_size")):
+        if getattr(args, opt) is not None:
+            params[key] = str(getattr(args, opt)) if opt == "checkpoint" else getattr(args, opt)
     shard = resolve_shard(args.shard)
     _check_store_out(args, [args.images_dir], str(shard_path(args.out, *shard)))
     summary = build_store(
@@ -528,13 +532,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true",
                    help="discard an unfinished build of --out instead of resuming it")
     p.add_argument("--method", default="graph_segments",
-                   help="generator: bing, bing_opencv, graph_segments, selective_search")
+                   help="generator: bing, bing_opencv, graph_segments, heatmap, "
+                   "selective_search, token_cut")
     p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1,
                    help="processes (default: the CPU count)")
     p.add_argument("--top-k", type=_positive_int, help="boxes kept per image (default 10)")
     p.add_argument("--max-side", type=_positive_int, help="working resolution (default 512)")
     p.add_argument("--bing-model", help="BING model folder (opencv_contrib "
                    "modules/saliency/samples/ObjectnessTrainedModel)")
+    p.add_argument("--model", help="heatmap / token_cut: the timm model name")
+    p.add_argument("--checkpoint", help="heatmap / token_cut: local weights for --model "
+                   "(backbone.pth of `objcrop train`, a solo-learn or Lightning checkpoint, "
+                   "a timm state dict); nothing is downloaded")
+    p.add_argument("--device", help="heatmap / token_cut: auto (default), cpu, cuda, cuda:1...")
+    p.add_argument("--batch-size", type=_positive_int,
+                   help="heatmap / token_cut: images per forward pass (default 32 / 16)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="another generator parameter (repeatable)")
     p.add_argument("--shard", help="i/N: build every N-th image from i (default: RANK/"

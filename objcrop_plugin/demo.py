@@ -90,6 +90,19 @@ def _crop_params(views: str, cfg: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def online_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The demo's online proposals (run ``VIEWS@online``): scene crops for the first 40% of
+    the epochs, then heat-map boxes from the backbone being trained, refreshed every 20%."""
+    epochs = int(cfg["epochs"])
+    return {"method": "heatmap", "warmup_epochs": max(1, round(epochs * 0.4)),
+            "every_epochs": max(1, round(epochs * 0.2)), "params": dict(HEATMAP_PARAMS)}
+
+
+#: the heat-map generator's settings for the demo's 128x96 scenes: the network sees them at
+#: 2x (as the probe does) and ``level="auto"`` picks the stride-4 level (48 cells along 192 px)
+HEATMAP_PARAMS: dict[str, Any] = {"scale": 2.0, "max_side": 128, "min_cells": 32}
+
+
 def demo_recipe(
     views: str,
     cfg: dict[str, Any],
@@ -97,19 +110,23 @@ def demo_recipe(
     proposals: str | os.PathLike[str] | None,
     out_dir: str | os.PathLike[str],
     seed: int = 0,
+    online: dict[str, Any] | None = None,
 ) -> Any:
     """The demo's SimCLR run as a recipe for :func:`objcrop_plugin.train.train` (the same
-    recipe as ``recipes/lightly/demo_simclr.yaml`` at the default budget)."""
+    recipe as ``recipes/lightly/demo_simclr.yaml`` at the default budget); ``online``: the
+    ``crop.proposals`` mapping of online proposals (``proposals`` may then be ``None``)."""
     from .train.config import parse_recipe
 
     return parse_recipe(
         {
             "name": views,
             "data": {"train_path": str(root), "proposals": None if views == "scene_scene"
-                     else str(proposals), "num_workers": int(cfg["num_workers"])},
+                     or proposals is None else str(proposals),
+                     "num_workers": int(cfg["num_workers"])},
             "crop": {"type": "scene" if views == "scene_scene" else "object_aware",
                      "views": views, "size": int(cfg["view_size"]),
-                     "params": _crop_params(views, cfg), "photometrics": cfg["photometrics"]},
+                     "params": _crop_params(views, cfg), "photometrics": cfg["photometrics"],
+                     "proposals": online},
             "method": {"name": "simclr", "params": {
                 "temperature": cfg["temperature"], "proj_dim": cfg["proj_dim"]}},
             "backbone": {"name": cfg["model"]},
@@ -134,6 +151,7 @@ def pretrain_simclr(
     seed: int = 0,
     log: Callable[[str], None] = print,
     out_dir: str | os.PathLike[str] | None = None,
+    online: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """SimCLR on ``views`` crops through the recipe runner; trains ``backbone`` in place.
 
@@ -148,7 +166,7 @@ def pretrain_simclr(
     from .train.runner import train
 
     with tempfile.TemporaryDirectory(prefix="objcrop-demo-") as tmp:
-        recipe = demo_recipe(views, cfg, root, proposals, out_dir or tmp, seed)
+        recipe = demo_recipe(views, cfg, root, proposals, out_dir or tmp, seed, online)
         res = train(recipe, keys=keys, backbone=backbone, echo=log)
     return {
         "seconds": res["train_seconds"],
@@ -204,7 +222,9 @@ def run_demo(
         runs: what to run: ``random`` (no pretraining), a view recipe (``scene_scene``,
             ``obj_scene``, ``obj_obj_dilate``) cropped from the ground-truth boxes, or
             ``VIEWS@SOURCE`` with proposals from a generator (``obj_obj_dilate@bing``,
-            ``@graph_segments``, ``@selective_search``; built once into the data folder).
+            ``@graph_segments``, ``@selective_search``; built once into the data folder),
+            ``@heatmap`` (two rounds: heat-map boxes from this seed's ``scene_scene`` run,
+            which must come first) or ``@online`` (online proposals: :func:`online_settings`).
         proposal_params: a generator's parameters by name (e.g.
             ``{"bing": {"model_dir": ...}}``).
         overrides: any key of :data:`BUDGETS` entries (e.g. ``epochs=5``).
@@ -266,8 +286,27 @@ def run_demo(
         return float(res["probe_map"]), float(res["knn_map"])
 
     stores: dict[str, Path] = {"gt": Path(ds.proposals_path)}
+    scene_weights = out / "runs" / "scene_scene" / "backbone.pth"
 
-    def store_for(source: str) -> Path:
+    def store_for(source: str) -> Path | None:
+        if source == "online":
+            return None  # scene crops in the warm-up, then the run's own boxes
+        if source == "heatmap" and source not in stores:
+            # two rounds: boxes from this seed's scene_scene run
+            from .proposals.build import build_store
+
+            if not scene_weights.is_file():
+                raise ValueError("run VIEWS@heatmap needs the scene_scene run before it (its "
+                                 "backbone gives the boxes): list scene_scene first")
+            path = out / "proposals_heatmap.objcrop"
+            t = time.perf_counter()
+            log(f"building heatmap proposals for {len(keys)} images from {scene_weights}")
+            build_store(ds.root, path, method="heatmap", params={
+                "model": cfg["model"], "checkpoint": str(scene_weights), "device": "cpu",
+                **HEATMAP_PARAMS, **(proposal_params or {}).get("heatmap", {})},
+                workers=min(2, os.cpu_count() or 1), progress=False, restart=True)
+            log(f"  {path.name} in {time.perf_counter() - t:.1f}s")
+            stores[source] = path
         if source not in stores:
             from .proposals.build import build_store
 
@@ -289,7 +328,8 @@ def run_demo(
             log(f"pretraining {cfg['model']} with SimCLR, views={views}, "
                 f"proposals={source or 'oracle (ground-truth) boxes'}")
             tr = pretrain_simclr(net, ds.root, store, train_keys, views, cfg, seed, log,
-                                 out_dir=out / "runs" / name.replace("@", "_"))
+                                 out_dir=out / "runs" / name.replace("@", "_"),
+                                 online=online_settings(cfg) if source == "online" else None)
             info.update(
                 pretrain_seconds=round(tr["seconds"], 1),
                 images_per_s=round(tr["images_per_s"], 1),

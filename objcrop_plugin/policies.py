@@ -420,6 +420,9 @@ class ViewRecipe:
     strict: bool = False
     name: str = "custom"
     fallbacks: FallbackCounter = field(default_factory=FallbackCounter, repr=False)
+    #: object views become their policies' scene crops, deliberately (not counted as
+    #: fallbacks): the warm-up epochs of online proposals before there is a store
+    scene_only: bool = False
 
     def __post_init__(self) -> None:
         if not self.views:
@@ -455,7 +458,7 @@ class ViewRecipe:
         self.fallbacks.add("samples")
         candidates = np.zeros(0, dtype=np.int64)
         b = None
-        if self.needs_proposals:
+        if self.needs_proposals and not self.scene_only:
             mismatch = None
             if boxes is not None and boxes_size is not None and tuple(boxes_size) != (w, h):
                 mismatch = box_ops.size_mismatch(boxes_size, image_size)
@@ -491,7 +494,7 @@ class ViewRecipe:
                 name, fell_back = pol.name, False
             elif pol.needs_proposal:
                 box = pol.scene_fallback(image_size, rng)
-                name, fell_back = "scene", True
+                name, fell_back = "scene", not self.scene_only
             else:
                 box = pol.sample(image_size, None, rng)
                 name, fell_back = pol.name, False

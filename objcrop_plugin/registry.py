@@ -78,7 +78,9 @@ BUILTIN_PROPOSAL_SOURCES: dict[str, str] = {
     "bing": "objcrop_plugin.proposals.bing:BingGenerator",
     "bing_opencv": "objcrop_plugin.proposals.bing:OpenCVBingGenerator",
     "graph_segments": "objcrop_plugin.proposals.segments:GraphSegmentsGenerator",
+    "heatmap": "objcrop_plugin.proposals.heatmap:HeatmapGenerator",
     "selective_search": "objcrop_plugin.proposals.segments:SelectiveSearchGenerator",
+    "token_cut": "objcrop_plugin.proposals.token_cut:TokenCutGenerator",
 }
 
 _BUILTINS = {POLICY_GROUP: BUILTIN_POLICIES, PROPOSAL_GROUP: BUILTIN_PROPOSAL_SOURCES}

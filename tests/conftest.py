@@ -59,16 +59,22 @@ def kill_and_resume() -> Callable[..., Any]:
     import subprocess
     import time
 
-    def run(cmd: list[str], out: Any, ref_out: Any) -> tuple[Any, dict[str, Any]]:
+    def run(cmd: list[str], out: Any, ref_out: Any, kill_when: Any = None) -> tuple[Any, dict[str, Any]]:
+        """``kill_when``: kill as soon as the run prints a line holding this text instead
+        (it must come after the first checkpoint)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # the reference runs in a process like the others (same torch thread count: float sums
         # in another order would differ in the last bits)
         subprocess.run(cmd + [f"trainer.out_dir={ref_out}"], check=True, env=env,
                        capture_output=True, timeout=300)
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if kill_when else subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=env, text=True)
         last = out / "checkpoints" / "last.ckpt"
         deadline = time.monotonic() + 120
+        if kill_when:
+            for line in proc.stdout:
+                if kill_when in line or time.monotonic() > deadline:
+                    break
         while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)

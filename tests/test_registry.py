@@ -48,7 +48,9 @@ OWN_SOURCES = {
     "bing": "generator",
     "bing_opencv": "generator",
     "graph_segments": "generator",
+    "heatmap": "generator",
     "selective_search": "generator",
+    "token_cut": "generator",
 }
 
 _PLUGIN_SOURCE = '''
@@ -188,6 +190,11 @@ def _generator_kwargs(name: str) -> dict:
         if not (BING_MODEL / "ObjNessB2W8MAXBGR.idx.yml.gz").is_file():
             pytest.skip(f"BING model files not found in {BING_MODEL}")
         return {"model_dir": str(BING_MODEL)}
+    if name == "heatmap":  # random weights: the mechanics only
+        return {"model": "test_efficientnet", "device": "cpu"}
+    if name == "token_cut":
+        return {"model": "vit_tiny_patch16_224", "model_kwargs": {"depth": 2},
+                "input_side": 160, "device": "cpu"}
     return {}
 
 

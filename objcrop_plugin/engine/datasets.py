@@ -106,7 +106,8 @@ class FolderSource:
         self.root = Path(root)
         if proposals is not None and not isinstance(proposals, ProposalStore):
             proposals = ProposalStore(proposals)
-        if proposals is None and recipe is not None and recipe.needs_proposals:
+        if (proposals is None and recipe is not None and recipe.needs_proposals
+                and not recipe.scene_only):
             raise ValueError(
                 f"view recipe '{recipe.name}' crops from object proposals but no "
                 "proposal store was given. Fix: pass proposals=PATH (see `objcrop proposals "
@@ -122,12 +123,38 @@ class FolderSource:
         self._class_index = {c: i for i, c in enumerate(self.classes)}
         self.seed = seed
         self.epoch = 0
+        self.recipe = recipe
+        #: an :class:`~objcrop_plugin.train.online.OnlineSchedule`: the store follows the epoch
+        self.schedule: Any = None
+        self._synced: int | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def follow_schedule(self) -> None:
+        """Open the store that ``schedule`` names for the current epoch (online proposals: a
+        new store after each refresh; before the first, the initial store or none, with
+        scene crops). Runs when an item is made, in whichever process makes it: workers map
+        the new file; the store is written before the epoch's first item is asked for."""
+        if self.schedule is None or self._synced == self.epoch:
+            return
+        path = self.schedule.path_for(self.epoch)
+        path = None if path is None else str(Path(path))
+        current = None if self.store is None else str(self.store.path)
+        if path != current:
+            if path is not None and not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"{path}: the proposal store for epoch {self.epoch} is missing (online "
+                    "proposals are written before the epoch starts). Fix: rerun the same "
+                    "command; a run resumes and recomputes them"
+                )
+            self.store = ProposalStore(path) if path is not None else None
+        if self.recipe is not None:
+            self.recipe.scene_only = self.store is None
+        self._synced = self.epoch
 
     def target(self, index: int) -> int:
         """The index of the image's class subfolder in ``classes`` (0 without classes)."""
@@ -140,6 +167,7 @@ class FolderSource:
         :meth:`ViewEngine.windows <objcrop_plugin.engine.cpu.ViewEngine.windows>` takes it.
         ``stream``: draw from index ``stream``'s stream instead (a replacement image)."""
         key = self.keys[index]
+        self.follow_schedule()
         store = self.store
         lookup = (lambda _size: store.get(key)) if store is not None else None
         rng = sample_rng(self.seed, index if stream is None else stream, self.epoch)

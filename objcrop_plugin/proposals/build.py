@@ -38,6 +38,11 @@ from typing import Any
 
 import numpy as np
 
+try:
+    import torch.utils.data as torch_data
+except ImportError:  # pragma: no cover - torch is a dependency
+    torch_data = None
+
 from ..files import OutputKind, atomic_write, output_lock
 from ..images import draft_factor, list_images, load_rgb, open_image
 from ..registry import load_proposal_source
@@ -240,6 +245,131 @@ def propose_file(
     return _record_from(key, boxes, scores, (w, h))
 
 
+def decode_working(
+    root: Path, key: str, max_side: int, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Image ``key``'s working image (long side at most ``max_side``, JPEG draft-decoded) and
+    its displayed full size ``(width, height)``.
+
+    Raises:
+        OSError / ValueError: the file cannot be used; the message is the failure reason.
+    """
+    from .generators import working_resize
+
+    opened = open_image(root / key)
+    w, h = opened.size
+    if w * h > max_pixels:
+        opened.image.close()
+        raise ValueError(f"{w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+    work = min(1.0, max_side / max(w, h))
+    reduce = draft_factor([(0, 0, w, h)], [(h * work, w * work)]) if opened.is_jpeg else 1
+    return working_resize(load_rgb(opened, reduce), max_side), (w, h)
+
+
+class _Decoded(torch_data.Dataset if torch_data is not None else object):  # type: ignore[misc]
+    """``(key, working image | None, full size, error | None)`` of each key, for DataLoader
+    workers: decoding runs in parallel, the network in the main process."""
+
+    def __init__(self, root: Path, keys: Sequence[str], max_side: int, max_pixels: int) -> None:
+        self.root, self.keys, self.max_side, self.max_pixels = root, list(keys), max_side, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> tuple[str, np.ndarray | None, tuple[int, int], str | None]:
+        key = self.keys[i]
+        try:
+            work, size = decode_working(self.root, key, self.max_side, self.max_pixels)
+            return key, work, size, None
+        except Exception as exc:  # one bad image must not stop a million-image build
+            return key, None, (0, 0), f"{type(exc).__name__}: {exc}"
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _one_thread_worker(_: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def propose_keys(
+    generator: Any,
+    root: str | os.PathLike[str],
+    keys: Sequence[str],
+    workers: int = 0,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    chunk_size: int | None = None,
+) -> Iterator[list[tuple[str, ProposalRecord | None, str | None]]]:
+    """Run a batched generator (:class:`~objcrop_plugin.proposals.generators.
+    BatchedProposalGenerator`) over ``keys``: images decoded in ``workers`` DataLoader
+    processes (0: in this one), the network run in this process, ``generator.batch_size``
+    images at a time.
+
+    Yields, per ``chunk_size`` keys (default: all at once), in key order, the list of
+    ``(key, record, None)`` or ``(key, None, failure reason)``. Batches never cross a chunk,
+    so the same chunks give the same batches, whatever was done before (exact resume).
+    """
+    import torch
+
+    root = Path(root)
+    keys = list(keys)
+    chunk = len(keys) if not chunk_size else int(chunk_size)
+    loader = torch.utils.data.DataLoader(
+        _Decoded(root, keys, generator.max_side, max_pixels), batch_size=None, collate_fn=_as_is,
+        num_workers=workers, worker_init_fn=_one_thread_worker if workers else None,
+        prefetch_factor=4 if workers else None,
+    )
+    pending: list[tuple[str, np.ndarray | None, tuple[int, int], str | None]] = []
+
+    def finish() -> list[tuple[str, ProposalRecord | None, str | None]]:
+        ok = [p for p in pending if p[1] is not None]
+        results = iter(generator.propose_working([p[1] for p in ok], [p[2] for p in ok]))
+        out: list[tuple[str, ProposalRecord | None, str | None]] = []
+        for key, work, size, error in pending:
+            if work is None:
+                out.append((key, None, (error or "unknown error").replace("\t", " ")
+                            .replace("\n", " ")))
+            else:
+                boxes, scores = next(results)
+                out.append((key, _record_from(key, boxes, scores, size), None))
+        pending.clear()
+        return out
+
+    for item in loader:
+        pending.append(item)
+        if len(pending) == chunk:
+            yield finish()
+    if pending:
+        yield finish()
+
+
+def _run_batched(generator: Any, root: Path, todo: list[tuple[int, list[str], str]],
+                 workers: int, max_pixels: int, settings: str, bar: Any) -> None:
+    """The build loop of a batched generator: one chunk file per chunk, as :func:`_run_chunk`."""
+    keys = [k for _, chunk, _ in todo for k in chunk]
+    sizes = iter([(len(chunk), f) for _, chunk, f in todo])
+    done: list[tuple[str, ProposalRecord | None, str | None]] = []
+    n, chunk_file = next(sizes)
+    # every todo chunk is a full chunk except possibly the last one: group by the chunk size
+    # of the build, then split the (rare) shorter last chunk out of the stream
+    for results in propose_keys(generator, root, keys, workers=workers, max_pixels=max_pixels,
+                                chunk_size=len(todo[0][1])):
+        done += results
+        while n is not None and len(done) >= n:
+            lines = [json.dumps({"settings": settings})]
+            for key, rec, error in done[:n]:
+                lines.append(json.dumps(rec.to_json(), separators=(",", ":")) if rec is not None
+                             else json.dumps({"key": key, "error": error}))
+            atomic_write(chunk_file, [("\n".join(lines) + "\n").encode("utf-8")])
+            if bar is not None:
+                bar.update(n)
+            done = done[n:]
+            n, chunk_file = next(sizes, (None, None))
+
+
 def _run_chunk(task: tuple[int, list[str], str]) -> tuple[int, int]:
     index, keys, chunk_file = task
     gen, root, max_pixels = _WORKER["generator"], _WORKER["root"], _WORKER["max_pixels"]
@@ -393,7 +523,9 @@ def build_store(
     parts = _parts_dir(out)
     manifest = _manifest(method, params, generator, root, keys, chunk_size, shard, max_pixels)
     settings = _settings_digest(manifest)
-    del generator
+    batched = getattr(generator, "batched", False)
+    if not batched:
+        del generator  # worker processes make their own
     with output_lock(out):
         _resumable_chunks(parts, manifest, restart)
         chunks = [keys[s : s + chunk_size] for s in range(0, len(keys), chunk_size)]
@@ -411,7 +543,10 @@ def build_store(
             bar = tqdm(total=len(keys), initial=summary.resumed_images, unit="img",
                        smoothing=0.1, desc=f"proposals ({method})", dynamic_ncols=True)
         try:
-            if todo and workers <= 1:
+            if todo and batched:
+                _run_batched(generator, root, todo, workers if workers > 1 else 0, max_pixels,
+                             settings, bar)
+            elif todo and workers <= 1:
                 _init_worker(*init)
                 for task in todo:
                     _, n = _run_chunk(task)

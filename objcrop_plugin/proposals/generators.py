@@ -7,7 +7,10 @@ tiny and degenerate boxes, de-duplicated by non-maximum suppression and cut to t
 best by score.
 
 Subclasses implement :meth:`ProposalGenerator.raw` and register the class in the entry-point
-group ``objcrop_plugin.proposals``.
+group ``objcrop_plugin.proposals``. Generators that run a network implement
+:meth:`BatchedProposalGenerator.raw_batch` instead: ``objcrop proposals build`` then decodes in
+DataLoader workers and runs the network on batches in the main process (on the GPU when there
+is one).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from PIL import Image
 
 from .. import boxes as box_ops
 
-__all__ = ["ProposalGenerator", "postprocess"]
+__all__ = ["BatchedProposalGenerator", "ProposalGenerator", "postprocess", "resolve_device",
+           "working_resize"]
 
 
 def postprocess(
@@ -70,6 +74,19 @@ def postprocess(
     return b[idx].astype(np.float32), s[idx].astype(np.float32)
 
 
+def working_resize(image: np.ndarray | Image.Image, max_side: int) -> np.ndarray:
+    """``(h, w, 3)`` uint8 RGB, shrunk (never enlarged) so its longest side is ``max_side``."""
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    if pil.mode != "RGB":
+        pil = pil.convert("RGB")
+    w, h = pil.size
+    scale = max_side / max(w, h)
+    if scale < 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        pil = pil.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(pil)
+
+
 class ProposalGenerator:
     """Base class of proposal generators.
 
@@ -107,15 +124,7 @@ class ProposalGenerator:
         raise NotImplementedError
 
     def working_image(self, image: np.ndarray | Image.Image) -> np.ndarray:
-        pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
-        if pil.mode != "RGB":
-            pil = pil.convert("RGB")
-        w, h = pil.size
-        scale = self.max_side / max(w, h)
-        if scale < 1.0:
-            size = (max(1, round(w * scale)), max(1, round(h * scale)))
-            pil = pil.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-        return np.asarray(pil)
+        return working_resize(image, self.max_side)
 
     def __call__(self, image: np.ndarray | Image.Image) -> tuple[np.ndarray, np.ndarray]:
         size = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
@@ -127,6 +136,85 @@ class ProposalGenerator:
             min_side=self.min_side,
         )
         return box_ops.rescale(boxes, (ww, wh), size).astype(np.float32), scores
+
+    def params(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"auto"`` / ``None``: CUDA when available, else the CPU; otherwise ``torch.device(device)``."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class BatchedProposalGenerator(ProposalGenerator):
+    """Base class of generators that run a network over batches of working images.
+
+    Args:
+        batch_size: images per forward pass.
+        device: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda:1"``...
+        top_k, max_side, nms_iou, min_side: as :class:`ProposalGenerator`.
+
+    A batch's results must not depend on which other images are in it beyond floating-point
+    rounding; ``objcrop proposals build`` forms the same batches on every run (within each
+    chunk, in key order), so a resumed build writes the same bytes.
+    """
+
+    batched: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        top_k: int = 10,
+        max_side: int = 512,
+        nms_iou: float | None = 0.7,
+        min_side: float = 4.0,
+        batch_size: int = 32,
+        device: str = "auto",
+    ) -> None:
+        super().__init__(top_k=top_k, max_side=max_side, nms_iou=nms_iou, min_side=min_side)
+        if int(batch_size) < 1:
+            raise ValueError(f"{self.name}: batch_size must be >= 1, got {batch_size!r}")
+        self.batch_size = int(batch_size)
+        self.device = str(device)
+        self._device = resolve_device(device)
+
+    def raw_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Candidate boxes and scores for each working image ``(h, w, 3)`` uint8 RGB."""
+        raise NotImplementedError
+
+    def raw(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.raw_batch([image])[0]
+
+    def propose_working(
+        self, works: list[np.ndarray], sizes: list[tuple[int, int]]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Post-processed proposals of working images (from :meth:`working_image`), mapped to
+        the images' full ``sizes`` ``(width, height)``; the images are run ``batch_size`` at a
+        time."""
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        for s in range(0, len(works), self.batch_size):
+            batch = works[s : s + self.batch_size]
+            for work, size, (boxes, scores) in zip(batch, sizes[s : s + self.batch_size],
+                                                   self.raw_batch(batch)):
+                wh, ww = work.shape[:2]
+                boxes, scores = postprocess(
+                    boxes, scores, (ww, wh), top_k=self.top_k, nms_iou=self.nms_iou,
+                    min_side=self.min_side,
+                )
+                out.append((box_ops.rescale(boxes, (ww, wh), size).astype(np.float32), scores))
+        return out
+
+    def propose_batch(
+        self, images: list[np.ndarray | Image.Image]
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`__call__` for several images (batched)."""
+        sizes = [im.size if isinstance(im, Image.Image) else (im.shape[1], im.shape[0])
+                 for im in images]
+        return self.propose_working([self.working_image(im) for im in images], sizes)
+
+    def __call__(self, image: np.ndarray | Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        return self.propose_batch([image])[0]
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}

@@ -158,6 +158,9 @@ class CropConfig:
     canvas: int | list[int] | None = None  # gpu engine: decoded canvas size (default 2 x size)
     draft: bool = True
     seed: int | None = None  # crops from (seed, epoch, index, rank); null: trainer.seed
+    # online proposals: "online", or {method, warmup_epochs, every_epochs, params}; boxes
+    # from the backbone being trained (see objcrop_plugin.train.online)
+    proposals: str | dict[str, Any] | None = None
 
 
 @dataclass
@@ -380,7 +383,10 @@ def _semantic_checks(cfg: RecipeConfig) -> None:
     if cfg.optimizer.lr <= 0:
         raise RecipeError(f"optimizer.lr must be > 0, got {cfg.optimizer.lr}")
     _check_params(cfg)
-    if cfg.crop.type == "object_aware" and not cfg.data.proposals:
+    from .online import parse_online
+
+    online = parse_online(cfg)
+    if cfg.crop.type == "object_aware" and not cfg.data.proposals and online is None:
         raise RecipeError(
             "crop.type is object_aware but data.proposals is not set. Fix: build a store "
             "with `objcrop proposals build IMAGES -o STORE.objcrop` and set data.proposals, "

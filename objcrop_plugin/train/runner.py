@@ -107,9 +107,19 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
             f"data.train_path: folder not found: {root}. Fix: point it at the folder of "
             "training images"
         )
+    from .online import OnlineSchedule, parse_online
+
     store = None
     recipe = make_recipe(cfg.views, **recipe_params(cfg))
-    if cfg.crop.type == "object_aware":
+    online = parse_online(cfg)
+    schedule = None
+    if online is not None:
+        schedule = OnlineSchedule(
+            str(Path(cfg.trainer.out_dir) / "proposals"), online.warmup_epochs,
+            online.every_epochs, cfg.data.proposals or None,
+        )
+        recipe.scene_only = not cfg.data.proposals
+    if cfg.crop.type == "object_aware" and cfg.data.proposals:
         from ..proposals.store import ProposalStore
 
         if not Path(cfg.data.proposals).is_file():
@@ -130,16 +140,19 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
     if cfg.crop.engine == "gpu":
         from ..engine.gpu import CanvasDataset
 
-        return CanvasDataset(
+        dataset = CanvasDataset(
             root, store, views=recipe, canvas=cfg.crop.canvas, seed=seed, keys=keys,
             max_failure_rate=cfg.data.max_failure_rate,
         )
-    from ..engine.datasets import ObjectCropDataset
+    else:
+        from ..engine.datasets import ObjectCropDataset
 
-    return ObjectCropDataset(
-        root, store, views=recipe, photometrics=photometrics, draft=cfg.crop.draft, seed=seed,
-        keys=keys, max_failure_rate=cfg.data.max_failure_rate,
-    )
+        dataset = ObjectCropDataset(
+            root, store, views=recipe, photometrics=photometrics, draft=cfg.crop.draft,
+            seed=seed, keys=keys, max_failure_rate=cfg.data.max_failure_rate,
+        )
+    dataset.source.schedule = schedule
+    return dataset
 
 
 def _atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -299,7 +312,8 @@ def _check_same_run(cfg: RecipeConfig, saved: Path) -> None:
 
 
 def _callbacks(
-    cfg: RecipeConfig, ckpt_dir: Path, dataset: Any, echo: Callable[[str], None] = print
+    cfg: RecipeConfig, ckpt_dir: Path, dataset: Any, echo: Callable[[str], None] = print,
+    online: Any = None,
 ) -> list[Any]:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
@@ -329,7 +343,10 @@ def _callbacks(
         every_n_train_steps=every if every > 0 else None,
         save_on_train_epoch_end=True, enable_version_counter=False,
     )
-    return [SetEpoch(), ckpt] + ([] if cfg.trainer.progress_bar else [EpochLog()])
+    # the online refresh (at an epoch's end) runs after the epoch's log line and before the
+    # checkpoint (Lightning runs checkpoint callbacks last)
+    return [SetEpoch(), ckpt] + ([] if cfg.trainer.progress_bar else [EpochLog()]) + (
+        [] if online is None else [online])
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler[tuple[int, int]]):
@@ -485,6 +502,13 @@ def train(
         )
         module.batch_transform = lambda batch: apply_gpu_views(engine, batch)
 
+    online_cb = None
+    if dataset.source.schedule is not None:
+        from .online import online_callback, parse_online
+
+        online_cb = online_callback(cfg, parse_online(cfg), dataset.source.schedule, dataset,
+                                    echo)
+
     devices: Any = t.devices
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
@@ -499,7 +523,7 @@ def train(
                 max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
                 devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
                 precision=t.precision, default_root_dir=out,
-                callbacks=_callbacks(cfg, ckpt_dir, dataset, echo),
+                callbacks=_callbacks(cfg, ckpt_dir, dataset, echo, online_cb),
                 plugins=[_checkpoint_io(preloaded)], logger=CSVLogger(out, name="logs"),
                 enable_progress_bar=t.progress_bar, log_every_n_steps=t.log_every_n_steps,
                 deterministic=t.deterministic, limit_train_batches=t.limit_train_batches,
@@ -532,6 +556,11 @@ def train(
             prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
             persistent_workers=workers > 0 and cfg.data.persistent_workers,
         )
+        if online_cb is not None and picked is not None:
+            saved = [v for k, v in (picked[1].get("callbacks") or {}).items()
+                     if "OnlineProposals" in str(k)]
+            online_cb.load_state_dict(saved[0] if saved else {})
+            online_cb.check_resume(epoch)
         if resume:
             echo(f"resuming from {resume}")
         echo(
@@ -567,7 +596,8 @@ def train(
         train_seconds=round(secs, 1),
         images_per_s=round(steps * t.batch_size * trainer.world_size / max(secs, 1e-9), 1),
         final_loss=None if loss is None else round(float(loss), 4),
-        fallbacks=fb, bad_images=dataset.bad.as_dict(), resumed_from=resume, backbone_weights=str(out / "backbone.pth"),
+        fallbacks=fb, bad_images=dataset.bad.as_dict(),
+        online_proposals=None if online_cb is None else online_cb.refreshes, resumed_from=resume, backbone_weights=str(out / "backbone.pth"),
         config=to_dict(cfg),
     )
     if cfg.data.labels and cfg.eval.enabled:

@@ -1,0 +1,291 @@
+"""Proposals from a backbone's activation heat map (``heatmap``): any timm model, local weights.
+
+The recipe is ContrastiveCrop's (Peng et al., CVPR 2022), extended from one box per image to
+several: the feature map of one level of the network, reduced over channels to a heat map
+(channel sum for non-negative CNN features, the L2 norm for features that can be negative:
+ViT patch tokens, ConvNeXt stages), min-max normalised per image and upsampled to the working
+image. Then, for each threshold ``t`` in ``thresholds``:
+
+- every connected component of ``heat >= t`` (8-connectivity) gives a box: a scene with five
+  separate objects gives five boxes;
+- the box of the whole thresholded map gives one more (ContrastiveCrop's single box).
+
+Each box is scored by the mean heat inside it minus the mean heat in a ring around it (the box
+grown by ``ring`` of its size on each side): an object's box is hot inside and cool around;
+the shared post-processing (NMS, top-k) keeps the best.
+
+Feature level. A CNN's last stage has stride 32: at the demo's 128x96 images it is a 4x3 grid,
+far too coarse for objects of 10-30 px. ``level="auto"`` picks the deepest level whose grid
+has at least ``min_cells`` cells along the input's short side; ``scale`` upsamples the image
+before the network (as the linear probe does), which makes every level's grid finer.
+``level`` may also name a level index of ``model.feature_info`` (``-1``: the last). ViTs have
+one stride (the patch size): the last block's patch tokens are used.
+
+Weights come from a local file (``checkpoint``: ``backbone.pth`` from ``objcrop train``, a
+solo-learn / Lightning checkpoint, a timm state dict); nothing is downloaded. ``module``
+passes a network that is already built (``objcrop train``'s online refresh uses the backbone
+being trained).
+
+Example:
+    >>> gen = HeatmapGenerator("resnet18", checkpoint="run/backbone.pth")  # doctest: +SKIP
+    >>> boxes, scores = gen(image)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .generators import BatchedProposalGenerator, resolve_device
+
+__all__ = ["HeatmapGenerator", "choose_level", "heat_boxes"]
+
+log = logging.getLogger("objcrop_plugin")
+
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+def _cv2() -> Any:
+    try:
+        import cv2
+    except ImportError:
+        raise ImportError(
+            "the heatmap proposal generator needs OpenCV for connected components. Fix: pip "
+            "install 'objcrop-plugin[proposals]' (opencv-contrib-python-headless)"
+        ) from None
+    return cv2
+
+
+def choose_level(reductions: Sequence[int], short_side: int, min_cells: int) -> int:
+    """The deepest level (index into ``reductions``, the levels' strides) whose grid has at
+    least ``min_cells`` cells along ``short_side``; the shallowest level when none has."""
+    ok = [i for i, r in enumerate(reductions) if short_side / r >= min_cells]
+    return max(ok) if ok else int(np.argmin(reductions))
+
+
+def heat_boxes(
+    heat: np.ndarray,
+    thresholds: Sequence[float] = (0.3, 0.5, 0.7),
+    ring: float = 0.25,
+    min_area: int = 4,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate boxes of a normalised heat map ``(h, w)`` in ``[0, 1]``.
+
+    Returns:
+        ``(N, 4)`` float32 xyxy pixel boxes and ``(N,)`` float32 scores (mean heat inside
+        minus mean heat in the surrounding ring), unsorted, possibly overlapping.
+    """
+    cv2 = _cv2()
+    h, w = heat.shape
+    heat = np.ascontiguousarray(heat, dtype=np.float32)
+    integral = cv2.integral(heat, sdepth=cv2.CV_64F)  # (h + 1, w + 1)
+    found: list[tuple[int, int, int, int]] = []
+    for t in thresholds:
+        mask = (heat >= t).astype(np.uint8)
+        if not mask.any():
+            continue
+        n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        for x, y, bw, bh, area in stats[1:n]:
+            if area >= min_area:
+                found.append((int(x), int(y), int(x + bw), int(y + bh)))
+        ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        found.append((int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1))
+    if not found:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    b = np.unique(np.array(found, dtype=np.int64), axis=0)
+
+    def box_sum(x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray) -> np.ndarray:
+        return integral[y2, x2] - integral[y1, x2] - integral[y2, x1] + integral[y1, x1]
+
+    x1, y1, x2, y2 = b.T
+    inside = box_sum(x1, y1, x2, y2)
+    area_in = (x2 - x1) * (y2 - y1)
+    gx = np.ceil((x2 - x1) * ring).astype(np.int64)
+    gy = np.ceil((y2 - y1) * ring).astype(np.int64)
+    ox1, oy1 = np.maximum(x1 - gx, 0), np.maximum(y1 - gy, 0)
+    ox2, oy2 = np.minimum(x2 + gx, w), np.minimum(y2 + gy, h)
+    outer = box_sum(ox1, oy1, ox2, oy2)
+    area_ring = (ox2 - ox1) * (oy2 - oy1) - area_in
+    mean_in = inside / np.maximum(area_in, 1)
+    # a box that fills the image has no ring: it is compared with nothing (mean 0 around)
+    mean_ring = np.where(area_ring > 0, (outer - inside) / np.maximum(area_ring, 1), 0.0)
+    return b.astype(np.float32), (mean_in - mean_ring).astype(np.float32)
+
+
+class HeatmapGenerator(BatchedProposalGenerator):
+    """Boxes from the activation heat map of a timm backbone (see the module docstring).
+
+    Args:
+        model: timm model name, created with ``pretrained=False``.
+        checkpoint: local weights file for ``model`` (``None``: random weights, which give
+            meaningless boxes; a warning says so).
+        prefix: the backbone's key prefix inside ``checkpoint`` (``None``: detected).
+        module: an already built backbone to use instead of ``model``/``checkpoint`` (not a
+            parameter of a store's manifest; used as it is, in eval mode during a call).
+        model_kwargs: extra ``timm.create_model`` arguments (e.g. ``dynamic_img_size=True``).
+        level: ``"auto"`` or an index into the model's feature levels (``-1``: the last).
+        min_cells: ``level="auto"`` picks the deepest level with at least this many cells
+            along the network input's short side.
+        scale: the working image is resized by this factor before the network (``2``: the
+            network sees twice the working resolution, every grid is twice as fine).
+        thresholds: heat levels whose connected components become boxes.
+        ring: width of the ring around a box, as a fraction of the box's size, for its score.
+        reduce: ``"auto"`` (channel sum where the features are non-negative, else L2 norm),
+            ``"sum"`` or ``"norm"``.
+        top_k, max_side, nms_iou, min_side, batch_size, device: see
+            :class:`~objcrop_plugin.proposals.generators.BatchedProposalGenerator`
+            (``device="auto"`` with ``module``: the module's device).
+    """
+
+    name: ClassVar[str] = "heatmap"
+
+    def __init__(
+        self,
+        model: str = "resnet50",
+        checkpoint: str | os.PathLike[str] | None = None,
+        prefix: str | None = None,
+        module: torch.nn.Module | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        level: int | str = "auto",
+        min_cells: int = 32,
+        scale: float = 1.0,
+        thresholds: Sequence[float] = (0.3, 0.5, 0.7),
+        ring: float = 0.25,
+        reduce: str = "auto",
+        top_k: int = 10,
+        max_side: int = 512,
+        nms_iou: float | None = 0.7,
+        min_side: float = 4.0,
+        batch_size: int = 32,
+        device: str = "auto",
+    ) -> None:
+        super().__init__(top_k=top_k, max_side=max_side, nms_iou=nms_iou, min_side=min_side,
+                         batch_size=batch_size, device=device)
+        if isinstance(level, str) and level.lstrip("-").isdigit():
+            level = int(level)
+        if level != "auto" and not isinstance(level, int):
+            raise ValueError(f"heatmap: level must be 'auto' or an integer, got {level!r}")
+        if reduce not in ("auto", "sum", "norm"):
+            raise ValueError(f"heatmap: reduce must be 'auto', 'sum' or 'norm', got {reduce!r}")
+        ths = [float(t) for t in (thresholds if isinstance(thresholds, (list, tuple))
+                                  else [thresholds])]
+        if not ths or not all(0.0 < t < 1.0 for t in ths):
+            raise ValueError(f"heatmap: thresholds must lie in (0, 1), got {thresholds!r}")
+        if not float(scale) > 0 or int(min_cells) < 1 or not float(ring) > 0:
+            raise ValueError("heatmap: need scale > 0, min_cells >= 1 and ring > 0")
+        _cv2()  # fail at construction, not in the middle of a build
+        self.model = str(model)
+        self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
+        self.prefix = prefix
+        self.model_kwargs = dict(model_kwargs or {})
+        self.level = level
+        self.min_cells = int(min_cells)
+        self.scale = float(scale)
+        self.thresholds = ths
+        self.ring = float(ring)
+        self.reduce = reduce
+        if module is None:
+            from ..backbones import create_backbone
+
+            if self.checkpoint is None:
+                log.warning("heatmap: no checkpoint given, %s has random weights: its boxes "
+                            "are meaningless (pass checkpoint=PATH)", self.model)
+            module = create_backbone(self.model, self.checkpoint, prefix, **self.model_kwargs)
+            module = module.to(self._device)
+        elif str(device) == "auto":
+            p = next(module.parameters(), None)
+            self._device = p.device if p is not None else resolve_device(device)
+        self._net = module
+        self._vit = hasattr(module, "patch_embed") and hasattr(module, "blocks")
+        reductions = [int(f["reduction"]) for f in getattr(module, "feature_info", [])]
+        if not hasattr(module, "forward_intermediates") or not reductions:
+            raise ValueError(
+                f"heatmap: model {self.model if module is None else type(module).__name__} "
+                "has no timm feature levels (forward_intermediates / feature_info). Fix: use "
+                "a timm model such as resnet50, convnext_tiny or vit_small_patch16_224"
+            )
+        if isinstance(level, int) and not -len(reductions) <= level < len(reductions):
+            raise ValueError(f"heatmap: level {level} out of range: the model has "
+                             f"{len(reductions)} levels (strides {reductions})")
+        self._reductions = reductions
+
+    # ------------------------------------------------------------------ network side
+
+    def input_size(self, work_hw: tuple[int, int]) -> tuple[int, int]:
+        """The network input ``(h, w)`` for a working image of ``work_hw``."""
+        h, w = work_hw
+        h, w = max(1, round(h * self.scale)), max(1, round(w * self.scale))
+        if self._vit:  # patch grid: a multiple of the patch size
+            p = self._reductions[-1]
+            h, w = max(p, round(h / p) * p), max(p, round(w / p) * p)
+        return h, w
+
+    def level_index(self, input_hw: tuple[int, int]) -> int:
+        n = len(self._reductions)
+        if self._vit:
+            return n - 1 if self.level == "auto" else int(self.level) % n
+        if self.level == "auto":
+            return choose_level(self._reductions, min(input_hw), self.min_cells)
+        return int(self.level) % n
+
+    def heat_maps(self, works: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Normalised heat maps ``(h, w)`` in [0, 1], one per working image, at its size."""
+        out: list[np.ndarray | None] = [None] * len(works)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, work in enumerate(works):
+            groups.setdefault(tuple(work.shape[:2]), []).append(i)
+        net, dev = self._net, self._device
+        was_training = net.training
+        net.eval()
+        mean = torch.tensor(_MEAN, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(_STD, device=dev).view(1, 3, 1, 1)
+        try:
+            with torch.no_grad():
+                for (wh, ww), idx in groups.items():
+                    x = torch.from_numpy(np.stack([works[i] for i in idx])).to(dev)
+                    x = x.permute(0, 3, 1, 2).float().div_(255)
+                    ih, iw = self.input_size((wh, ww))
+                    if (ih, iw) != (wh, ww):
+                        x = F.interpolate(x, size=(ih, iw), mode="bilinear", align_corners=False,
+                                          antialias=ih < wh)
+                    x = (x - mean) / std
+                    lvl = self.level_index((ih, iw))
+                    feats = net.forward_intermediates(
+                        x, indices=[lvl], intermediates_only=True, stop_early=True
+                    )[-1].float()
+                    heat = self._reduce(feats)
+                    lo = heat.amin(dim=(1, 2), keepdim=True)
+                    hi = heat.amax(dim=(1, 2), keepdim=True)
+                    heat = (heat - lo) / (hi - lo).clamp_min(1e-12)
+                    heat = F.interpolate(heat[:, None], size=(wh, ww), mode="bilinear",
+                                         align_corners=False)[:, 0].clamp_(0, 1)
+                    for j, i in enumerate(idx):
+                        out[i] = heat[j].cpu().numpy()
+        finally:
+            net.train(was_training)
+        return out  # type: ignore[return-value]
+
+    def _reduce(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.reduce == "sum":
+            return feats.sum(1)
+        if self.reduce == "norm":
+            return feats.norm(dim=1)
+        nonneg = (feats.flatten(1).amin(1) >= 0).view(-1, 1, 1)
+        return torch.where(nonneg, feats.sum(1), feats.norm(dim=1))
+
+    def raw_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        min_area = max(1, int(self.min_side) ** 2 // 4)
+        return [heat_boxes(h, self.thresholds, self.ring, min_area)
+                for h in self.heat_maps(images)]
+
+    def params(self) -> dict[str, Any]:
+        p = super().params()
+        p["thresholds"] = list(self.thresholds)
+        return p

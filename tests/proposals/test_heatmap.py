@@ -1,0 +1,171 @@
+"""The heatmap generator: boxes from planted heat maps, level choice, the generator's contract
+and batching, and ``objcrop proposals build --method heatmap`` (workers, failures, kill -9)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+cv2 = pytest.importorskip("cv2", reason="the heatmap generator needs OpenCV (proposals extra)")
+timm = pytest.importorskip("timm")
+
+from objcrop_plugin.boxes import iou  # noqa: E402
+from objcrop_plugin.cli import main as cli_main  # noqa: E402
+from objcrop_plugin.data.synthetic import write_dataset  # noqa: E402
+from objcrop_plugin.proposals import ProposalStore  # noqa: E402
+from objcrop_plugin.proposals.build import build_store, make_generator  # noqa: E402
+from objcrop_plugin.proposals.heatmap import HeatmapGenerator, choose_level, heat_boxes  # noqa: E402
+
+MODEL = "test_efficientnet"  # timm's tiny test network: strides 2, 4, 8, 16, 32
+
+
+def blob(h: int, w: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    x1, y1, x2, y2 = box
+    m = np.zeros((h, w), np.float32)
+    m[y1:y2, x1:x2] = 1.0
+    return m
+
+
+def test_planted_blobs_give_one_box_each_and_the_union():
+    heat = np.maximum(blob(60, 80, (5, 10, 20, 30)), 0.8 * blob(60, 80, (50, 20, 75, 50)))
+    heat += np.random.default_rng(0).uniform(0, 0.1, heat.shape).astype(np.float32)
+    boxes, scores = heat_boxes(heat / heat.max(), thresholds=(0.3, 0.5, 0.7))
+    found = {tuple(int(v) for v in b) for b in boxes}
+    assert (5, 10, 20, 30) in found and (50, 20, 75, 50) in found
+    assert (5, 10, 75, 50) in found  # the whole thresholded map (ContrastiveCrop's box)
+    by_box = dict(zip(map(tuple, boxes.astype(int).tolist()), scores))
+    # a tight box is hot inside and cool around: it outscores the loose union box
+    assert by_box[(5, 10, 20, 30)] > by_box[(5, 10, 75, 50)]
+    assert heat_boxes(np.zeros((8, 8), np.float32))[0].shape == (0, 4)
+
+
+def test_level_choice_follows_the_input_resolution():
+    strides = [2, 4, 8, 16, 32]
+    assert choose_level(strides, 96, 32) == 0  # 48 cells at stride 2, 24 at stride 4
+    assert choose_level(strides, 192, 32) == 1  # the demo at scale 2: stride 4
+    assert choose_level(strides, 384, 12) == 4  # a 512x384 photo: the last stage
+    assert choose_level(strides, 20, 32) == 0  # nothing fine enough: the finest
+    gen = HeatmapGenerator(MODEL, device="cpu", scale=2.0, min_cells=32)
+    assert gen.input_size((96, 128)) == (192, 256) and gen.level_index((192, 256)) == 1
+
+
+@pytest.fixture(scope="module")
+def gen():
+    torch.manual_seed(0)
+    return HeatmapGenerator(MODEL, device="cpu", batch_size=3, top_k=5)
+
+
+def test_contract_batches_and_determinism(gen):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (72, 96, 3), dtype=np.uint8),
+              rng.integers(0, 255, (120, 80, 3), dtype=np.uint8),
+              rng.integers(0, 255, (72, 96, 3), dtype=np.uint8),
+              rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)]
+    together = gen.propose_batch(images)
+    for image, (boxes, scores) in zip(images, together):
+        h, w = image.shape[:2]
+        assert boxes.dtype == np.float32 and scores.dtype == np.float32
+        assert 0 < len(boxes) <= 5 and scores.shape == (len(boxes),)
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+        assert (np.diff(scores) <= 0).all()
+    for image, (boxes, scores) in zip(images, together):  # alone = in a mixed batch
+        b, s = gen(image)
+        np.testing.assert_allclose(b, boxes, atol=1e-4)
+        np.testing.assert_allclose(s, scores, atol=1e-5)
+    again = gen.propose_batch(images)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(together, again))
+
+
+def test_boxes_find_a_bright_object_on_a_dark_scene(gen):
+    """Even random weights respond to a high-contrast square on a flat background."""
+    img = np.full((96, 128, 3), 30, np.uint8)
+    img[30:62, 70:110] = (250, 240, 10)
+    boxes, _ = gen(img)
+    assert iou(np.array([[70, 30, 110, 62]], np.float32), boxes).max() > 0.5
+
+
+def test_module_is_used_as_is_and_its_mode_restored(gen):
+    net = timm.create_model(MODEL, pretrained=False, num_classes=0)
+    net.train()
+    g = HeatmapGenerator(module=net, batch_size=2)
+    assert g._device == torch.device("cpu") and "module" not in g.params()
+    g(np.zeros((40, 60, 3), np.uint8))
+    assert net.training
+
+
+def test_errors_name_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        HeatmapGenerator(MODEL, checkpoint=tmp_path / "missing.pth", device="cpu")
+    with pytest.raises(ValueError, match="out of range"):
+        HeatmapGenerator(MODEL, level=9, device="cpu")
+    with pytest.raises(ValueError, match="thresholds"):
+        HeatmapGenerator(MODEL, thresholds=[0.5, 1.5], device="cpu")
+    with pytest.raises(ValueError, match="feature levels"):
+        HeatmapGenerator(module=torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="unknown parameter"):
+        make_generator("heatmap", modle=MODEL)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A synthetic dataset, one corrupt JPEG among its images, and an exported backbone."""
+    root = tmp_path_factory.mktemp("hm")
+    ds = write_dataset(root / "data", 40, size=(96, 72), seed=1, workers=1)
+    (Path(ds.root) / "images" / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    torch.manual_seed(1)
+    net = timm.create_model(MODEL, pretrained=False, num_classes=0)
+    weights = root / "backbone.pth"
+    torch.save(net.state_dict(), weights)
+    return Path(ds.root), weights
+
+
+def test_cli_build_with_a_checkpoint_lists_the_corrupt_image(tmp_path, folder, capsys):
+    root, weights = folder
+    out = tmp_path / "h.objcrop"
+    rc = cli_main(["proposals", "build", str(root), "-o", str(out), "--method", "heatmap",
+                   "--model", MODEL, "--checkpoint", str(weights), "--device", "cpu",
+                   "--batch-size", "4", "--workers", "2", "--chunk-size", "16",
+                   "--no-progress", "--param", "scale=2", "--max-failure-rate", "0.1"])
+    assert rc == 0, capsys.readouterr().err
+    store = ProposalStore(out)
+    assert len(store) == 40 and "images/zz_corrupt.jpg" not in store
+    assert store.meta["params"]["checkpoint"] == str(weights)
+    failures = Path(str(out) + ".failures.tsv").read_text()
+    assert "images/zz_corrupt.jpg" in failures
+    # the same build in one process, other batches within the chunks: the same store
+    build_store(root, tmp_path / "one.objcrop", "heatmap",
+                params={"model": MODEL, "checkpoint": str(weights), "device": "cpu",
+                        "batch_size": 4, "scale": 2}, workers=1, chunk_size=16, progress=False)
+    assert (tmp_path / "one.objcrop").read_bytes() == out.read_bytes()
+
+
+def test_kill_9_mid_build_resumes_to_the_identical_store(tmp_path, folder):
+    root, weights = folder
+    params = ["--method", "heatmap", "--model", MODEL, "--checkpoint", str(weights),
+              "--device", "cpu", "--batch-size", "2", "--workers", "1", "--chunk-size", "2",
+              "--param", "scale=4", "--no-progress", "--max-failure-rate", "0.1"]
+    ref = tmp_path / "ref.objcrop"
+    assert cli_main(["proposals", "build", str(root), "-o", str(ref)] + params) == 0
+    out = tmp_path / "run" / "p.objcrop"
+    cmd = [sys.executable, "-m", "objcrop_plugin.cli", "proposals", "build", str(root),
+           "-o", str(out)] + params
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    parts = out.parent / ".p.objcrop.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("chunk-*.jsonl"))) < 2:
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(list(parts.glob("chunk-*.jsonl")))
+    assert 2 <= done < 21, "the kill must land mid-build for this test to mean anything"
+    assert cli_main(["proposals", "build", str(root), "-o", str(out)] + params) == 0
+    assert out.read_bytes() == ref.read_bytes()

@@ -1,0 +1,163 @@
+"""Online proposals in ``objcrop train``: the recipe key, the schedule, the datasets following
+it, a run, kill -9 during a refresh (exact resume) and DDP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("lightly")
+pytest.importorskip("pytorch_lightning")
+pytest.importorskip("cv2", reason="the heatmap generator needs OpenCV (proposals extra)")
+pytest.importorskip("timm")
+
+from objcrop_plugin.data.synthetic import write_dataset  # noqa: E402
+from objcrop_plugin.proposals import ProposalStore  # noqa: E402
+from objcrop_plugin.train import RecipeError, load_recipe, train  # noqa: E402
+from objcrop_plugin.train.online import OnlineSchedule, parse_online  # noqa: E402
+from objcrop_plugin.train.runner import build_dataset  # noqa: E402
+
+ONLINE = {"warmup_epochs": 1, "every_epochs": 1, "params": {"scale": 2, "max_side": 96}}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("online_data"), 24, size=(96, 72), seed=5,
+                         workers=1)
+
+
+def recipe(tmp_path, ds, name="r.yaml", **sections):
+    raw = {
+        "data": {"train_path": str(ds.root), "num_workers": 0},
+        "crop": {"type": "object_aware", "views": "obj_obj_dilate", "size": 32,
+                 "proposals": ONLINE},
+        "method": {"name": "mocov2", "params": {"memory_bank_size": 64, "proj_hidden_dim": 64,
+                                                "proj_dim": 32}},
+        "backbone": {"name": "test_efficientnet"},
+        "optimizer": {"name": "adamw", "lr": 0.01},
+        "trainer": {"epochs": 3, "batch_size": 8, "accelerator": "cpu", "devices": 1,
+                    "out_dir": str(tmp_path / "run"), "progress_bar": False},
+    }
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_recipe_key_override_and_errors(tmp_path, data):
+    path = recipe(tmp_path, data, crop={"proposals": None})
+    with pytest.raises(RecipeError, match="data.proposals is not set"):
+        load_recipe(path)
+    cfg = load_recipe(path, ["crop.proposals=online"])  # no store: scene crops in warm-up
+    s = parse_online(cfg)
+    assert (s.method, s.warmup_epochs, s.every_epochs) == ("heatmap", 1, 1)  # a tenth, >= 1
+    s = parse_online(load_recipe(path, ["crop.proposals=online", "trainer.epochs=200"]))
+    assert (s.warmup_epochs, s.every_epochs) == (20, 20)
+    cases = {
+        "crop.proposals=fixed": "not a mode",
+        "crop.proposals.every=3": "unknown key",
+        "crop.proposals.method=bing": "cannot run on the model being trained",
+        "crop.proposals.every_epochs=0": "every_epochs must be an integer >= 1",
+        "crop.proposals.warmup_epochs=3": "must be below trainer.epochs",
+        "crop.proposals.params.checkpoint=x.pth": "use the backbone being trained",
+        "crop.proposals.params.thresholds=[2]": "thresholds",
+        "crop.proposals.params.level_of=2": "unknown parameter",
+    }
+    for override, message in cases.items():
+        with pytest.raises(RecipeError, match=message):
+            load_recipe(recipe(tmp_path, data), [override])
+
+
+def test_schedule():
+    s = OnlineSchedule("/o/proposals", warmup_epochs=3, every_epochs=2, initial="/d/gt.objcrop")
+    assert [s.refresh_epoch(e) for e in range(8)] == [None, None, None, 3, 3, 5, 5, 7]
+    assert s.path_for(0) == "/d/gt.objcrop" and s.path_for(4) == "/o/proposals/epoch-0003.objcrop"
+    assert OnlineSchedule("/o", 0, 1).path_for(0) == "/o/epoch-0000.objcrop"
+
+
+def test_dataset_follows_the_schedule(tmp_path, data):
+    """Warm-up without a store: scene crops, not counted as fallbacks; from the refresh on,
+    crops from the epoch's store (opened by whichever process makes the item)."""
+    cfg = load_recipe(recipe(tmp_path, data))
+    ds = build_dataset(cfg)
+    assert ds.store is None and ds.engine.recipe.scene_only
+    ds.set_epoch(0)
+    views, _, _ = ds[0]
+    assert len(views) == 2 and ds.engine.recipe.fallbacks.as_dict()["missing"] == 0
+    ds.set_epoch(1)  # the store is opened with the epoch's first item, not before
+    with pytest.raises(FileNotFoundError, match="epoch-0001.objcrop"):
+        ds[0]
+    key = ds.keys[0]
+    store_dir = tmp_path / "run" / "proposals"
+    store_dir.mkdir(parents=True)
+    ProposalStore.write(store_dir / "epoch-0001.objcrop",
+                        [(key, np.array([[10, 10, 40, 30]], np.float32), np.ones(1, np.float32),
+                          (96, 72))])
+    ds[1]
+    assert str(ds.store.path) == str(store_dir / "epoch-0001.objcrop")
+    assert not ds.engine.recipe.scene_only
+    windows = ds.engine.windows((96, 72), lambda _s: ds.store.get(key), np.random.default_rng(0))
+    assert sorted(w.policy for w in windows) == ["object", "object_dilated"]
+    x1, y1, x2, y2 = next(w for w in windows if w.policy == "object").box
+    assert x1 >= 10 - 1e-6 and y1 >= 10 - 1e-6 and x2 <= 40 + 1e-6 and y2 <= 30 + 1e-6
+
+
+def test_a_run_refreshes_from_its_momentum_encoder(tmp_path, data):
+    res = train(load_recipe(recipe(tmp_path, data)), echo=lambda s: None)
+    refreshes = res["online_proposals"]
+    assert [r["epoch"] for r in refreshes] == [1, 2]
+    assert all(r["images"] == 24 and r["boxes"] > 0 for r in refreshes)
+    stores = sorted((tmp_path / "run" / "proposals").iterdir())
+    assert [p.name for p in stores] == ["epoch-0001.objcrop", "epoch-0002.objcrop"]
+    assert ProposalStore(stores[0]).meta["online"] is True
+    assert res["fallbacks"]["missing"] == 0 and res["fallbacks"]["samples"] == 3 * 24
+    # the checkpoint names the stores made so far
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    state = [v for k, v in ckpt["callbacks"].items() if "OnlineProposals" in k]
+    assert state and sorted(state[0]["made"]) == ["1", "2"]
+
+
+def test_kill_9_during_a_refresh_resumes_to_the_same_weights(tmp_path, data, kill_and_resume):
+    """The refresh at the end of epoch 2 runs at 8x (seconds, while an epoch takes a fraction
+    of one): the kill lands in it; the rerun resumes from epoch 1's checkpoint, trains epoch 2
+    again, refreshes from the same weights and ends as an uninterrupted run."""
+    online = {**ONLINE, "params": {"scale": 8, "max_side": 96}}
+    path = recipe(tmp_path, data, data={"num_workers": 1}, trainer={"epochs": 4},
+                  crop={"proposals": online})
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "objcrop_plugin.cli", "train", str(path)]
+    done, res = kill_and_resume(cmd, out, tmp_path / "ref", kill_when="epoch 2/4 loss")
+    assert "resuming from" in done.stdout and "epoch 2/4" in done.stdout  # epoch 2 again
+    assert "online proposals (heatmap) before epoch 3" in done.stdout
+    assert res["epochs"] == 4
+    a = torch.load(tmp_path / "ref" / "backbone.pth", weights_only=True)
+    b = torch.load(out / "backbone.pth", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for name in ("epoch-0001.objcrop", "epoch-0002.objcrop", "epoch-0003.objcrop"):
+        assert (out / "proposals" / name).read_bytes() == (
+            tmp_path / "ref" / "proposals" / name).read_bytes()
+
+
+def test_ddp_ranks_share_one_merged_store(tmp_path, data):
+    path = recipe(tmp_path, data, trainer={"devices": 2, "strategy": "ddp", "epochs": 2})
+    done = subprocess.run(
+        [sys.executable, "-m", "objcrop_plugin.cli", "train", str(path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("online proposals (heatmap) before epoch 2") == 1
+    files = sorted(p.name for p in (tmp_path / "run" / "proposals").iterdir())
+    assert files == ["epoch-0001.objcrop"]  # shards merged and removed
+    store = ProposalStore(tmp_path / "run" / "proposals" / "epoch-0001.objcrop")
+    assert len(store) == 24
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["online_proposals"][0]["images"] == 12  # rank 0's share
