@@ -1,4 +1,4 @@
-"""GPU view engine throughput against the CPU engine and torchvision v2, and its share of a step.
+"""GPU view engine throughput against the CPU engine and torchvision, and its share of a step.
 
     python bench/gpu_views.py [--batch 256] [--iters 20] [--workers 8] [--device auto]
     python bench/gpu_views.py --batch 32 --iters 3     # a quick run on a CPU
@@ -9,6 +9,13 @@ generator (canvas 448 px). Measures, at batch ``--batch``:
 
 1. the GPU engine's device stage (canvases already on the device): views/s, with PIL-style
    antialiasing (the default) and with plain bilinear sampling;
+1b. the crop-and-resize alone, for the same windows (both view sizes, no flips, no
+   photometrics), by five implementations: (a) the engine's antialiased matmul resampler;
+   (b) Kornia's ``crop_by_transform_mat`` (the engine's ``antialias=False`` backend);
+   (c) ``grid_sample`` (the other ``antialias=False`` backend); (d) torchvision's
+   ``roi_align`` (all boxes of one size in one kernel, adaptive sampling ratio, aligned
+   pixel centres; it neither clamps to the image nor antialiases beyond its bin averaging);
+   (e) torchvision v2's ``resized_crop(antialias=True)``, view by view (integer boxes);
 2. the GPU engine end to end: ``DeviceViewLoader`` over ``CanvasDataset`` with ``--workers``
    DataLoader workers (decoding to the canvas is then the part that runs on the CPU);
 3. the CPU engine (``ObjectCropDataset`` in ``--workers`` DataLoader workers), the same views;
@@ -21,9 +28,11 @@ generator (canvas 448 px). Measures, at batch ``--batch``:
 The device is CUDA when available, else the CPU: then batch and iterations are shrunk (unless
 given) and the run says so. The goal on an H100 is a device stage under 10% of the ResNet-50
 step and at least 20,000 views/s. Prints a table, then the last line ``RESULT device=<name>
-gpu_views_per_s=<x> cpu_views_per_s=<x> step_fraction=<x>`` (gpu_views_per_s: the device
-stage with antialiasing; cpu_views_per_s: the CPU engine in workers). Measures only; asserts
-nothing.
+gpu_views_per_s=<x> cpu_views_per_s=<x> step_fraction=<x> matmul_views_per_s=<x>
+kornia_views_per_s=<x> grid_views_per_s=<x> roi_align_views_per_s=<x>
+tv2_loop_views_per_s=<x>`` (gpu_views_per_s: the device stage with antialiasing;
+cpu_views_per_s: the CPU engine in workers; the last five: 1b's crop-and-resize paths, ``nan``
+when skipped). Measures only; asserts nothing.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from objcrop_plugin.engine.datasets import (
 )
 from objcrop_plugin.engine.gpu import GPUViewEngine
 from objcrop_plugin.engine.photometric import make_photometrics
+from objcrop_plugin.engine.resample import default_backend, resample_windows
 
 N_GLOBAL, N_LOCAL, GLOBAL, LOCAL = 2, 6, 224, 96
 RECIPE = dict(views="multi_crop", n_global=N_GLOBAL, n_local=N_LOCAL, global_size=GLOBAL,
@@ -117,6 +127,52 @@ def torchvision_peer(canvas: torch.Tensor, valid: list[tuple[int, int]]) -> Call
     return run
 
 
+def resamplers(
+    on_device: dict, batch_cpu: dict, device: torch.device
+) -> dict[str, Callable[[], object]]:
+    """The crop-and-resize of 1b: name -> a call making all ``N_GLOBAL + N_LOCAL`` views of the
+    batch (uint8 canvases on the device; float conversion included where a path needs it)."""
+    from torchvision.ops import roi_align
+    from torchvision.transforms.v2 import functional as tvf
+
+    canvas, windows, valid = on_device["canvas"], on_device["windows"], on_device["valid"]
+    b = canvas.shape[0]
+    groups = [((GLOBAL, GLOBAL), slice(0, N_GLOBAL)), ((LOCAL, LOCAL), slice(N_GLOBAL, None))]
+
+    def ours(**kw) -> Callable[[], list]:
+        return lambda: [resample_windows(canvas, windows[:, sl], size, valid, **kw)
+                        for size, sl in groups]
+
+    # roi_align's boxes: (K, 5) rows (batch index, x1, y1, x2, y2), view-major per size group
+    index = torch.arange(b, device=device, dtype=torch.float32)
+    rois = [torch.cat([index[None, :, None].expand(sl_n, b, 1),
+                       windows[:, sl].transpose(0, 1)], -1).reshape(-1, 5)
+            for sl_n, (_, sl) in zip((N_GLOBAL, N_LOCAL), groups)]
+
+    def roi() -> list:
+        src = canvas.to(torch.float32)
+        return [roi_align(src, r, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+                for r, (size, _) in zip(rois, groups)]
+
+    # torchvision v2 takes integer boxes: rounded on the host beforehand (not timed)
+    boxes = [[(int(round(y1)), int(round(x1)), max(1, int(round(y2 - y1))),
+               max(1, int(round(x2 - x1)))) for x1, y1, x2, y2 in row]
+             for row in batch_cpu["windows"].tolist()]
+
+    def loop() -> list:
+        return [tvf.resized_crop(canvas[i], *box, [GLOBAL if v < N_GLOBAL else LOCAL] * 2,
+                                 antialias=True)
+                for i, row in enumerate(boxes) for v, box in enumerate(row)]
+
+    return {
+        "matmul": ours(antialias=True),
+        "kornia": ours(antialias=False, backend="kornia"),
+        "grid": ours(antialias=False, backend="grid"),
+        "roi_align": roi,
+        "tv2_loop": loop,
+    }
+
+
 def resnet_step(device: torch.device, views: list[torch.Tensor]) -> Callable[[], None]:
     import timm
 
@@ -152,7 +208,10 @@ def main() -> int:
     parser.add_argument("--canvas", type=int, default=2 * GLOBAL)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads in this process (default: torch's)")
-    parser.add_argument("--skip-torchvision", action="store_true")
+    parser.add_argument("--skip-torchvision", action="store_true",
+                        help="skip the per-sample torchvision v2 pipeline (4)")
+    parser.add_argument("--skip-resamplers", action="store_true",
+                        help="skip the crop-and-resize comparison (1b)")
     parser.add_argument("--skip-step", action="store_true")
     parser.add_argument("--work-dir", default=None, help="keep data here (default: a temp dir)")
     args = parser.parse_args()
@@ -202,6 +261,25 @@ def main() -> int:
     engine_sec = rows[0][1]
     assert engine_sec is not None
 
+    # 1b. crop-and-resize alone, the same windows, five implementations
+    per_path: dict[str, float] = {}
+    if not args.skip_resamplers:
+        labels = {
+            "matmul": "resize only: matmul (antialias, engine)",
+            "kornia": "resize only: Kornia crop_by_transform_mat",
+            "grid": "resize only: grid_sample (clamped)",
+            "roi_align": "resize only: torchvision roi_align",
+            "tv2_loop": "resize only: tv v2 resized_crop, per view",
+        }
+        for key, fn in resamplers(on_device, batch_cpu, device).items():
+            if key == "kornia" and default_backend() != "kornia":
+                print("kornia is not installed: no Kornia row")
+                continue
+            loop = key == "tv2_loop"
+            sec = timed(fn, device, max(1, iters // 4) if loop else iters, 1 if loop else warmup)
+            per_path[key] = batch * n_views / sec
+            rows.append((labels[key], sec, per_path[key]))
+
     # 2. end to end through the workers
     loader = DataLoader(ds, batch_size=batch, num_workers=args.workers, collate_fn=collate_canvas,
                         pin_memory=cuda, prefetch_factor=4 if args.workers else None,
@@ -243,9 +321,11 @@ def main() -> int:
     fraction = engine_sec / step_sec if step_sec == step_sec else math.nan
     print(f"engine device time / ResNet-50 step: {fraction:.3f} "
           "(goal on an H100: < 0.10, and >= 20,000 views/s)")
+    paths = " ".join(f"{key}_views_per_s={per_path.get(key, math.nan):.0f}"
+                     for key in ("matmul", "kornia", "grid", "roi_align", "tv2_loop"))
     print(
         f"RESULT device={name.replace(' ', '_')} gpu_views_per_s={rows[0][2]:.0f} "
-        f"cpu_views_per_s={cpu_vps:.0f} step_fraction={fraction:.3f}"
+        f"cpu_views_per_s={cpu_vps:.0f} step_fraction={fraction:.3f} {paths}"
     )
     return 0
 

@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
                         default=["graph_segments", "bing", "heatmap", "online"],
                         help="boxes without annotation to compare with the oracle boxes: "
                         "proposal generators, heatmap (two rounds), online")
+    parser.add_argument("--per-box", action="store_true",
+                        help="also run obj_obj_dilate:per_box (oracle boxes, one sample per "
+                        "box as the released code, at the per-image runs' number of steps)")
+    parser.add_argument("--runs", nargs="+", default=None,
+                        help="run only these (demo run names; default: the full comparison)")
     parser.add_argument("--bing-model", type=Path, default=DEFAULT_BING)
     parser.add_argument("--out", type=Path, default=Path("bench_out") / "quality")
     parser.add_argument("--data-dir", type=Path, default=None,
@@ -69,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
         sources.remove("bing")
     runs = ["random", "scene_scene", "obj_scene", "obj_obj_dilate"]
     runs += [f"obj_obj_dilate@{s}" for s in sources]
+    if args.per_box:
+        runs.append("obj_obj_dilate:per_box")
+    if args.runs:
+        runs = list(args.runs)
+        sources = [s for s in sources if f"obj_obj_dilate@{s}" in runs]
     params = {s: {"top_k": 10} for s in sources if s != "online"}
     if "bing" in params:
         params["bing"]["model_dir"] = str(args.bing_model)
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-- seed {seed} done ({time.perf_counter() - t0:.0f}s so far)", flush=True)
 
     def maps(run: str, field: str = "map") -> list[float]:
-        return [r["runs"][run][field] for r in per_seed]
+        return [r["runs"][run][field] for r in per_seed if run in r["runs"]]
 
     scene, gt = maps("scene_scene"), maps("obj_obj_dilate")
     deltas = [o - s for o, s in zip(gt, scene)]
@@ -96,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         m = maps(run)
         kept = None
-        if "@" in run:
+        if "@" in run and scene and gt:
             gt_gain = statistics.mean(gt) - statistics.mean(scene)
             if abs(gt_gain) > 1e-9:
                 kept = (statistics.mean(m) - statistics.mean(scene)) / gt_gain
@@ -112,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
          "minutes": round(total / 60, 1)}, indent=2) + "\n")
 
     def mean(v: list[float]) -> str:
-        return f"{statistics.mean(v):.2f}"
+        return f"{statistics.mean(v):.2f}" if v else "nan"
 
     parts = [
         f"scene_map={mean(scene)}", f"obj_obj_dilate_map={mean(gt)}",
@@ -125,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         kept = summary[run]["gain_kept"]
         parts += [f"{s}_map={mean(maps(run))}",
                   f"{s}_gain_kept={'nan' if kept is None else f'{kept:.2f}'}"]
+    if "obj_obj_dilate:per_box" in runs:
+        pb = maps("obj_obj_dilate:per_box")
+        diff = [p - g for p, g in zip(pb, gt)] if len(gt) == len(pb) else []
+        parts += [f"per_box_map={mean(pb)}", f"per_box_minus_per_image={mean(diff)}"]
     parts.append(f"seeds={len(args.seeds)}")
     print("RESULT " + " ".join(parts))
     return 0

@@ -111,14 +111,16 @@ def demo_recipe(
     out_dir: str | os.PathLike[str],
     seed: int = 0,
     online: dict[str, Any] | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
 ) -> Any:
     """The demo's SimCLR run as a recipe for :func:`objcrop_plugin.train.train` (the same
     recipe as ``recipes/lightly/demo_simclr.yaml`` at the default budget); ``online``: the
-    ``crop.proposals`` mapping of online proposals (``proposals`` may then be ``None``)."""
+    ``crop.proposals`` mapping of online proposals (``proposals`` may then be ``None``);
+    ``extra``: keys merged into the recipe's sections (e.g. ``{"data": {"sampling":
+    "per_box"}}``)."""
     from .train.config import parse_recipe
 
-    return parse_recipe(
-        {
+    raw: dict[str, Any] = {
             "name": views,
             "data": {"train_path": str(root), "proposals": None if views == "scene_scene"
                      or proposals is None else str(proposals),
@@ -136,9 +138,10 @@ def demo_recipe(
             "trainer": {"epochs": int(cfg["epochs"]), "batch_size": int(cfg["batch_size"]),
                         "accelerator": "cpu", "devices": 1, "out_dir": str(out_dir),
                         "seed": seed, "progress_bar": False, "resume": "never"},
-        },
-        source=f"demo recipe {views}",
-    )
+        }
+    for section, values in (extra or {}).items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return parse_recipe(raw, source=f"demo recipe {views}")
 
 
 def pretrain_simclr(
@@ -152,6 +155,7 @@ def pretrain_simclr(
     log: Callable[[str], None] = print,
     out_dir: str | os.PathLike[str] | None = None,
     online: dict[str, Any] | None = None,
+    extra: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """SimCLR on ``views`` crops through the recipe runner; trains ``backbone`` in place.
 
@@ -166,7 +170,7 @@ def pretrain_simclr(
     from .train.runner import train
 
     with tempfile.TemporaryDirectory(prefix="objcrop-demo-") as tmp:
-        recipe = demo_recipe(views, cfg, root, proposals, out_dir or tmp, seed, online)
+        recipe = demo_recipe(views, cfg, root, proposals, out_dir or tmp, seed, online, extra)
         res = train(recipe, keys=keys, backbone=backbone, echo=log)
     return {
         "seconds": res["train_seconds"],
@@ -224,7 +228,9 @@ def run_demo(
             ``VIEWS@SOURCE`` with proposals from a generator (``obj_obj_dilate@bing``,
             ``@graph_segments``, ``@selective_search``; built once into the data folder),
             ``@heatmap`` (two rounds: heat-map boxes from this seed's ``scene_scene`` run,
-            which must come first) or ``@online`` (online proposals: :func:`online_settings`).
+            which must come first) or ``@online`` (online proposals: :func:`online_settings`);
+            ``VIEWS:per_box`` (optionally with ``@SOURCE``) samples one item per box, as the
+            paper's released code, for the per-image runs' number of steps.
         proposal_params: a generator's parameters by name (e.g.
             ``{"bing": {"model_dir": ...}}``).
         overrides: any key of :data:`BUDGETS` entries (e.g. ``epochs=5``).
@@ -246,6 +252,10 @@ def run_demo(
         raise TypeError(f"unknown demo settings {sorted(unknown)}; known: {sorted(BUDGETS[budget])}")
     for name in runs:
         views, _, source = name.partition("@")
+        views, _, sampling = views.partition(":")
+        if sampling not in ("", "per_box") or (sampling and views in ("random", "scene_scene")):
+            raise ValueError(f"unknown run {name!r}: ':per_box' is the only sampling suffix, "
+                             "for object-aware views (e.g. obj_obj_dilate:per_box)")
         if views not in VIEWS or (views in ("random", "scene_scene") and source):
             raise ValueError(
                 f"unknown run {name!r}; choose among {VIEWS}, object-aware ones optionally "
@@ -319,17 +329,34 @@ def run_demo(
             stores[source] = path
         return stores[source]
 
+    def per_box_budget(store: Path) -> dict[str, dict[str, Any]]:
+        # one sample per box, at the per-image runs' number of steps (matched compute)
+        from .proposals.store import ProposalStore
+
+        st = ProposalStore(store)
+        boxes = sum(len(st[k].boxes) for k in train_keys if k in st)
+        batch = int(cfg["batch_size"])
+        steps = (len(train_keys) // batch) * int(cfg["epochs"])
+        per_epoch = max(1, boxes // batch)
+        log(f"per-box sampling: {boxes} boxes of {len(train_keys)} images, {steps} steps "
+            f"(the per-image runs'), {-(-steps // per_epoch)} epochs")
+        return {"data": {"sampling": "per_box"},
+                "trainer": {"epochs": -(-steps // per_epoch), "max_steps": steps}}
+
     def _run(name: str) -> dict[str, Any]:
         views, _, source = name.partition("@")
+        views, _, sampling = views.partition(":")
         net = _backbone(cfg["model"], seed)  # same initialisation for every run
         info: dict[str, Any] = {"pretrain_seconds": 0.0}
         if views != "random":
             store = store_for(source or "gt")
             log(f"pretraining {cfg['model']} with SimCLR, views={views}, "
-                f"proposals={source or 'oracle (ground-truth) boxes'}")
+                f"proposals={source or 'oracle (ground-truth) boxes'}"
+                + (f", sampling={sampling}" if sampling else ""))
             tr = pretrain_simclr(net, ds.root, store, train_keys, views, cfg, seed, log,
-                                 out_dir=out / "runs" / name.replace("@", "_"),
-                                 online=online_settings(cfg) if source == "online" else None)
+                                 out_dir=out / "runs" / name.replace("@", "_").replace(":", "_"),
+                                 online=online_settings(cfg) if source == "online" else None,
+                                 extra=per_box_budget(store) if sampling == "per_box" else None)
             info.update(
                 pretrain_seconds=round(tr["seconds"], 1),
                 images_per_s=round(tr["images_per_s"], 1),

@@ -4,9 +4,9 @@
   the DataLoader workers; dataset :class:`ObjectCropDataset`.
 - GPU (:mod:`.gpu`): the workers decode onto canvases and plan the windows
   (:class:`CanvasDataset`); on the device, batched crop-and-resize as matrix products
-  (:mod:`.resample`) and batched photometrics (:mod:`.device_photometric`, Kornia only for the
-  Gaussian blur, imported when an engine that blurs is built, so ``import objcrop_plugin``
-  never imports kornia).
+  (:mod:`.resample`; Kornia's ``crop_by_transform_mat`` for ``antialias=False``, imported
+  only then, so ``import objcrop_plugin`` never imports kornia) and batched photometrics
+  (:mod:`.device_photometric`).
 
 :mod:`.datasets` holds both datasets, the canvas collate function and the device loader.
 """

@@ -14,10 +14,22 @@ targets from class subfolders), the proposal store, and each index's random stre
   :class:`DeviceViewLoader` hands the batches to a
   :class:`~objcrop_plugin.engine.gpu.GPUViewEngine` on the device (example in
   :mod:`objcrop_plugin.engine.gpu`).
+
+What a sample is (both datasets, ``sampling`` and ``epoch_length``):
+
+- ``sampling="per_image"`` (default): item ``i`` is image ``i``; its object views share one
+  proposal drawn among the image's best (:class:`~objcrop_plugin.policies.ProposalChoice`).
+- ``sampling="per_box"``: item ``i`` is one stored box of one image (:class:`BoxIndex`), as
+  the paper's released code samples: an epoch visits every box once (~12 per OpenImages
+  image), and the item's object views are cut from *its* box.
+- ``epoch_length``: ``"images"`` / ``"boxes"`` / an int: an epoch of that many samples, the
+  images (or boxes) cycled in a per-epoch random order. ``"boxes"`` gives a scene-crop run
+  the steps of a per-box run on the same store: matched compute.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -48,6 +60,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CANVAS_KEYS",
+    "EPOCH_LENGTHS",
+    "SAMPLINGS",
+    "BoxIndex",
     "CanvasDataset",
     "DeviceViewLoader",
     "FolderSource",
@@ -59,12 +74,92 @@ __all__ = [
     "fit_to_canvas",
     "is_canvas_batch",
     "load_canvas_item",
+    "ranked_box",
 ]
+
+log = logging.getLogger("objcrop_plugin")
 
 #: the fields of a canvas item and of a collated canvas batch
 CANVAS_KEYS = ("canvas", "windows", "valid", "seed", "target", "key")
 
 Box = Sequence[float]
+
+#: what one item of a dataset is: an image, or one stored box of an image
+SAMPLINGS = ("per_image", "per_box")
+#: the named epoch lengths (an int is a length too)
+EPOCH_LENGTHS = ("images", "boxes")
+
+
+# ---------------------------------------------------------------------- per-box sampling
+
+def _rank(scores: np.ndarray) -> np.ndarray:
+    """Box order best first: by score, ties and NaN scores in stored order (NaN last), as
+    :class:`~objcrop_plugin.policies.ProposalChoice` ranks."""
+    s = np.asarray(scores, dtype=np.float64)
+    return np.argsort(-np.where(np.isfinite(s), s, -np.inf), kind="stable")
+
+
+def ranked_box(proposals: Proposals, rank: int) -> Proposals:
+    """The image's ``rank``-th best box (0: the best) as proposals of one box.
+
+    Input: an image's stored :class:`~objcrop_plugin.proposals.store.Proposals` (``K`` boxes).
+    Output: ``Proposals`` with boxes ``(1, 4)``, scores ``(1,)`` and the same image size, so a
+    view recipe given it cuts every object view from that box.
+    """
+    b = int(_rank(proposals.scores)[rank])
+    return Proposals(proposals.boxes[b : b + 1], proposals.scores[b : b + 1], proposals.image_size)
+
+
+class BoxIndex:
+    """The items of per-box sampling: every stored box of every image, one item each.
+
+    Items are in image order (the order of ``keys``), then box order: best first (by score,
+    stored order where scores tie or are missing; a store ranked at build time keeps its
+    order). Images without an entry or without boxes contribute no item.
+
+    Args:
+        store: the proposal store (fixed: the index is built once).
+        keys: the images, as store keys.
+        max_boxes_per_image: take at most the ``m`` best boxes of each image (``None``: all).
+
+    Attributes:
+        counts: ``int64 (N,)`` the number of items of each image.
+        n_without: how many images have no box (and so no item).
+
+    Example:
+        >>> index = BoxIndex(store, ["a.jpg", "b.jpg"], max_boxes_per_image=2)  # doctest: +SKIP
+        >>> len(index), index.locate(1)  # doctest: +SKIP
+        (3, (0, 1))
+    """
+
+    def __init__(
+        self, store: ProposalStore, keys: Sequence[str], max_boxes_per_image: int | None = None
+    ) -> None:
+        if max_boxes_per_image is not None and int(max_boxes_per_image) < 1:
+            raise ValueError(
+                f"max_boxes_per_image must be >= 1 or None, got {max_boxes_per_image!r}"
+            )
+        counts = np.zeros(len(keys), dtype=np.int64)
+        for j, key in enumerate(keys):
+            props = store.get(key)
+            if props is not None:
+                counts[j] = len(props.boxes)
+        if max_boxes_per_image is not None:
+            counts = np.minimum(counts, int(max_boxes_per_image))
+        self.counts = counts
+        self._ends = np.cumsum(counts)
+        self.n_without = int((counts == 0).sum())
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """``(image, rank)`` of item ``index``: the image's position in ``keys`` and the rank of
+        the item's box among that image's boxes (0: the best)."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} out of range for {len(self)} boxes")
+        j = int(np.searchsorted(self._ends, index, side="right"))
+        return j, int(index - (self._ends[j] - self.counts[j]))
 
 
 # ---------------------------------------------------------------------- the shared folder
@@ -89,10 +184,26 @@ class FolderSource:
             an int: they depend only on ``(seed, epoch, index, rank)``, reproducibly.
         recipe: the view recipe the samples are for; an object recipe without ``proposals``
             is refused here, before any worker starts.
+        sampling: ``"per_image"`` (item ``i``: image ``i``) or ``"per_box"`` (item ``i``: one
+            stored box, :class:`BoxIndex`; its object views are cut from that box). Per-box
+            needs a fixed store: not with online proposals (``schedule``).
+        max_boxes_per_image: per-box sampling (and ``epoch_length="boxes"``): at most the
+            ``m`` best boxes of each image (``None``: all).
+        epoch_length: samples per epoch: ``"images"`` (default: one per item, i.e. per image,
+            or per box with per-box sampling), ``"boxes"`` (the number of boxes in
+            ``proposals``, capped by ``max_boxes_per_image``: a scene run with the steps of
+            a per-box run) or an int. Another length than the items' cycles them: sample
+            ``k`` is item ``perm[k mod n]``, ``perm`` a random order per epoch from ``(seed,
+            epoch)``, with sample ``k``'s own random stream (repeated visits crop anew).
 
     Attributes:
-        root, store, keys, seed, epoch; ``classes``: the top-level subfolders when every
-        image is in one (ImageFolder's and LightlyDataset's targets), else ``[]``.
+        root, store, keys, seed, epoch, sampling; ``classes``: the top-level subfolders when
+        every image is in one (ImageFolder's and LightlyDataset's targets), else ``[]``;
+        ``boxes``: the :class:`BoxIndex` of per-box sampling (else ``None``); ``n_boxes``: the
+        number of boxes (capped) when a store was given, else ``None``.
+
+    ``len(source)`` is the number of samples per epoch; :meth:`image` maps a sample to its
+    image (index into ``keys``).
     """
 
     def __init__(
@@ -102,6 +213,9 @@ class FolderSource:
         keys: Sequence[str] | None = None,
         seed: int | None = None,
         recipe: ViewRecipe | None = None,
+        sampling: str = "per_image",
+        max_boxes_per_image: int | None = None,
+        epoch_length: str | int = "images",
     ) -> None:
         self.root = Path(root)
         if proposals is not None and not isinstance(proposals, ProposalStore):
@@ -124,15 +238,104 @@ class FolderSource:
         self.seed = seed
         self.epoch = 0
         self.recipe = recipe
-        #: an :class:`~objcrop_plugin.train.online.OnlineSchedule`: the store follows the epoch
-        self.schedule: Any = None
+        self._schedule: Any = None
         self._synced: int | None = None
+        self._plan_samples(sampling, max_boxes_per_image, epoch_length)
+
+    def _plan_samples(self, sampling: str, max_boxes: int | None, epoch_length: str | int) -> None:
+        """Per-box items and the epoch length (see the class docstring)."""
+        if sampling not in SAMPLINGS:
+            raise ValueError(
+                f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}"
+            )
+        is_int = isinstance(epoch_length, (int, np.integer)) and not isinstance(epoch_length, bool)
+        if not (is_int and int(epoch_length) >= 1) and epoch_length not in EPOCH_LENGTHS:
+            raise ValueError(
+                f"epoch_length must be 'images', 'boxes' or an integer >= 1, got {epoch_length!r}"
+            )
+        self.sampling = sampling
+        self.max_boxes_per_image = max_boxes
+        self.epoch_length = epoch_length
+        counted = sampling == "per_box" or epoch_length == "boxes"
+        if counted and self.store is None:
+            what = "sampling='per_box'" if sampling == "per_box" else "epoch_length='boxes'"
+            raise ValueError(
+                f"{what} needs a proposal store (its boxes are the samples, or are counted). "
+                "Fix: pass proposals=PATH (see `objcrop proposals build`)"
+            )
+        self.boxes: BoxIndex | None = None
+        self.n_boxes: int | None = None
+        if counted:
+            assert self.store is not None
+            index = BoxIndex(self.store, self.keys, max_boxes)
+            self.n_boxes = len(index)
+            if not self.n_boxes:
+                raise ValueError(
+                    f"none of the {len(self.keys)} images under {self.root} (e.g. "
+                    f"'{self.keys[0]}') has a box in {self.store.path}, so there is nothing to "
+                    "sample per box. Fix: use the store built over this folder (keys are paths "
+                    "relative to it), or sampling='per_image'"
+                )
+            if sampling == "per_box":
+                self.boxes = index
+                if index.n_without:
+                    log.warning("objcrop: %d images have no proposals and are not sampled with "
+                                "per_box sampling", index.n_without)
+        self._n_items = len(self.boxes) if self.boxes is not None else len(self.keys)
+        if epoch_length == "images":
+            self._length = self._n_items
+        elif epoch_length == "boxes":
+            assert self.n_boxes is not None
+            self._length = self.n_boxes
+        else:
+            self._length = int(epoch_length)
+        self._order: tuple[int, np.ndarray] | None = None
+
+    @property
+    def schedule(self) -> Any:
+        """An :class:`~objcrop_plugin.train.online.OnlineSchedule`: the store follows the
+        epoch (``None``: a fixed store). Refused with per-box sampling or
+        ``epoch_length='boxes'``, whose samples are the fixed store's boxes."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, schedule: Any) -> None:
+        if schedule is not None and self.n_boxes is not None:
+            what = "sampling='per_box'" if self.boxes is not None else "epoch_length='boxes'"
+            raise ValueError(
+                f"{what} needs a fixed proposal store, but online proposals change the store "
+                "during training. Fix: sampling='per_image' and epoch_length='images' with "
+                "online proposals, or a fixed store without them"
+            )
+        self._schedule = schedule
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self._length
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def _item(self, index: int) -> int:
+        """The item (image, or box with per-box sampling) sample ``index`` visits."""
+        if self._length == self._n_items:
+            return index
+        if not 0 <= index < self._length:
+            raise IndexError(f"sample {index} out of range for an epoch of {self._length}")
+        if self._order is None or self._order[0] != self.epoch:
+            # the same order in every worker and DDP rank: from (seed, epoch) only
+            g = np.random.default_rng(np.random.SeedSequence(
+                [int(self.seed or 0), self.epoch, 0x65706F6368]))
+            self._order = (self.epoch, g.permutation(self._n_items))
+        return int(self._order[1][index % self._n_items])
+
+    def image(self, index: int) -> int:
+        """The image (index into ``keys``) sample ``index`` is made from."""
+        item = self._item(index)
+        return self.boxes.locate(item)[0] if self.boxes is not None else item
+
+    def key(self, index: int) -> str:
+        """The key of sample ``index``'s image."""
+        return self.keys[self.image(index)]
 
     def follow_schedule(self) -> None:
         """Open the store that ``schedule`` names for the current epoch (online proposals: a
@@ -157,21 +360,29 @@ class FolderSource:
         self._synced = self.epoch
 
     def target(self, index: int) -> int:
-        """The index of the image's class subfolder in ``classes`` (0 without classes)."""
-        key = self.keys[index]
+        """The index of sample ``index``'s image's class subfolder in ``classes`` (0 without
+        classes)."""
+        key = self.key(index)
         return self._class_index.get(key.split("/", 1)[0], 0) if self.classes else 0
 
     def sample(self, index: int, stream: int | None = None) -> Sample:
-        """Item ``index``'s key, file, random stream and proposal lookup (``None`` without a
-        store): a function ``image_size -> Proposals | None`` giving the stored proposals, as
-        :meth:`ViewEngine.windows <objcrop_plugin.engine.cpu.ViewEngine.windows>` takes it.
-        ``stream``: draw from index ``stream``'s stream instead (a replacement image)."""
-        key = self.keys[index]
+        """Sample ``index``'s key, file, random stream and proposal lookup (``None`` without a
+        store): a function ``image_size -> Proposals | None`` giving the stored proposals (with
+        per-box sampling: the sample's box alone), as :meth:`ViewEngine.windows
+        <objcrop_plugin.engine.cpu.ViewEngine.windows>` takes it. ``stream``: draw from
+        sample ``stream``'s stream instead (a replacement)."""
+        item = self._item(index)
         self.follow_schedule()
         store = self.store
-        lookup = (lambda _size: store.get(key)) if store is not None else None
+        j, rank = self.boxes.locate(item) if self.boxes is not None else (item, None)
+        key = self.keys[j]
+
+        def lookup(_size: tuple[int, int]) -> Proposals | None:
+            props = store.get(key) if store is not None else None
+            return props if props is None or rank is None else ranked_box(props, rank)
+
         rng = sample_rng(self.seed, index if stream is None else stream, self.epoch)
-        return Sample(key, self.root / key, rng, lookup)
+        return Sample(key, self.root / key, rng, lookup if store is not None else None)
 
 
 def _from_source(name: str) -> property:
@@ -192,9 +403,15 @@ T = TypeVar("T")
 
 
 def first_readable(
-    index: int, n: int, make: Callable[[int, int], T], bad: BadImages, where: Callable[[int], str]
+    index: int,
+    n: int,
+    make: Callable[[int, int], T],
+    bad: BadImages,
+    where: Callable[[int], str],
+    image: Callable[[int], int] | None = None,
 ) -> tuple[T, int]:
-    """``make(index, index)``, or where image ``index`` cannot be read, the next one that can.
+    """``make(index, index)``, or where item ``index``'s image cannot be read, the next item
+    that can be made.
 
     The rule every training dataset of the package follows for an unreadable image (corrupt,
     truncated, gone, not a regular file): count it in ``bad`` (which logs it with its file
@@ -204,15 +421,24 @@ def first_readable(
     draw from. The replacement depends only on which files read, so batch shapes hold and a
     resumed run sees the same samples.
 
+    ``image(j)``: the image item ``j`` is made from, when items are not images (per-box
+    sampling: several items per image); an image counts once in ``bad`` under that index,
+    and the other items of an image that failed are skipped without reading it again.
+
     Returns:
-        ``(item, j)``: the item and the index of the image it was made from.
+        ``(item, j)``: the item and the index of the item it was made from.
     """
+    failed: set[int] = set()
     for step in range(n):
         j = (index + step) % n
+        img = j if image is None else image(j)
+        if img in failed:
+            continue
         try:
             return make(j, index), j
         except ImageDecodeError as exc:
-            bad.record(j, where(j), _reason(exc))
+            failed.add(img)
+            bad.record(img, where(j), _reason(exc))
     raise ImageDecodeError(f"none of the {n} images can be read (e.g. {where(index)})")
 
 
@@ -243,19 +469,23 @@ class _FolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    sampling = _from_source("sampling")
+
     def target(self, index: int) -> int:
         return self.source.target(index)
 
     def _readable(self, index: int, make: Callable[[Sample, int], T]) -> tuple[T, int]:
-        """``make(sample, j)`` for item ``index``'s image or its replacement ``j``."""
-        n = len(self.source)
+        """``make(sample, j)`` for item ``index`` or its replacement ``j`` (unreadable images
+        are counted per image in ``self.bad``)."""
+        source = self.source
         return first_readable(
-            index, n, lambda j, stream: make(self.source.sample(j, stream), j), self.bad,
-            lambda j: str(self.root / self.keys[j]),
+            index, len(source), lambda j, stream: make(source.sample(j, stream), j), self.bad,
+            lambda j: str(self.root / source.key(j)), source.image,
         )
 
     def bad_images(self) -> list[tuple[str, str, str]]:
-        """``(key, path, reason)`` of every image found unreadable so far (in any worker)."""
+        """``(key, path, reason)`` of every image found unreadable so far (in any worker);
+        ``self.bad`` counts images (indices into ``keys``), whatever the sampling."""
         rows = []
         for i in self.bad.indices():
             path = self.root / self.keys[i]
@@ -296,8 +526,16 @@ class ObjectCropDataset(_FolderDataset):
             with item ``i``'s random stream, so batch shapes hold and runs stay reproducible;
             each is logged with its file and counted in ``dataset.bad`` across workers
             (:meth:`bad_images` lists them). Above this fraction of the images
-            :class:`~objcrop_plugin.stats.TooManyBadImagesError` stops the run.
+            :class:`~objcrop_plugin.stats.TooManyBadImagesError` stops the run. With per-box
+            sampling the next *item* that reads takes the place (the unreadable image's other
+            boxes are skipped: the first box of the next readable image).
+        sampling, max_boxes_per_image, epoch_length: what an item is and how many there are
+            per epoch (see :class:`FolderSource`): ``sampling="per_box"`` makes one item per
+            stored box, its object views cut from that box (the paper's released code).
         recipe_kwargs: parameters of the view recipe.
+
+    With per-box sampling an item's ``target`` and ``key`` are its image's, and
+    ``len(dataset)`` is the number of boxes.
     """
 
     def __init__(
@@ -310,19 +548,23 @@ class ObjectCropDataset(_FolderDataset):
         seed: int | None = None,
         keys: Sequence[str] | None = None,
         max_failure_rate: float = 0.01,
+        sampling: str = "per_image",
+        max_boxes_per_image: int | None = None,
+        epoch_length: str | int = "images",
         **recipe_kwargs: Any,
     ) -> None:
         self.engine = ViewEngine(views, photometrics, draft, **recipe_kwargs)
-        self.source = FolderSource(root, proposals, keys, seed, self.engine.recipe)
-        self.bad = BadImages(len(self.source), max_failure_rate)
+        self.source = FolderSource(root, proposals, keys, seed, self.engine.recipe, sampling,
+                                   max_boxes_per_image, epoch_length)
+        self.bad = BadImages(len(self.source.keys), max_failure_rate)
 
     @property
     def recipe(self) -> ViewRecipe:
         return self.engine.recipe
 
     def item_name(self, index: int) -> str:
-        """The name item ``index`` carries: its key."""
-        return self.keys[index]
+        """The name item ``index`` carries: its image's key."""
+        return self.source.key(index)
 
     def __getitem__(self, index: int) -> tuple[list[torch.Tensor], int, str]:
         def make(s: Sample, j: int) -> list[torch.Tensor]:
@@ -446,6 +688,8 @@ class CanvasDataset(_FolderDataset):
 
     Args:
         root, proposals, views, seed, keys, recipe_kwargs: as for :class:`ObjectCropDataset`.
+        sampling, max_boxes_per_image, epoch_length: as for :class:`ObjectCropDataset`
+            (per-box sampling: one item per stored box).
         canvas: ``(height, width)`` or one int; default twice the largest view side (448 for
             224-pixel views): large enough that global views rarely need more detail.
         draft: decode JPEGs at 1/2, 1/4 or 1/8 resolution when the canvas allows.
@@ -466,12 +710,16 @@ class CanvasDataset(_FolderDataset):
         keys: Sequence[str] | None = None,
         draft: bool = True,
         max_failure_rate: float = 0.01,
+        sampling: str = "per_image",
+        max_boxes_per_image: int | None = None,
+        epoch_length: str | int = "images",
         **recipe_kwargs: Any,
     ) -> None:
         # plans the windows (ViewEngine.windows) exactly as the CPU engine; renders nothing
         self.planner = ViewEngine(views, "none", draft, **recipe_kwargs)
-        self.source = FolderSource(root, proposals, keys, seed, self.planner.recipe)
-        self.bad = BadImages(len(self.source), max_failure_rate)
+        self.source = FolderSource(root, proposals, keys, seed, self.planner.recipe, sampling,
+                                   max_boxes_per_image, epoch_length)
+        self.bad = BadImages(len(self.source.keys), max_failure_rate)
         self.canvas = _canvas_size(canvas, self.recipe)
         self.draft = draft
 

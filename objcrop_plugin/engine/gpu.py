@@ -9,14 +9,17 @@ view slots of one output size:
 
 1. one batched crop-and-resize of all ``B x V`` windows
    (:func:`~objcrop_plugin.engine.resample.resample_windows`: PIL's antialiased bilinear
-   ``resize(box=...)`` as two matrix products, horizontal flips folded into the weights);
+   ``resize(box=...)`` as two matrix products, horizontal flips folded into the weights;
+   with ``antialias=False``, Kornia's box cropping ``crop_by_transform_mat``, clamped to the
+   image);
 2. the method's photometric augmentations with per-sample parameters drawn from each sample's
    seed (:mod:`objcrop_plugin.engine.device_photometric`), then normalisation.
 
 A sample's views depend only on ``(seed, epoch, index, rank)``, never on the batch it landed
-in. Host synchronisation: none in the resampling or the parameter draws; Kornia's Gaussian blur
-reads its sigmas' positivity check back (one synchronisation per size group whose photometrics
-can blur: two for a multi-crop recipe with MoCo-v2 photometrics).
+in. Host synchronisation: none. Nothing is read back from the device in the resampling, the
+parameter draws or the photometrics (tested: no ``.item()``, ``.tolist()`` or truth value of a
+tensor during an engine call, and on CUDA under ``torch.cuda.set_sync_debug_mode("error")``),
+so the host can queue the next batch while the device works.
 
 Agreement with the CPU engine (photometrics off, same windows, image no larger than the canvas):
 within PIL's 8-bit rounding, about 1/255 (tested: mean absolute difference < 0.5/255, maximum
@@ -63,13 +66,7 @@ import torch
 from .._random import SEED_HIGH, counter_uniforms, distributed_rank
 from ..policies import ViewRecipe, make_recipe
 from .datasets import CANVAS_KEYS, CanvasDataset, DeviceViewLoader, collate_canvas, is_canvas_batch
-from .device_photometric import (
-    N_DRAWS,
-    PhotometricBatch,
-    apply_photometric,
-    draw_photometric,
-    require_kornia,
-)
+from .device_photometric import N_DRAWS, PhotometricBatch, apply_photometric, draw_photometric
 from .photometric import Photometric, PhotometricSet, make_photometrics
 from .resample import resample_windows
 
@@ -123,7 +120,9 @@ class GPUViewEngine:
             CPU engine). Global slot ``g`` gets the set's ``g``-th global augmentation (BYOL's
             asymmetric pair), local slots the local one.
         antialias: PIL ``BILINEAR`` crop-and-resize semantics (the CPU engine's); ``False``:
-            plain bilinear sampling, faster on large canvases, aliased when shrinking a lot.
+            plain bilinear sampling (Kornia's ``crop_by_transform_mat`` when kornia is
+            installed, else ``grid_sample``), faster on large canvases, aliased when shrinking
+            a lot.
         seed: seeds the engine's own generator, used only for batches without per-sample
             seeds; ``None``: torch's default generator of the device.
         precision: ``"auto"`` (float16 matmuls on CUDA, float32 elsewhere), ``"float32"``,
@@ -187,8 +186,6 @@ class GPUViewEngine:
         for s in slots:
             groups.setdefault(s.size, []).append(s.index)
         self.groups = groups
-        if any(s.photometric.blur > 0 for s in slots):
-            require_kornia()  # fail here, not in the first training step
         self._generators: dict[torch.device, torch.Generator] = {}
 
     @classmethod

@@ -13,6 +13,11 @@ Either way the batches are exactly those of lightly's ``MultiViewCollate`` (or o
 collate with a ``MultiViewTransform``): ``(views, targets, filenames)`` with ``views`` a list
 of ``(B, C, H, W)`` tensors, global views first, so every lightly method trains unchanged.
 
+Per-box sampling (one sample per stored box, as the paper's released code trains) is a matter
+of what a dataset item is, so it is :class:`ObjectAwareDataset`'s:
+``ObjectAwareDataset(input_dir, proposals, sampling="per_box")``; a collate function only sees
+the items ``LightlyDataset`` gives it, one per image.
+
 Example:
     >>> from lightly.data import LightlyDataset  # doctest: +SKIP
     >>> from torch.utils.data import DataLoader
@@ -171,6 +176,14 @@ class ObjectAwareCollate:
     ) -> None:
         if seed is not None and int(seed) < 0:
             raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        per_dataset = sorted({"sampling", "max_boxes_per_image", "epoch_length"} & set(recipe_kwargs))
+        if per_dataset:
+            raise TypeError(
+                f"ObjectAwareCollate got {', '.join(per_dataset)}: what a sample is belongs to "
+                "the dataset, and LightlyDataset yields one item per image. Fix: "
+                "ObjectAwareDataset(input_dir, proposals, sampling='per_box') (one item per "
+                "stored box) with lightly's default collate"
+            )
         self.engine = ViewEngine(views, photometrics, draft, **recipe_kwargs)
         self.store = _open_store(proposals)
         _require_store(self.store, self.engine.recipe)
@@ -280,6 +293,13 @@ class ObjectAwareDataset(ObjectCropDataset):
     readable image, logged and counted in ``dataset.bad`` across workers, up to
     ``max_failure_rate`` (see :class:`~objcrop_plugin.engine.datasets.ObjectCropDataset`).
 
+    Per-box sampling (``sampling="per_box"``), as the paper's released code trains: one item
+    per stored box (at most ``max_boxes_per_image`` per image, the best first), the item's
+    object views cut from its box, its target and filename its image's; images without boxes
+    give no item. ``len(dataset)`` is then the number of boxes, so an epoch takes ~boxes per
+    image times the steps. ``epoch_length="boxes"`` gives a scene-crop dataset
+    (``views="scene_scene"``) as many samples, from the same store: matched compute.
+
     Args:
         root: the image folder (lightly's ``input_dir``).
         proposals: a :class:`~objcrop_plugin.proposals.ProposalStore` or a path to one
@@ -290,6 +310,10 @@ class ObjectAwareDataset(ObjectCropDataset):
         filenames: only these files (paths relative to ``root``), as ``LightlyDataset``'s
             ``filenames`` argument.
         max_failure_rate: the fraction of unreadable images tolerated (default 1%).
+        sampling: ``"per_image"`` (default: items are ``LightlyDataset``'s) or ``"per_box"``.
+        max_boxes_per_image: per-box sampling: at most this many boxes of each image.
+        epoch_length: ``"images"`` (default), ``"boxes"`` or an int: samples per epoch (see
+            :class:`~objcrop_plugin.engine.datasets.FolderSource`).
 
     Raises:
         ValueError: ``root`` holds videos (lightly reads them frame by frame; use
@@ -306,6 +330,8 @@ class ObjectAwareDataset(ObjectCropDataset):
         >>> loader = DataLoader(dataset, batch_size=256, num_workers=8)  # doctest: +SKIP
         >>> for batch in loader:  # doctest: +SKIP
         ...     x0, x1 = batch[0]
+        >>> per_box = ObjectAwareDataset("data/train", "train.objcrop", sampling="per_box",
+        ...                              released_code=True)  # doctest: +SKIP
     """
 
     def __init__(
@@ -318,6 +344,9 @@ class ObjectAwareDataset(ObjectCropDataset):
         draft: bool = True,
         filenames: Sequence[str] | None = None,
         max_failure_rate: float = 0.01,
+        sampling: str = "per_image",
+        max_boxes_per_image: int | None = None,
+        epoch_length: str | int = "images",
         **recipe_kwargs: Any,
     ) -> None:
         # lightly's own listing, so order, targets and filenames are LightlyDataset's exactly
@@ -343,15 +372,18 @@ class ObjectAwareDataset(ObjectCropDataset):
             seed,
             keys=[normalize_key(f) for f in self.filenames],
             max_failure_rate=max_failure_rate,
+            sampling=sampling,
+            max_boxes_per_image=max_boxes_per_image,
+            epoch_length=epoch_length,
             **recipe_kwargs,
         )
         self.classes = list(getattr(listing, "classes", []))
 
     def target(self, index: int) -> int:
-        return self._targets[index]
+        return self._targets[self.source.image(index)]
 
     def item_name(self, index: int) -> str:
-        return self.filenames[index]
+        return self.filenames[self.source.image(index)]
 
     def get_filenames(self) -> list[str]:
         """All filenames, as ``LightlyDataset.get_filenames``."""

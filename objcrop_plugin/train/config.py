@@ -13,12 +13,17 @@ the file, what was expected and (for misspellings) the closest known key.
                                       # file or COCO instances JSON); null: no evaluation
       num_workers: 4
       persistent_workers: false       # keep workers between epochs
+      sampling: per_image             # or per_box: one sample per stored box (released code)
+      max_boxes_per_image: null       # per_box / epoch_length boxes: the m best boxes per image
+      epoch_length: images            # or boxes (a per_box run's steps: matched compute), or N
     crop:
       type: object_aware              # or "scene"; `crop: object_aware` alone is shorthand
       views: obj_obj_dilate           # view recipe (registered name)
       size: 224                       # view size (global views)
       params: {dilation: 0.1, top_k: 10}  # the view recipe's parameters
       photometrics: null              # preset; null: the method's own (lightly's defaults)
+      jitter: exact                   # or fast: one fused colour matrix per view (CPU engine)
+      proposals: null                 # or online: boxes from the model being trained
       engine: cpu                     # or gpu (crops on the device after transfer)
     method:
       name: mocov2                    # simclr | mocov2 | byol | vicreg
@@ -137,6 +142,16 @@ class DataConfig:
     max_failure_rate: float = 0.01
     # relative paths resolve against the recipe file's folder when True, else the current one
     paths_relative_to_recipe: bool = False
+    # what a sample is: an image (its object views share a proposal drawn among its best), or
+    # one stored box of data.proposals, its object views cut from that box: the paper's
+    # released code, whose epochs visit every box (~12 per OpenImages image, so ~12x the steps)
+    sampling: Literal["per_image", "per_box"] = "per_image"
+    # per_box (and epoch_length: boxes): take at most the m best boxes of each image
+    max_boxes_per_image: int | None = None
+    # samples per epoch: images (one per image, or per box with per_box), boxes (the number
+    # of boxes in data.proposals, capped by max_boxes_per_image: a scene run with the steps
+    # of a per_box run, matched compute) or a number; images are cycled in a per-epoch order
+    epoch_length: Literal["images", "boxes"] | int = "images"
 
 
 @dataclass
@@ -154,6 +169,9 @@ class CropConfig:
     size: int | list[int] = 224
     params: dict[str, Any] = field(default_factory=dict)
     photometrics: str | None = None
+    # colour-jitter kernel of the CPU engine: torchvision's PIL kernels, or one fused colour
+    # matrix per view (objcrop_plugin.engine.photometric); the GPU engine has its own kernels
+    jitter: Literal["exact", "fast"] = "exact"
     engine: Literal["cpu", "gpu"] = "cpu"
     canvas: int | list[int] | None = None  # gpu engine: decoded canvas size (default 2 x size)
     draft: bool = True
@@ -392,6 +410,42 @@ def _semantic_checks(cfg: RecipeConfig) -> None:
             "with `objcrop proposals build IMAGES -o STORE.objcrop` and set data.proposals, "
             "or use `crop: scene`."
         )
+    _check_sampling(cfg, online is not None)
+
+
+def _check_sampling(cfg: RecipeConfig, online: bool) -> None:
+    """``data.sampling``, ``data.max_boxes_per_image`` and ``data.epoch_length`` together."""
+    d = cfg.data
+    counted = [k for k, on in (("data.sampling: per_box", d.sampling == "per_box"),
+                               ("data.epoch_length: boxes", d.epoch_length == "boxes")) if on]
+    for what in counted:
+        if not d.proposals:
+            raise RecipeError(
+                f"{what} needs data.proposals: its boxes are the samples (or are counted). "
+                "Fix: set data.proposals to a store (`objcrop proposals build IMAGES -o "
+                "STORE.objcrop`), or data.sampling: per_image and data.epoch_length: images"
+            )
+        if online:
+            raise RecipeError(
+                f"{what} needs a fixed proposal store, but crop.proposals is online (the boxes "
+                "change during training). Fix: crop.proposals: null, or data.sampling: "
+                "per_image and data.epoch_length: images"
+            )
+    if isinstance(d.epoch_length, int) and d.epoch_length < 1:
+        raise RecipeError(f"data.epoch_length must be images, boxes or an integer >= 1, got "
+                          f"{d.epoch_length}")
+    if d.max_boxes_per_image is not None:
+        if d.max_boxes_per_image < 1:
+            raise RecipeError(
+                f"data.max_boxes_per_image must be >= 1 (or null: all), got {d.max_boxes_per_image}"
+            )
+        if not counted:
+            raise RecipeError(
+                "data.max_boxes_per_image applies to data.sampling: per_box and "
+                "data.epoch_length: boxes only. Fix: set one of them, or "
+                "data.max_boxes_per_image: null (per_image sampling draws among crop.params."
+                "top_k boxes)"
+            )
 
 
 def recipe_params(cfg: RecipeConfig) -> dict[str, Any]:

@@ -11,8 +11,9 @@ What a run does, in ``trainer.out_dir``:
 - ``backbone.pth``: the backbone's weights as a timm state dict, loadable with
   ``timm.create_model(NAME, pretrained=False, num_classes=0, checkpoint_path="backbone.pth")``
   (or ``objcrop eval --checkpoint``);
-- ``results.json``: training time, images/s, final loss, proposal fallbacks and, when
-  ``data.labels`` is set, linear-probe and kNN mAP on frozen features;
+- ``results.json``: training time, images/s, steps and samples per epoch (boxes with
+  ``data.sampling: per_box``), final loss, proposal fallbacks and, when ``data.labels`` is set,
+  linear-probe and kNN mAP on frozen features;
 - ``logs/``: Lightning's CSV logs (loss, learning rate).
 
 Example:
@@ -119,7 +120,9 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
             online.every_epochs, cfg.data.proposals or None,
         )
         recipe.scene_only = not cfg.data.proposals
-    if cfg.crop.type == "object_aware" and cfg.data.proposals:
+    # a scene run with epoch_length: boxes opens the store only to count its boxes
+    counted = cfg.data.sampling == "per_box" or cfg.data.epoch_length == "boxes"
+    if cfg.data.proposals and (cfg.crop.type == "object_aware" or counted):
         from ..proposals.store import ProposalStore
 
         if not Path(cfg.data.proposals).is_file():
@@ -129,6 +132,8 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
             )
         store = ProposalStore(cfg.data.proposals)
     photometrics = cfg.crop.photometrics or cfg.method.name  # the method's own preset
+    if cfg.crop.jitter != "exact" and ":" not in photometrics:
+        photometrics = f"{photometrics}:{cfg.crop.jitter}"
     seed = cfg.trainer.seed if cfg.crop.seed is None else cfg.crop.seed
     keys = _keys(cfg, keys)
     if store is not None and not any(k in store for k in keys[:200]):
@@ -137,22 +142,40 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
             f"{root} (e.g. '{keys[0]}') has an entry in {cfg.data.proposals}. Store keys "
             "must be paths relative to data.train_path; rebuild the store from that folder"
         )
-    if cfg.crop.engine == "gpu":
-        from ..engine.gpu import CanvasDataset
+    sampling = dict(sampling=cfg.data.sampling, max_boxes_per_image=cfg.data.max_boxes_per_image,
+                    epoch_length=cfg.data.epoch_length)
+    try:
+        if cfg.crop.engine == "gpu":
+            from ..engine.gpu import CanvasDataset
 
-        dataset = CanvasDataset(
-            root, store, views=recipe, canvas=cfg.crop.canvas, seed=seed, keys=keys,
-            max_failure_rate=cfg.data.max_failure_rate,
-        )
-    else:
-        from ..engine.datasets import ObjectCropDataset
+            dataset = CanvasDataset(
+                root, store, views=recipe, canvas=cfg.crop.canvas, seed=seed, keys=keys,
+                max_failure_rate=cfg.data.max_failure_rate, **sampling,
+            )
+        else:
+            from ..engine.datasets import ObjectCropDataset
 
-        dataset = ObjectCropDataset(
-            root, store, views=recipe, photometrics=photometrics, draft=cfg.crop.draft,
-            seed=seed, keys=keys, max_failure_rate=cfg.data.max_failure_rate,
-        )
+            dataset = ObjectCropDataset(
+                root, store, views=recipe, photometrics=photometrics, draft=cfg.crop.draft,
+                seed=seed, keys=keys, max_failure_rate=cfg.data.max_failure_rate, **sampling,
+            )
+    except ValueError as exc:
+        if not counted or "has a box in" not in str(exc):
+            raise
+        raise RecipeError(f"data.proposals ({cfg.data.sampling}, epoch_length "
+                          f"{cfg.data.epoch_length}): {exc}") from None
     dataset.source.schedule = schedule
     return dataset
+
+
+def _samples(dataset: Any) -> str:
+    """What an epoch visits, for the start-up line."""
+    source = dataset.source
+    n, images = len(dataset), len(source.keys)
+    if source.boxes is not None:
+        text = f"{len(source.boxes)} boxes of {images - source.boxes.n_without} images (per_box)"
+        return text if n == len(source.boxes) else f"{n} samples from {text}"
+    return f"{images} images" if n == images else f"{n} samples of {images} images"
 
 
 def _atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
@@ -292,6 +315,8 @@ def _check_same_run(cfg: RecipeConfig, saved: Path) -> None:
         return
     old = yaml.safe_load(saved.read_text()) or {}
     new = to_dict(cfg)
+    # a key the saved recipe lacks (written before the key existed) had its default
+    defaults = to_dict(RecipeConfig())
     diffs = []
     for section, values in new.items():
         if (section,) in _RESUMABLE_CHANGES:
@@ -300,8 +325,10 @@ def _check_same_run(cfg: RecipeConfig, saved: Path) -> None:
             if old.get(section) != values:
                 diffs.append(section)
             continue
+        saved_section = old.get(section) or {}
         for key, value in values.items():
-            if (section, key) not in _RESUMABLE_CHANGES and (old.get(section) or {}).get(key) != value:
+            before = saved_section.get(key, defaults[section].get(key))
+            if (section, key) not in _RESUMABLE_CHANGES and before != value:
                 diffs.append(f"{section}.{key}")
     if diffs:
         raise RecipeError(
@@ -484,7 +511,7 @@ def train(
     t = cfg.trainer
     if len(dataset) < t.batch_size:
         raise RecipeError(
-            f"trainer.batch_size {t.batch_size} exceeds the {len(dataset)} training images; "
+            f"trainer.batch_size {t.batch_size} exceeds the {_samples(dataset)} of an epoch; "
             "lower it"
         )
     torch.manual_seed(t.seed)  # heads initialised from the seed too
@@ -564,7 +591,7 @@ def train(
         if resume:
             echo(f"resuming from {resume}")
         echo(
-            f"objcrop train: {cfg.method.name} on {len(dataset)} images from "
+            f"objcrop train: {cfg.method.name} on {_samples(dataset)} from "
             f"{cfg.data.train_path}, views {recipe.name} ({recipe.n_global} global + "
             f"{recipe.n_local} local, crop {cfg.crop.type}, engine {cfg.crop.engine}), "
             f"backbone {cfg.backbone.name}, {t.epochs} epochs; output in {out}"
@@ -593,6 +620,7 @@ def train(
     result.update(
         method=cfg.method.name, views=recipe.name, crop=cfg.crop.type,
         backbone=cfg.backbone.name, epochs=int(trainer.current_epoch), steps=steps,
+        samples_per_epoch=len(dataset),
         train_seconds=round(secs, 1),
         images_per_s=round(steps * t.batch_size * trainer.world_size / max(secs, 1e-9), 1),
         final_loss=None if loss is None else round(float(loss), 4),

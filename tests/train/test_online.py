@@ -1,5 +1,5 @@
 """Online proposals in ``objcrop train``: the recipe key, the schedule, the datasets following
-it, a run, kill -9 during a refresh (exact resume) and DDP."""
+it, a run, kill -9 during a refresh (exact resume) and DDP; and ``crop.jitter``."""
 
 from __future__ import annotations
 
@@ -161,3 +161,14 @@ def test_ddp_ranks_share_one_merged_store(tmp_path, data):
     assert len(store) == 24
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["online_proposals"][0]["images"] == 12  # rank 0's share
+
+
+def test_fast_jitter_kernel_from_the_recipe(tmp_path, data):
+    """`crop.jitter: fast` selects the fused colour kernel of the method's preset."""
+    cfg = load_recipe(recipe(tmp_path, data), ["crop.jitter=fast"])
+    assert build_dataset(cfg).engine.photometrics.name == "mocov2:fast"
+    cfg = load_recipe(recipe(tmp_path, data), ["crop.jitter=fast", "crop.photometrics=byol"])
+    assert build_dataset(cfg).engine.photometrics.name == "byol:fast"
+    assert build_dataset(load_recipe(recipe(tmp_path, data))).engine.photometrics.name == "mocov2"
+    with pytest.raises(RecipeError, match="crop.jitter"):
+        load_recipe(recipe(tmp_path, data), ["crop.jitter=quick"])

@@ -113,7 +113,35 @@ def test_paths_relative_to_recipe(tmp_path):
 def test_shipped_recipes_are_valid(path):
     cfg = load_recipe(path)
     assert cfg.name == path.stem
-    assert cfg.crop.type == "object_aware" and cfg.data.proposals
+    assert cfg.data.proposals
+    # object-aware, or a scene baseline that counts the store's boxes (matched compute)
+    assert cfg.crop.type == "object_aware" or cfg.data.epoch_length == "boxes"
+
+
+def test_released_code_recipes_are_per_box_and_its_matched_scene_baseline():
+    from objcrop_plugin.policies import make_recipe
+    from objcrop_plugin.train.config import recipe_params
+
+    box = load_recipe(REPO / "recipes" / "lightly" / "released_mocov2.yaml")
+    scene = load_recipe(REPO / "recipes" / "lightly" / "released_mocov2_scene_matched.yaml")
+    assert box.data.sampling == "per_box" and scene.data.sampling == "per_image"
+    assert scene.data.epoch_length == "boxes" and scene.crop.type == "scene"
+    assert (scene.data.proposals, scene.data.max_boxes_per_image) == (
+        box.data.proposals, box.data.max_boxes_per_image)
+    # the object policies' released_code=True settings, spelled out in the recipe
+    built = make_recipe(box.views, **recipe_params(box))
+    released = make_recipe("obj_obj_dilate", released_code=True, size=224)
+    assert [(type(v.policy), v.policy.params(), v.size) for v in built.views] == [
+        (type(v.policy), v.policy.params(), v.size) for v in released.views]
+    assert built.shuffle_globals and built.views[1].policy.dilation_mode == "coordinate"
+    # MoCo-v2 as the released code trains it, identical in both runs
+    assert (box.method.name, box.backbone.name, box.crop.size, box.crop.photometrics) == (
+        "mocov2", "resnet50", 224, "mocov2")
+    assert (box.optimizer.name, box.optimizer.lr, box.trainer.batch_size, box.trainer.epochs) == (
+        "sgd", 0.03, 256, 200)
+    for section in ("method", "backbone", "optimizer", "schedule"):
+        assert getattr(box, section) == getattr(scene, section), section
+    assert to_dict(box.trainer) == {**to_dict(scene.trainer), "out_dir": box.trainer.out_dir}
 
 
 def test_method_params_are_validated_without_lightly():

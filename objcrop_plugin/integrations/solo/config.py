@@ -21,6 +21,8 @@ Recipe keys (all optional; an entry without ``crop`` keeps solo-learn's RandomRe
     data:
       proposals: coco-train.objcrop  # keys: image paths relative to data.train_path
       proposals_root: null           # another folder the keys are relative to (optional)
+      sampling: per_image            # or per_box: one sample per stored box (released code)
+      max_boxes_per_image: null      # per_box: at most the m best boxes of each image
     crop:                            # optional recipe-wide settings
       engine: cpu                    # cpu (DataLoader workers) or gpu (after transfer)
       top_k: 10
@@ -32,7 +34,10 @@ Recipe keys (all optional; an entry without ``crop`` keeps solo-learn's RandomRe
       canvas: null                   # gpu: images shrunk to this square in the workers
 
 All object-aware views of one sample are cut from the *same* proposal (Obj-Obj+Dilate's two
-views come from one box), drawn uniformly among the image's ``top_k`` best.
+views come from one box), drawn uniformly among the image's ``top_k`` best. With
+``data.sampling: per_box`` a sample is one stored box instead (the paper's released code: an
+epoch visits every box, ~12 per OpenImages image), and its object-aware views are cut from that
+box; images without boxes are not sampled.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ _FOLDER_DATASETS = ("custom", "imagenet", "imagenet100")
 _RECIPE_KEYS = ("top_k", "min_area", "max_area", "strict", "shuffle_views", "proposal_per_view")
 _GLOBAL_KEYS = (*_RECIPE_KEYS, "engine", "canvas")
 _ENGINES = ("cpu", "gpu")
+_SAMPLINGS = ("per_image", "per_box")
 _SOLO_CROP_NAMES = ("rrc", "random_resized_crop")
 _SHORT_NAME = "object_aware"
 
@@ -105,6 +111,10 @@ class ObjectAwareConfig:
         engine: ``"cpu"`` (crops in DataLoader workers) or ``"gpu"`` (after transfer).
         canvas: with ``engine: gpu``, the side of the square canvas images are shrunk to in
             the workers (``None``: twice the largest ``crop_size``).
+        sampling: ``data.sampling``: ``"per_image"`` (solo-learn's items) or ``"per_box"``
+            (one item per stored box, its object-aware views cut from that box).
+        max_boxes_per_image: ``data.max_boxes_per_image``: per-box sampling takes at most the
+            ``m`` best boxes of each image (``None``: all).
     """
 
     entries: list[EntryCrop]
@@ -119,6 +129,8 @@ class ObjectAwareConfig:
     strict: bool = False
     engine: str = "cpu"
     canvas: int | None = None
+    sampling: str = "per_image"
+    max_boxes_per_image: int | None = None
 
     @property
     def enabled(self) -> bool:
@@ -371,8 +383,15 @@ def parse_object_aware(cfg: Any, check_paths: bool = True) -> ObjectAwareConfig:
         strict=_bool(settings.get("strict", False), "crop.strict"),
         engine=engine,
         canvas=None if top.get("canvas") is None else int(top["canvas"]),
+        **_sampling(data),
     )
     if not plan.enabled:
+        if plan.sampling == "per_box":
+            raise SoloConfigError(
+                "data.sampling: per_box cuts each sample's object-aware views from its box, but "
+                "no augmentations entry has 'crop: object_aware'. Fix: add object-aware entries "
+                "(augmentations=object_aware.yaml), or data.sampling=per_image"
+            )
         if plan.proposals is not None:
             log.warning(
                 "objcrop: data.proposals is set but no augmentations entry has 'crop: "
@@ -381,6 +400,28 @@ def parse_object_aware(cfg: Any, check_paths: bool = True) -> ObjectAwareConfig:
         return plan
     _check_runnable(plan, check_paths)
     return plan
+
+
+def _sampling(data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data.sampling`` and ``data.max_boxes_per_image``, checked."""
+    sampling = str(data.get("sampling") or "per_image")
+    if sampling not in _SAMPLINGS:
+        raise SoloConfigError(
+            f"data.sampling: expected one of {', '.join(_SAMPLINGS)}, got {sampling!r}"
+        )
+    m = data.get("max_boxes_per_image")
+    if m is not None:
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise SoloConfigError(
+                f"data.max_boxes_per_image: expected an integer >= 1 (or null: all), got {m!r}"
+            )
+        if sampling != "per_box":
+            raise SoloConfigError(
+                "data.max_boxes_per_image applies to data.sampling: per_box only. Fix: "
+                "data.sampling=per_box, or data.max_boxes_per_image=null (per-image sampling "
+                "draws among crop.top_k boxes)"
+            )
+    return {"sampling": sampling, "max_boxes_per_image": m}
 
 
 def _check_runnable(plan: ObjectAwareConfig, check_paths: bool) -> None:
@@ -404,6 +445,12 @@ def _check_runnable(plan: ObjectAwareConfig, check_paths: bool) -> None:
             "or imagenet100 with a proposal store built over data.train_path"
         )
     if plan.proposals is None:
+        if plan.sampling == "per_box":
+            raise SoloConfigError(
+                "data.proposals: data.sampling per_box makes one sample per stored box but the "
+                "recipe names no proposal store. Fix: objcrop proposals build DATA.TRAIN_PATH "
+                "--out STORE, then ++data.proposals=STORE"
+            )
         if plan.needs_proposals:
             raise SoloConfigError(
                 f"data.proposals: {where} crops from object proposals but the recipe names no "

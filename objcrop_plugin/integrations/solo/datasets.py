@@ -71,11 +71,20 @@ class ObjectAwareSoloDataset(IndexedDataset):
     its file and counted in ``dataset.bad`` across workers; above ``max_failure_rate`` of the
     images :class:`~objcrop_plugin.stats.TooManyBadImagesError` stops the run.
 
+    Per-box sampling (``sampling="per_box"``, the recipe's ``data.sampling``): item ``index``
+    is one stored box of one image (:class:`~objcrop_plugin.engine.datasets.BoxIndex`: images
+    in solo-learn's order, boxes best first, at most ``max_boxes_per_image`` each), its
+    object-aware views cut from that box, its target its image's; ``len(dataset)`` is the
+    number of boxes and images without boxes give no item. An unreadable image's items are
+    replaced by the next readable item.
+
     Args:
         dataset: solo-learn's dataset (unwrapped from its index factory).
         transform: the object-aware transform.
         key_root: the folder store keys are relative to (``data.train_path`` by default).
         max_failure_rate: the fraction of unreadable images tolerated (default 1%).
+        sampling: ``"per_image"`` (solo-learn's items) or ``"per_box"``.
+        max_boxes_per_image: per-box sampling: at most this many boxes of each image.
     """
 
     def __init__(
@@ -84,14 +93,61 @@ class ObjectAwareSoloDataset(IndexedDataset):
         transform: ObjectAwareTransform,
         key_root: str | os.PathLike[str],
         max_failure_rate: float = 0.01,
+        sampling: str = "per_image",
+        max_boxes_per_image: int | None = None,
     ) -> None:
         super().__init__(dataset)
         self.transform = transform
         self.key_root = os.path.abspath(os.fspath(key_root))
         self.bad = BadImages(len(dataset), max_failure_rate)
+        self.boxes = self._box_index(transform.store, sampling, max_boxes_per_image)
+
+    def _box_index(self, store: ProposalStore | None, sampling: str, max_boxes: int | None) -> Any:
+        """The :class:`~objcrop_plugin.engine.datasets.BoxIndex` of per-box sampling, or
+        ``None`` (per-image sampling)."""
+        if sampling == "per_image":
+            if max_boxes is not None:
+                raise SoloConfigError("data.max_boxes_per_image applies to data.sampling: "
+                                      "per_box only. Fix: data.max_boxes_per_image=null")
+            return None
+        if sampling != "per_box":
+            raise SoloConfigError(f"data.sampling: expected per_image or per_box, got {sampling!r}")
+        if store is None:
+            raise SoloConfigError(
+                "data.proposals: data.sampling per_box makes one sample per stored box but there "
+                "is no proposal store. Fix: ++data.proposals=STORE (`objcrop proposals build`)"
+            )
+        from ...engine.datasets import BoxIndex
+
+        keys = [self.key(j) for j in range(len(self.dataset))]
+        index = BoxIndex(store, keys, max_boxes)
+        if not len(index):
+            raise SoloConfigError(
+                f"data.proposals: none of the {len(keys)} images (e.g. '{keys[0] if keys else ''}'"
+                f", relative to {self.key_root}) has a box in {store.path}, so data.sampling "
+                "per_box has nothing to sample. Fix: use the store built over data.train_path "
+                "(or set data.proposals_root), or data.sampling=per_image"
+            )
+        if index.n_without:
+            log.warning("objcrop: %d images have no proposals and are not sampled with per_box "
+                        "sampling", index.n_without)
+        return index
+
+    def __len__(self) -> int:
+        return len(self.boxes) if self.boxes is not None else len(self.dataset)
+
+    def image(self, index: int) -> int:
+        """The image (index into solo-learn's listing) item ``index`` is made from."""
+        return self.boxes.locate(index)[0] if self.boxes is not None else index
+
+    def box(self, index: int) -> int | None:
+        """Per-box sampling: the rank of item ``index``'s box among its image's (0: the best);
+        else ``None``."""
+        return self.boxes.locate(index)[1] if self.boxes is not None else None
 
     def item(self, index: int) -> tuple[str, int]:
-        """``(path, target)`` of item ``index``, from solo-learn's listing."""
+        """``(path, target)`` of image ``index`` (see :meth:`image`), from solo-learn's
+        listing."""
         ds = self.dataset
         samples = getattr(ds, "samples", None)
         if samples is not None:
@@ -109,23 +165,27 @@ class ObjectAwareSoloDataset(IndexedDataset):
         )
 
     def key(self, index: int) -> str:
+        """The store key of image ``index``."""
         return normalize_key(self.item(index)[0], self.key_root)
 
     def readable(self, index: int, make: Any) -> Any:
-        """``make(path, key, target, stream)`` for item ``index``'s image, or where it cannot
-        be read the next one that can (see :func:`~objcrop_plugin.engine.datasets.first_readable`)."""
+        """``make(path, key, target, stream, box)`` for item ``index``'s image (``box``: see
+        :meth:`box`), or where it cannot be read the next item that can be made (see
+        :func:`~objcrop_plugin.engine.datasets.first_readable`)."""
         from ...engine.datasets import first_readable
 
         def attempt(j: int, stream: int) -> Any:
-            path, target = self.item(j)
-            return make(path, normalize_key(path, self.key_root), target, stream)
+            path, target = self.item(self.image(j))
+            return make(path, normalize_key(path, self.key_root), target, stream, self.box(j))
 
-        return first_readable(index, len(self), attempt, self.bad, lambda j: self.item(j)[0])[0]
+        return first_readable(index, len(self), attempt, self.bad,
+                              lambda j: self.item(self.image(j))[0], self.image)[0]
 
     def __getitem__(self, index: int) -> tuple[int, list[torch.Tensor], int]:
-        def make(path: str, key: str, target: int, stream: int) -> tuple[list[torch.Tensor], int]:
+        def make(path: str, key: str, target: int, stream: int,
+                 box: int | None) -> tuple[list[torch.Tensor], int]:
             image = load_rgb(open_image(path))
-            return self.transform(image, key=key, index=stream), target
+            return self.transform(image, key=key, index=stream, box=box), target
 
         views, target = self.readable(index, make)
         return index, views, target
@@ -147,7 +207,7 @@ def check_keys(dataset: ObjectAwareSoloDataset, store: ProposalStore, strict: bo
         SoloConfigError: none of them has proposals (the store was built over another folder),
             or some have none in strict mode.
     """
-    total = len(dataset)
+    total = len(dataset.dataset)  # the images (per-box sampling has more items)
     if total == 0:
         return 1.0
     step = max(1, total // n)

@@ -147,10 +147,7 @@ def gpu_views(cfg: Any, config: ObjectAwareConfig) -> GPUViews:
         "solo-learn", tuple(globals_), locals_[0] if locals_ else globals_[0]
     )
     side = config.canvas or 2 * max(e.crop_size for e in config.entries)
-    try:
-        engine = GPUViewEngine(sizes, local=local, photometrics=photometrics)
-    except ImportError as exc:  # kornia, for the Gaussian blur
-        raise SoloConfigError(f"crop.engine: gpu: {exc}") from None
+    engine = GPUViewEngine(sizes, local=local, photometrics=photometrics)
     return GPUViews(SlotPlanner(config), scenes, (side, side), engine)
 
 
@@ -158,6 +155,9 @@ class ObjectAwareCanvasDataset(ObjectAwareSoloDataset):
     """solo-learn's training dataset for ``crop.engine: gpu``: canvases and crop windows.
 
     Input to this dataset: as :class:`ObjectAwareSoloDataset`.
+
+    Per-box sampling (``sampling``, ``max_boxes_per_image``) as for
+    :class:`ObjectAwareSoloDataset`.
 
     Output of this dataset: one dict per item, the GPU engine's canvas item
     (:data:`objcrop_plugin.engine.datasets.CANVAS_KEYS`) plus the dataset ``index`` that
@@ -170,7 +170,8 @@ class ObjectAwareCanvasDataset(ObjectAwareSoloDataset):
 
     def __init__(
         self, dataset: torch.utils.data.Dataset, gpu: GPUViews, key_root: str | os.PathLike[str],
-        max_failure_rate: float = 0.01,
+        max_failure_rate: float = 0.01, sampling: str = "per_image",
+        max_boxes_per_image: int | None = None,
     ) -> None:
         IndexedDataset.__init__(self, dataset)
         self.planner = gpu.planner
@@ -178,15 +179,16 @@ class ObjectAwareCanvasDataset(ObjectAwareSoloDataset):
         self.canvas = gpu.canvas
         self.key_root = os.path.abspath(os.fspath(key_root))
         self.bad = BadImages(len(dataset), max_failure_rate)
+        self.boxes = self._box_index(self.planner.store, sampling, max_boxes_per_image)
 
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]
         from ...engine.datasets import load_canvas_item
 
-        def make(path: str, key: str, target: int, stream: int) -> dict[str, Any]:
+        def make(path: str, key: str, target: int, stream: int, box: int | None) -> dict[str, Any]:
             rng = sample_rng(None, stream)
 
             def plan(size: tuple[int, int]) -> list[Any]:
-                planned = self.planner.windows(size, key, rng)
+                planned = self.planner.windows(size, key, rng, box)
                 return [
                     w.box if w is not None else self.scenes[k].sample(size, None, rng)
                     for (k, _), w in zip(self.planner.slots, planned)

@@ -171,11 +171,13 @@ def _wrap_prepare_datasets(original: Callable) -> Callable:
                 "augmentations: solo-learn's transform does not have one NCropAugmentation per "
                 f"entry (got {transform!r}); this solo-learn version is not supported"
             )
+        sampling = {"sampling": plan.sampling, "max_boxes_per_image": plan.max_boxes_per_image}
         if STATE.gpu is not None:
-            out = ObjectAwareCanvasDataset(base, STATE.gpu, plan.key_root)
+            out = ObjectAwareCanvasDataset(base, STATE.gpu, plan.key_root, **sampling)
             planner = STATE.gpu.planner
         else:
-            out = ObjectAwareSoloDataset(base, ObjectAwareTransform(plan, pipelines), plan.key_root)
+            out = ObjectAwareSoloDataset(base, ObjectAwareTransform(plan, pipelines),
+                                         plan.key_root, **sampling)
             planner = out.transform.planner
         if planner.store is not None and plan.needs_proposals:
             check_keys(out, planner.store, plan.strict)

@@ -78,13 +78,19 @@ class SlotPlanner:
         image_size: tuple[int, int],
         key: str | None,
         rng: np.random.Generator,
+        box: int | None = None,
     ) -> list[CropWindow | None]:
         """One window per slot (``None`` for solo-learn's own crops), for an image of
-        ``image_size`` (width, height) whose proposals are stored under ``key``."""
+        ``image_size`` (width, height) whose proposals are stored under ``key``; ``box``: cut
+        the object-aware views from the image's ``box``-th best box only (per-box sampling)."""
         boxes = scores = size = None
         if self.store is not None and key is not None:
             props = self.store.get(key)  # the recipe rescales, or refuses another aspect ratio
             if props is not None:
+                if box is not None:
+                    from ...engine.datasets import ranked_box
+
+                    props = ranked_box(props, box)
                 boxes, scores, size = props.boxes, props.scores, props.image_size
         planned = self.recipe(image_size, boxes, scores, rng=rng, key=key, boxes_size=size)
         return [None if pos is None else planned[pos] for _, pos in self.slots]
@@ -94,8 +100,8 @@ class ObjectAwareTransform:
     """solo-learn's ``FullTransformPipeline`` with object-aware crops.
 
     Input to this transform:
-        one PIL image (upright RGB), its key (path relative to the proposal root) and its
-        dataset index.
+        one PIL image (upright RGB), its key (path relative to the proposal root), its
+        dataset index and, with per-box sampling, the rank of the sample's box.
 
     Output of this transform:
         a list of ``sum(num_crops)`` float tensors ``(3, crop_size, crop_size)``, in solo-learn's
@@ -154,10 +160,11 @@ class ObjectAwareTransform:
         return self.planner.store
 
     def __call__(
-        self, image: Image.Image, key: str | None = None, index: int | None = None
+        self, image: Image.Image, key: str | None = None, index: int | None = None,
+        box: int | None = None,
     ) -> list[torch.Tensor]:
         rng = process_rng() if index is None else sample_rng(None, index)
-        windows = self.planner.windows(image.size, key, rng)
+        windows = self.planner.windows(image.size, key, rng, box)
         out = []
         for (k, _), w in zip(self.planner.slots, windows):
             if w is None:

@@ -210,6 +210,7 @@ RECORDER = textwrap.dedent(
             num_large_crops=self.num_large_crops, num_small_crops=self.num_small_crops,
             method=type(self).__name__, backbone=type(self.backbone).__module__,
             dataset=type(self.trainer.train_dataloader.dataset).__name__,
+            dataset_len=len(self.trainer.train_dataloader.dataset),
             convnext_tiny=registry._model_entrypoints["convnext_tiny"].__module__,
             poolformer_s12=registry._model_entrypoints["poolformer_s12"].__module__,
         )

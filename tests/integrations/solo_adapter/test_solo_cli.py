@@ -95,6 +95,39 @@ def test_shipped_demo_recipe_runs_with_the_console_script(solo_root, tmp_path):
     assert demo.proposals_path.is_file()
 
 
+def test_two_rounds_heatmap_boxes_from_a_solo_checkpoint(solo_root, tmp_path):
+    """docs/solo-learn.md's two-round route: a first solo-learn run, heat-map proposals from its
+    Lightning checkpoint (`objcrop proposals build --method heatmap --checkpoint`), then a
+    second run on them (`data.proposals`)."""
+    pytest.importorskip("cv2", reason="the heatmap generator needs OpenCV (proposals extra)")
+    from objcrop_plugin.data.synthetic import write_dataset
+
+    demo = write_dataset(tmp_path / "datasets" / "objcrop-demo", n_images=8, size=(128, 96))
+    command = shutil.which("objcrop-solo")
+    command = [command] if command else [sys.executable, "-m", "objcrop_plugin.solo"]
+    common = ["--config-path", str(RECIPES), "--config-name", "demo_cpu.yaml", "++max_steps=2",
+              "optimizer.batch_size=4", "data.num_workers=0", "max_epochs=1",
+              "backbone.kwargs.model_name=test_resnet", "++enable_progress_bar=False"]
+    first = subprocess.run([*command, *common, "checkpoint.dir=round1"], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-6000:]
+    (ckpt,) = sorted((tmp_path / "round1").rglob("*.ckpt"))[-1:]
+    store = tmp_path / "demo.heatmap.objcrop"
+    build = subprocess.run(
+        [sys.executable, "-m", "objcrop_plugin.cli", "proposals", "build", str(demo.root),
+         "--method", "heatmap", "--model", "test_resnet", "--checkpoint", str(ckpt),
+         "--param", "scale=2", "--workers", "1", "--no-progress", "-o", str(store)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert "images: 8" in build.stdout
+    second = subprocess.run([*command, *common, f"data.proposals={store}",
+                             "checkpoint.enabled=False"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-6000:]
+    assert "8 samples cropped from proposals, 0 fell back" in second.stderr
+
+
 ERRORS = textwrap.dedent(
     """
     import contextlib, io, json, sys

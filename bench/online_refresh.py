@@ -1,0 +1,114 @@
+"""What does an online proposal refresh cost, as a fraction of a training epoch?
+
+    python bench/online_refresh.py [--device cpu|cuda] [--images 32] [--batch 8]
+
+Per image, on the same device and in the same run: one training step of the method (forward
+and backward of every view, the momentum encoder's forward where there is one) against one
+refresh (the heat-map generator's forward at its working resolution, upsampling, connected
+components, scoring, NMS). An epoch and a refresh both see every training image once, so the
+ratio of the two per-image times is the refresh's share of an epoch; decoding is left out of
+both (DataLoader workers do it in parallel, and a refresh decodes at a lower resolution).
+
+Two settings:
+
+- ``paper``: MoCo-v2, ResNet-50, 2 views of 224 px (the paper's); the refresh runs ResNet-50
+  on 4:3 photos at ``--max-side`` (default 256) long side, ``level: auto``;
+- ``demo``: SimCLR, ``test_efficientnet``, 2 views of 48 px, batch 128 (``objcrop demo``); the
+  refresh runs at 2x the 128x96 scenes (the demo's ``HEATMAP_PARAMS``).
+
+Prints per-image milliseconds and one line
+
+    RESULT paper_refresh_fraction=<x> demo_refresh_fraction=<x> device=<d>
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+
+def _timed(fn, repeat: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def train_ms_per_image(method: str, model: str, view: int, batch: int, device: str,
+                       repeat: int) -> float:
+    from objcrop_plugin.backbones import create_backbone
+    from objcrop_plugin.train.methods import make_method
+
+    torch.manual_seed(0)
+    net = create_backbone(model)
+    params = {"memory_bank_size": 1024} if method == "mocov2" else {}
+    module = make_method(method, net, params, n_global=2, batch_size=batch).to(device)
+    opt = torch.optim.SGD(module.parameters(), lr=1e-3)
+    views = [torch.randn(batch, 3, view, view, device=device) for _ in range(2)]
+    module.train()
+
+    def step() -> None:  # training_step without Lightning's logging: the method's loss
+        opt.zero_grad(set_to_none=True)
+        loss = module.ssl_loss(list(views))
+        loss.backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return 1000 * _timed(step, repeat) / batch
+
+
+def refresh_ms_per_image(model: str, work_hw: tuple[int, int], params: dict, n: int,
+                         device: str, repeat: int) -> float:
+    from objcrop_plugin.backbones import create_backbone
+    from objcrop_plugin.proposals.heatmap import HeatmapGenerator
+
+    torch.manual_seed(0)
+    net = create_backbone(model).to(device)
+    gen = HeatmapGenerator(module=net, batch_size=n, **params)
+    rng = np.random.default_rng(0)
+    works = [rng.integers(0, 255, (*work_hw, 3), dtype=np.uint8) for _ in range(n)]
+    sizes = [(work_hw[1] * 4, work_hw[0] * 4)] * n
+
+    def run() -> None:
+        gen.propose_working(works, sizes)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    return 1000 * _timed(run, repeat) / n
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--images", type=int, default=16, help="images per refresh batch")
+    p.add_argument("--batch", type=int, default=8, help="training batch (paper setting)")
+    p.add_argument("--max-side", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args(argv)
+    dev = args.device
+
+    side = args.max_side
+    paper_train = train_ms_per_image("mocov2", "resnet50", 224, args.batch, dev, args.repeat)
+    paper_refresh = refresh_ms_per_image("resnet50", (side * 3 // 4, side), {"max_side": side},
+                                         args.images, dev, args.repeat)
+    from objcrop_plugin.demo import HEATMAP_PARAMS
+
+    demo_train = train_ms_per_image("simclr", "test_efficientnet", 48, 128, dev, args.repeat)
+    demo_refresh = refresh_ms_per_image("test_efficientnet", (96, 128), HEATMAP_PARAMS, 128,
+                                        dev, args.repeat)
+    print(f"device {dev}, torch threads {torch.get_num_threads()}")
+    print(f"{'setting':<8}{'train ms/img':>14}{'refresh ms/img':>16}{'fraction':>10}")
+    for name, t, r in (("paper", paper_train, paper_refresh), ("demo", demo_train, demo_refresh)):
+        print(f"{name:<8}{t:>14.2f}{r:>16.2f}{r / t:>10.3f}")
+    print(f"RESULT paper_refresh_fraction={paper_refresh / paper_train:.3f} "
+          f"demo_refresh_fraction={demo_refresh / demo_train:.3f} device={dev}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
