@@ -1,6 +1,6 @@
 """Does object-aware cropping help, and how much of it survives unsupervised proposals?
 
-    python bench/quality.py [--seeds 0 1] [--budget default]
+    python bench/quality.py [--seeds 0 1] [--budget default] [--domain demo|photo] [--recall]
                             [--sources graph_segments bing heatmap online] [--out bench_out/quality]
 
 The demo's comparison (``objcrop demo``: SimCLR on the embedded synthetic scenes, a
@@ -16,11 +16,14 @@ starts from the same initialisation and sees the same batches.
 Prints one table per seed, a summary (mean and standard deviation over seeds) and a last line
 
     RESULT scene_map=<x> obj_obj_dilate_map=<x> random_map=<x> delta=<x> delta_std=<x>
-           obj_scene_map=<x> <source>_map=<x> <source>_gain_kept=<x> ... seeds=<n>
+           obj_scene_map=<x> <source>_map=<x> <source>_gain_kept=<x> ... seeds=<n> domain=<d>
+           [gt_recall10=<x> <source>_recall10=<x> ...]
 
 (one line) where ``<source>_gain_kept`` is ``(map(source) - scene) / (map(gt) - scene)`` with
 each term averaged over seeds: the share of the oracle (ground-truth) boxes' gain that the
-source's boxes keep. Measures only; asserts nothing. The default (2 seeds, 7 pretraining runs
+source's boxes keep. ``--domain photo`` runs it on the second synthetic domain (flat shapes
+on photo crops, needs scikit-image); ``--recall`` adds each box store's recall@10 at IoU 0.5 of
+the ground-truth boxes (``objcrop proposals eval``'s), averaged over seeds. Measures only; asserts nothing. The default (2 seeds, 7 pretraining runs
 each) takes about 55 minutes on 2 cores; add ``--seeds 0 1 2`` for a third seed (~80 min).
 """
 
@@ -48,6 +51,22 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _recall10(res: dict, seed_out: Path, sources: list[str]) -> dict[str, float]:
+    """Recall@10 at IoU 0.5 of the ground-truth boxes by each box store of one seed's run."""
+    from objcrop_plugin.proposals.evaluate import recall
+
+    data = Path(res["data_root"])
+    gt = data / "proposals_gt.objcrop"
+    stores = {"gt": gt}
+    for s in sources:
+        path = seed_out / f"proposals_{s}.objcrop" if s == "heatmap" else (
+            data / f"proposals_{s}.objcrop")
+        if path.is_file():  # "online" has no store
+            stores[s] = path
+    return {name: recall(path, gt, (0.5,), (10,))["recall"][0.5][10]
+            for name, path in stores.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -61,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                         "box as the released code, at the per-image runs' number of steps)")
     parser.add_argument("--runs", nargs="+", default=None,
                         help="run only these (demo run names; default: the full comparison)")
+    parser.add_argument("--domain", default="demo", choices=["demo", "photo"],
+                        help="synthetic data domain (photo: flat shapes on photo crops)")
+    parser.add_argument("--recall", action="store_true",
+                        help="also report each box source's recall@10 at IoU 0.5 of the "
+                        "ground-truth boxes")
     parser.add_argument("--bing-model", type=Path, default=DEFAULT_BING)
     parser.add_argument("--out", type=Path, default=Path("bench_out") / "quality")
     parser.add_argument("--data-dir", type=Path, default=None,
@@ -89,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         res = run_demo(
             args.out / f"seed{seed}", budget=args.budget, seed=seed,
             data_dir=args.data_dir or args.out / "data", runs=runs, proposal_params=params,
-            log=lambda line: print(line, flush=True),
+            log=lambda line: print(line, flush=True), domain=args.domain,
         )
+        if args.recall:
+            res["recall10"] = _recall10(res, args.out / f"seed{seed}", sources)
+            print(f"recall@10 (IoU 0.5): {res['recall10']}", flush=True)
         per_seed.append(res)
         print(f"-- seed {seed} done ({time.perf_counter() - t0:.0f}s so far)", flush=True)
 
@@ -100,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     scene, gt = maps("scene_scene"), maps("obj_obj_dilate")
     deltas = [o - s for o, s in zip(gt, scene)]
     print()
-    print(f"{args.budget} budget, seeds {args.seeds}, mean ± std over seeds (mAP %)")
+    print(f"{args.budget} budget, domain {args.domain}, seeds {args.seeds}, "
+          "mean ± std over seeds (mAP %)")
     print(f"{'run':<32}{'probe mAP':>18}{'kNN mAP':>18}{'gain kept':>12}")
     summary: dict[str, dict] = {}
     for run in runs:
@@ -118,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"total {total / 60:.1f} min")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.json").write_text(json.dumps(
-        {"seeds": args.seeds, "budget": args.budget, "runs": summary, "delta": deltas,
+        {"seeds": args.seeds, "budget": args.budget, "domain": args.domain, "runs": summary, "delta": deltas,
          "minutes": round(total / 60, 1)}, indent=2) + "\n")
 
     def mean(v: list[float]) -> str:
@@ -139,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         pb = maps("obj_obj_dilate:per_box")
         diff = [p - g for p, g in zip(pb, gt)] if len(gt) == len(pb) else []
         parts += [f"per_box_map={mean(pb)}", f"per_box_minus_per_image={mean(diff)}"]
-    parts.append(f"seeds={len(args.seeds)}")
+    parts += [f"seeds={len(args.seeds)}", f"domain={args.domain}"]
+    if args.recall:
+        names = [n for n in ["gt", *sources] if all(n in r["recall10"] for r in per_seed)]
+        parts += [f"{n}_recall10={statistics.mean(r['recall10'][n] for r in per_seed):.3f}"
+                  for n in names]
     print("RESULT " + " ".join(parts))
     return 0
 

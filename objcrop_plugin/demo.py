@@ -210,6 +210,7 @@ def run_demo(
     quick: bool = False,
     runs: Sequence[str] = RUNS,
     proposal_params: dict[str, dict[str, Any]] | None = None,
+    domain: str = "demo",
     **overrides: Any,
 ) -> dict[str, Any]:
     """Pretrain with scene and object-aware crops, probe both and a random init; write results.
@@ -233,6 +234,10 @@ def run_demo(
             paper's released code, for the per-image runs' number of steps.
         proposal_params: a generator's parameters by name (e.g.
             ``{"bing": {"model_dir": ...}}``).
+        domain: the synthetic data's domain (see ``render_scene``): ``"demo"`` or
+            ``"photo"`` (flat shapes on photo crops; needs scikit-image). A non-demo domain
+            is part of the data folder's name (``synthetic_photo_128x96_n3000_s0``); recorded
+            in ``config["domain"]``.
         overrides: any key of :data:`BUDGETS` entries (e.g. ``epochs=5``).
 
     Returns:
@@ -269,11 +274,12 @@ def run_demo(
     n_total = cfg["n_train"] + cfg["n_test"]
     w, h = cfg["image_size"]
     data_root = Path(data_dir) if data_dir is not None else out / "data"
+    tag = "" if domain == "demo" else f"{domain}_"
     log(f"objcrop demo: budget={budget} seed={seed}; writing {n_total} scenes {w}x{h} "
-        f"to {data_root}")
+        f"(domain {domain}) to {data_root}")
     ds = write_dataset(
-        data_root / f"synthetic_{w}x{h}_n{n_total}_s{seed}", n_total, size=(w, h), seed=seed,
-        workers=min(2, os.cpu_count() or 1),
+        data_root / f"synthetic_{tag}{w}x{h}_n{n_total}_s{seed}", n_total, size=(w, h),
+        seed=seed, workers=min(2, os.cpu_count() or 1), domain=domain,
     )
     keys, multi_hot, classes = load_labels(ds.labels_path)
     y = torch.as_tensor(np.asarray(multi_hot), dtype=torch.float32)
@@ -384,7 +390,8 @@ def run_demo(
     summary = {
         "budget": budget,
         "seed": seed,
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "config": {**{k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+                   "domain": domain},
         "data_root": str(ds.root),
         "classes": list(classes),
         "runs": results,

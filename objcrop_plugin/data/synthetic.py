@@ -20,6 +20,13 @@ class                     shape         texture
 ``checker_disc``          disc          two-tone checkerboard
 ========================  ============  ====================================================
 
+A second domain, ``domain="photo"`` (needs scikit-image), draws the same classes as flat
+silhouettes (the pattern classes become cut-outs: a square frame, three bars, two opposite
+quarter discs) in a random colour over the whole hue circle, sometimes outlined, with box
+areas log-uniform over 0.3-15% of the image (COCO's small and medium objects), on random
+crops of scikit-image's sample photos (:data:`PHOTO_IMAGES`): real, cluttered backgrounds,
+and the class is the shape alone. The default ``"demo"`` domain is unchanged.
+
 Conventions: sizes are ``(width, height)``; boxes are float32 ``xyxy`` pixels with exclusive
 ``x2``/``y2`` (the box of a 1-pixel object at column 3 is ``x1=3, x2=4``), tight around the
 object's drawn pixels (anti-aliased edges included); labels are int64 ids into
@@ -59,7 +66,9 @@ from ..files import atomic_write
 
 __all__ = [
     "CLASSES",
+    "DOMAINS",
     "GENERATOR_VERSION",
+    "PHOTO_IMAGES",
     "SyntheticDataset",
     "SyntheticImage",
     "load_labels",
@@ -388,6 +397,168 @@ def _iou_one(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     return inter / (area(box) + area(others) - inter)
 
 
+# --------------------------------------------------------------------------------------------
+# the "photo" domain: flat shapes on crops of real photographs
+# --------------------------------------------------------------------------------------------
+
+#: Domains of :func:`render_scene`: ``"demo"`` (textured objects on a synthetic background)
+#: and ``"photo"`` (flat, randomly coloured shapes on crops of scikit-image's sample photos).
+DOMAINS: tuple[str, ...] = ("demo", "photo")
+
+#: scikit-image sample images (bundled in its wheel, no download) used as photo backgrounds.
+PHOTO_IMAGES: tuple[str, ...] = (
+    "astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
+    "camera", "coins", "brick", "grass", "gravel", "moon",
+)
+_PHOTO_AREA_RANGE = (0.003, 0.15)
+_PHOTO_CACHE: dict[str, Image.Image] = {}
+
+
+def _require_skimage() -> Any:
+    try:
+        import skimage.data
+    except ImportError:
+        raise ImportError(
+            "domain='photo' needs scikit-image's sample images: pip install scikit-image"
+        ) from None
+    return skimage.data
+
+
+def _photo(name: str) -> Image.Image:
+    """scikit-image sample ``name`` as an RGB image (cached per process)."""
+    if name not in _PHOTO_CACHE:
+        arr = np.asarray(getattr(_require_skimage(), name)())
+        if arr.dtype != np.uint8:
+            arr = (arr.astype(np.float64) * (255.0 / max(1.0, float(arr.max())))).astype(np.uint8)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        _PHOTO_CACHE[name] = Image.fromarray(np.ascontiguousarray(arr[..., :3]), "RGB")
+    return _PHOTO_CACHE[name]
+
+
+def _photo_background(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:
+    """A random crop (position, scale, horizontal flip) of a sample photo, resized to ``size``.
+
+    Returns ``(H, W, 3)`` float32 in [0, 255].
+    """
+    w, h = size
+    photo = _photo(PHOTO_IMAGES[int(rng.integers(0, len(PHOTO_IMAGES)))])
+    pw, ph = photo.size
+    # the largest crop of the scene's aspect ratio, scaled by 35-100% per side
+    cw0 = min(pw, ph * w / h)
+    scale = rng.uniform(0.35, 1.0)
+    cw, ch = cw0 * scale, cw0 * scale * h / w
+    x0 = rng.uniform(0.0, pw - cw)
+    y0 = rng.uniform(0.0, ph - ch)
+    img = photo.resize((w, h), Image.BILINEAR, box=(x0, y0, x0 + cw, y0 + ch))
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(img, dtype=np.float32)
+
+
+def _flat_shape(cls: int, u: np.ndarray, v: np.ndarray, p: dict[str, Any]) -> np.ndarray:
+    """Inside-mask of class ``cls``'s *shape* in the photo domain (object radius 1).
+
+    Every class is a distinct silhouette: the pattern classes of the demo domain become cut-outs
+    (the background shows through), so a flat colour still tells them apart.
+    """
+    if cls == 2:  # framed square: a square frame
+        m = np.maximum(np.abs(u), np.abs(v))
+        return (m <= 0.75) & (m >= p["frame"])
+    if cls == 6:  # striped square: three parallel bars
+        band = np.floor((u + 0.75) / 0.3)
+        return (np.maximum(np.abs(u), np.abs(v)) <= 0.75) & (band % 2 == 0)
+    if cls == 7:  # checker disc: two opposite quarter discs
+        return (u * u + v * v <= 1.0) & ((u >= 0) == (v >= 0))
+    return _shape_inside(cls, u, v, p)
+
+
+def _flat_patch(
+    rng: np.random.Generator, cls: int, radius: float, aspect: float, angle: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One flat shape in a random colour (maybe outlined): ``(premult, alpha)`` as
+    :func:`_object_patch`."""
+    rx, ry = radius * aspect, radius / aspect
+    side = 2 * math.ceil(1.12 * max(rx, ry) + 1.0)
+    ca, sa = math.cos(angle), math.sin(angle)
+    c = (np.arange(side * 2, dtype=np.float32) + 0.5) / 2 - side / 2
+    dx, dy = c[None, :], c[:, None]
+    u, v = (ca * dx + sa * dy) * (1.0 / rx), (ca * dy - sa * dx) * (1.0 / ry)
+    fill = _hsv(rng.random(), rng.uniform(0.35, 1.0), rng.uniform(0.35, 1.0))
+    params = {"inner": rng.uniform(0.45, 0.62) if cls == 1 else rng.uniform(0.38, 0.5),
+              "arm": rng.uniform(0.27, 0.36), "frame": rng.uniform(0.4, 0.5)}
+    inside = _flat_shape(cls, u, v, params)
+    alpha = _down(inside)
+    if rng.random() < 0.5:  # a thin (1 px) outline in another random colour
+        line = _hsv(rng.random(), rng.uniform(0.0, 1.0), rng.uniform(0.0, 1.0))
+        core = inside.copy()
+        core[1:, :] &= inside[:-1, :]
+        core[:-1, :] &= inside[1:, :]
+        core[:, 1:] &= inside[:, :-1]
+        core[:, :-1] &= inside[:, 1:]
+        core[0, :] = core[-1, :] = core[:, 0] = core[:, -1] = False
+        w_core = _down(core)
+        pm = w_core[..., None] * fill + (alpha - w_core)[..., None] * line
+    else:
+        pm = alpha[..., None] * fill
+    return pm, alpha
+
+
+def _photo_objects(
+    rng: np.random.Generator, canvas: np.ndarray, n_target: int, area_range: tuple[float, float],
+    max_iou: float, draw_objects: bool,
+) -> tuple[list[np.ndarray], list[int]]:
+    """Place ``n_target`` flat shapes whose tight boxes cover ``area_range`` of the image
+    (log-uniform; each shape is rasterised once at a nominal size, then rescaled so that its
+    measured box has the drawn area)."""
+    h, w = canvas.shape[:2]
+    lo, hi = (math.log(a) for a in area_range)
+    boxes: list[np.ndarray] = []
+    labels: list[int] = []
+    attempts = 0
+    while len(boxes) < n_target and attempts < 40 * n_target:
+        attempts += 1
+        cls = int(rng.integers(0, len(CLASSES)))
+        frac = math.exp(rng.uniform(lo, hi))
+        if attempts > 20 * n_target:  # crowded: try smaller objects
+            frac = max(area_range[0], frac * 0.5)
+        aspect = math.exp(rng.uniform(-0.18, 0.18))
+        angle = rng.uniform(0, 2 * np.pi)
+        state = rng.bit_generator.state
+        radius = 0.5 * math.sqrt(frac * w * h)
+        for _ in range(2):  # measure the box at a nominal radius, then rescale once
+            rng.bit_generator.state = state  # the same colours at either radius
+            pm, alpha = _flat_patch(rng, cls, radius, aspect, angle)
+            ys, xs = np.nonzero(alpha > 0)
+            area = float((xs.max() + 1 - xs.min()) * (ys.max() + 1 - ys.min())) if xs.size else 0
+            if area <= 0:
+                break
+            radius *= math.sqrt(frac * w * h / area)
+        if not xs.size:
+            continue
+        local = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=np.int64)
+        bw, bh = local[2] - local[0], local[3] - local[1]
+        if bw >= w or bh >= h or not (
+            0.7 * area_range[0] <= bw * bh / (w * h) <= 1.15 * area_range[1]
+        ):
+            continue
+        x0 = int(rng.integers(0, w - bw + 1)) - int(local[0])
+        y0 = int(rng.integers(0, h - bh + 1)) - int(local[1])
+        box = (local + [x0, y0, x0, y0]).astype(np.float64)
+        if boxes and _iou_one(box, np.stack(boxes)).max() > max_iou:
+            continue
+        boxes.append(box)
+        labels.append(cls)
+        if draw_objects:
+            sx0, sy0 = max(0, -x0), max(0, -y0)
+            sx1, sy1 = min(pm.shape[1], w - x0), min(pm.shape[0], h - y0)
+            a = alpha[sy0:sy1, sx0:sx1, None]
+            region = canvas[y0 + sy0 : y0 + sy1, x0 + sx0 : x0 + sx1]
+            region *= 1.0 - a
+            region += pm[sy0:sy1, sx0:sx1]
+    return boxes, labels
+
+
 def render_scene(
     index: int,
     size: tuple[int, int] = (256, 192),
@@ -395,10 +566,11 @@ def render_scene(
     min_objects: int = 2,
     max_objects: int = 6,
     *,
-    area_range: tuple[float, float] = (0.012, 0.075),
+    area_range: tuple[float, float] | None = None,
     max_iou: float = 0.1,
     hue_spread: float = 0.4,
     draw_objects: bool = True,
+    domain: str = "demo",
 ) -> SyntheticImage:
     """Render scene ``index``: small objects of :data:`CLASSES` on a cluttered background.
 
@@ -410,14 +582,24 @@ def render_scene(
         max_objects: most objects per image; the count is uniform in
             ``[min_objects, max_objects]``.
         area_range: range of the objects' box areas as fractions of the image area
-            (log-uniform, before the exact rasterised box is measured; nominal sizes are
-            drawn so no box exceeds 10% of the image at the default range).
+            (log-uniform). ``None``: the domain's default. ``"demo"``: ``(0.012, 0.075)``,
+            nominal sizes before the exact rasterised box is measured (no box exceeds 10% of
+            the image). ``"photo"``: ``(0.003, 0.15)`` (COCO's small and medium objects: ~6 to
+            ~43 pixel sides at 128x96), the measured tight box's area (within pixel rounding:
+            between 0.7x the low and 1.15x the high end).
         max_iou: largest IoU allowed between the boxes of two objects.
         hue_spread: width of each class's hue range (fraction of the colour circle); 1.0
             makes colour carry no class information.
         draw_objects: ``False`` renders the background alone (the same background as with
             objects, since objects draw from their own random stream); ``boxes``/``labels``
             still describe where the objects would be.
+        domain: ``"demo"`` (the textured classes on a synthetic cluttered background) or
+            ``"photo"``: a random crop (position, scale, horizontal flip) of one of
+            scikit-image's sample photos (:data:`PHOTO_IMAGES`) as the background, and every
+            object a flat silhouette of its class (rotated, random colour over the whole hue
+            circle, half of them with a 1-pixel outline of another random colour), so colour
+            and texture carry no class information: the class is the shape. ``hue_spread`` is
+            unused there.
 
     Returns:
         a :class:`SyntheticImage`: RGB image, ``(K, 4)`` float32 tight ``xyxy`` boxes and
@@ -425,8 +607,11 @@ def render_scene(
         boxes, on any platform with the same numpy and Pillow.
 
     Raises:
-        ValueError: invalid size or object counts.
+        ValueError: invalid size, object counts or domain.
+        ImportError: ``domain="photo"`` without scikit-image installed.
     """
+    if domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
     w, h = (int(size[0]), int(size[1]))
     if w < 32 or h < 32:
         raise ValueError(f"size must be (width, height) with both >= 32 pixels, got {size}")
@@ -439,6 +624,21 @@ def render_scene(
     bg_seq, obj_seq, noise_seq = np.random.SeedSequence([int(seed), int(index)]).spawn(3)
     bg_rng, rng = np.random.default_rng(bg_seq), np.random.default_rng(obj_seq)
 
+    if domain == "photo":
+        canvas = _photo_background(bg_rng, (w, h))
+        n_target = int(rng.integers(min_objects, max_objects + 1))
+        boxes_p, labels_p = _photo_objects(
+            rng, canvas, n_target, area_range or _PHOTO_AREA_RANGE, max_iou, draw_objects
+        )
+        img = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), "RGB")
+        return SyntheticImage(
+            key=image_key(index),
+            image=img,
+            boxes=np.asarray(boxes_p, dtype=np.float32).reshape(-1, 4),
+            labels=np.asarray(labels_p, dtype=np.int64),
+        )
+    if area_range is None:
+        area_range = (0.012, 0.075)
     canvas = _background(bg_rng, (w, h))
     n_target = int(rng.integers(min_objects, max_objects + 1))
     lo, hi = (math.log(a) for a in area_range)
@@ -508,8 +708,8 @@ def _render_and_write(job: tuple[Any, ...]) -> tuple[int, list[list[float]], lis
     A top-level function with plain arguments, so it works under any multiprocessing start
     method (fork, spawn, forkserver).
     """
-    root, index, size, seed, quality, min_objects, max_objects, skip_existing = job
-    scene = render_scene(index, size, seed, min_objects, max_objects)
+    root, index, size, seed, quality, min_objects, max_objects, skip_existing, domain = job
+    scene = render_scene(index, size, seed, min_objects, max_objects, domain=domain)
     path = Path(root) / scene.key
     if not (skip_existing and path.is_file()):
         atomic_write(path, lambda f: scene.image.save(f, format="JPEG", quality=quality),
@@ -519,8 +719,11 @@ def _render_and_write(job: tuple[Any, ...]) -> tuple[int, list[list[float]], lis
 
 def _params(
     n_images: int, size: tuple[int, int], seed: int, quality: int, min_objects: int,
-    max_objects: int,
+    max_objects: int, domain: str = "demo",
 ) -> dict[str, Any]:
+    # "domain" is recorded only when not "demo", so demo datasets written before domains
+    # existed are still reused, and a folder of one domain never matches another's parameters
+    extra = {} if domain == "demo" else {"domain": domain}
     return {
         "format": "objcrop-synthetic",
         "generator_version": GENERATOR_VERSION,
@@ -532,6 +735,7 @@ def _params(
         "min_objects": int(min_objects),
         "max_objects": int(max_objects),
         "classes": list(CLASSES),
+        **extra,
     }
 
 
@@ -591,6 +795,7 @@ def write_dataset(
     min_objects: int = 2,
     max_objects: int = 6,
     mp_context: str | None = None,
+    domain: str = "demo",
 ) -> SyntheticDataset:
     """Write ``n_images`` scenes as a dataset at ``root``; return it without work if present.
 
@@ -617,6 +822,9 @@ def write_dataset(
         min_objects, max_objects: objects per image (see :func:`render_scene`).
         mp_context: multiprocessing start method for ``workers > 1`` (default: the
             platform's; ``"spawn"`` works too, at the cost of a slower start).
+        domain: ``"demo"`` or ``"photo"`` (see :func:`render_scene`); recorded in
+            ``synthetic.json`` (when not ``"demo"``), so a folder of another domain is never
+            reused.
 
     Returns:
         the :class:`SyntheticDataset`.
@@ -632,9 +840,10 @@ def write_dataset(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     size = (int(size[0]), int(size[1]))
-    render_scene(0, size, seed, min_objects, max_objects, draw_objects=False)  # validate args
+    render_scene(0, size, seed, min_objects, max_objects, draw_objects=False,
+                 domain=domain)  # validate args
     root = Path(root)
-    params = _params(n_images, size, seed, quality, min_objects, max_objects)
+    params = _params(n_images, size, seed, quality, min_objects, max_objects, domain)
     ds = _dataset(root, n_images)
 
     manifest = _read_json(root / _MANIFEST)
@@ -664,7 +873,7 @@ def write_dataset(
     (root / _MANIFEST).unlink(missing_ok=True)  # incomplete until written again
     _atomic_json(root / _PARTIAL, params)
     jobs = [
-        (str(root), i, size, seed, quality, min_objects, max_objects, resume)
+        (str(root), i, size, seed, quality, min_objects, max_objects, resume, domain)
         for i in range(n_images)
     ]
     if workers == 1 or n_images == 1:
@@ -698,6 +907,7 @@ def write_dataset(
             "generator": "objcrop_plugin.data.synthetic",
             "classes": list(CLASSES),
             "seed": int(seed),
+            **({} if domain == "demo" else {"domain": domain}),
         },
     )
     _atomic_json(root / _MANIFEST, params)
