@@ -37,11 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-try:
-    import torch.utils.data as torch_data
-except ImportError:  # pragma: no cover - torch is a dependency
-    torch_data = None
+import torch.utils.data as torch_data
 
 from ..files import OutputKind, atomic_write, output_lock
 from ..images import draft_factor, list_images, load_rgb, open_image
@@ -266,7 +262,7 @@ def decode_working(
     return working_resize(load_rgb(opened, reduce), max_side), (w, h)
 
 
-class _Decoded(torch_data.Dataset if torch_data is not None else object):  # type: ignore[misc]
+class _Decoded(torch_data.Dataset):
     """``(key, working image | None, full size, error | None)`` of each key, for DataLoader
     workers: decoding runs in parallel, the network in the main process."""
 

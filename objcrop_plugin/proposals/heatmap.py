@@ -266,8 +266,9 @@ class HeatmapGenerator(BatchedProposalGenerator):
                     heat = (heat - lo) / (hi - lo).clamp_min(1e-12)
                     heat = F.interpolate(heat[:, None], size=(wh, ww), mode="bilinear",
                                          align_corners=False)[:, 0].clamp_(0, 1)
+                    maps = heat.cpu().numpy()  # one transfer per group
                     for j, i in enumerate(idx):
-                        out[i] = heat[j].cpu().numpy()
+                        out[i] = maps[j]
         finally:
             net.train(was_training)
         return out  # type: ignore[return-value]
