@@ -16,12 +16,13 @@ starts from the same initialisation and sees the same batches.
 Prints one table per seed, a summary (mean and standard deviation over seeds) and a last line
 
     RESULT scene_map=<x> obj_obj_dilate_map=<x> random_map=<x> delta=<x> delta_std=<x>
-           obj_scene_map=<x> <source>_map=<x> <source>_gain_kept=<x> ... seeds=<n> domain=<d>
+           obj_scene_map=<x> <source>_map=<x> <source>_gain_kept=<x> [<source>_gain_kept_std=<x>]
+           ... seeds=<n> domain=<d>
            [gt_recall10=<x> <source>_recall10=<x> ...]
 
 (one line) where ``<source>_gain_kept`` is ``(map(source) - scene) / (map(gt) - scene)`` with
 each term averaged over seeds: the share of the oracle (ground-truth) boxes' gain that the
-source's boxes keep. ``--domain photo`` runs it on the second synthetic domain (flat shapes
+source's boxes keep (``_gain_kept_std``: the standard deviation of each seed's own ratio). ``--domain photo`` runs it on the second synthetic domain (flat shapes
 on photo crops, needs scikit-image); ``--recall`` adds each box store's recall@10 at IoU 0.5 of
 the ground-truth boxes (``objcrop proposals eval``'s), averaged over seeds. Measures only; asserts nothing. The default (2 seeds, 7 pretraining runs
 each) takes about 55 minutes on 2 cores; add ``--seeds 0 1 2`` for a third seed (~80 min).
@@ -41,6 +42,8 @@ from objcrop_plugin.demo import BUDGETS, run_demo
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BING = Path(os.environ.get("OBJCROP_BING_MODEL", REPO.parent / "shared" / "models" / "bing"))
+#: proposal generators whose recall ``--recall`` reports even when no run uses their boxes
+REFERENCE_SOURCES = ("graph_segments", "bing")
 
 
 def _fmt(values: list[float]) -> str:
@@ -51,16 +54,22 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def _recall10(res: dict, seed_out: Path, sources: list[str]) -> dict[str, float]:
-    """Recall@10 at IoU 0.5 of the ground-truth boxes by each box store of one seed's run."""
+def _recall10(res: dict, seed_out: Path, sources: list[str], params: dict) -> dict[str, float]:
+    """Recall@10 at IoU 0.5 of the ground-truth boxes by each box store of one seed's run,
+    and by the proposal generators' stores (``REFERENCE_SOURCES``) even when no run used
+    them (built here when missing: seconds each)."""
+    from objcrop_plugin.proposals.build import build_store
     from objcrop_plugin.proposals.evaluate import recall
 
     data = Path(res["data_root"])
     gt = data / "proposals_gt.objcrop"
     stores = {"gt": gt}
-    for s in sources:
+    for s in [*sources, *(r for r in REFERENCE_SOURCES if r in params and r not in sources)]:
         path = seed_out / f"proposals_{s}.objcrop" if s == "heatmap" else (
             data / f"proposals_{s}.objcrop")
+        if s in REFERENCE_SOURCES and not path.is_file():
+            build_store(data, path, method=s, params=params[s], workers=min(2, os.cpu_count() or 1),
+                        progress=False)
         if path.is_file():  # "online" has no store
             stores[s] = path
     return {name: recall(path, gt, (0.5,), (10,))["recall"][0.5][10]
@@ -106,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     params = {s: {"top_k": 10} for s in sources if s != "online"}
     if "bing" in params:
         params["bing"]["model_dir"] = str(args.bing_model)
+    recall_params = {"graph_segments": {"top_k": 10}}
+    if args.bing_model.is_dir():
+        recall_params["bing"] = {"top_k": 10, "model_dir": str(args.bing_model)}
+    recall_params.update(params)
 
     t0 = time.perf_counter()
     per_seed: list[dict] = []
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             log=lambda line: print(line, flush=True), domain=args.domain,
         )
         if args.recall:
-            res["recall10"] = _recall10(res, args.out / f"seed{seed}", sources)
+            res["recall10"] = _recall10(res, args.out / f"seed{seed}", sources, recall_params)
             print(f"recall@10 (IoU 0.5): {res['recall10']}", flush=True)
         per_seed.append(res)
         print(f"-- seed {seed} done ({time.perf_counter() - t0:.0f}s so far)", flush=True)
@@ -138,7 +151,11 @@ def main(argv: list[str] | None = None) -> int:
             gt_gain = statistics.mean(gt) - statistics.mean(scene)
             if abs(gt_gain) > 1e-9:
                 kept = (statistics.mean(m) - statistics.mean(scene)) / gt_gain
-        summary[run] = {"map": m, "knn_map": maps(run, "knn_map"), "gain_kept": kept}
+        # the spread: each seed's own gain kept (noisy where a seed's oracle gain is small)
+        per_seed_kept = [(x - sc) / (g - sc) for x, sc, g in zip(m, scene, gt)
+                         if "@" in run and len(m) == len(gt) and abs(g - sc) > 1e-9]
+        summary[run] = {"map": m, "knn_map": maps(run, "knn_map"), "gain_kept": kept,
+                        "gain_kept_per_seed": per_seed_kept}
         k = "-" if kept is None else f"{kept:.2f}"
         print(f"{run:<32}{_fmt(m):>18}{_fmt(maps(run, 'knn_map')):>18}{k:>12}")
     print(f"{'delta (obj_obj_dilate - scene)':<32}{_fmt(deltas):>18}")
@@ -161,15 +178,20 @@ def main(argv: list[str] | None = None) -> int:
     for s in sources:
         run = f"obj_obj_dilate@{s}"
         kept = summary[run]["gain_kept"]
+        spread = summary[run]["gain_kept_per_seed"]
         parts += [f"{s}_map={mean(maps(run))}",
                   f"{s}_gain_kept={'nan' if kept is None else f'{kept:.2f}'}"]
+        if len(spread) > 1:
+            parts.append(f"{s}_gain_kept_std={statistics.stdev(spread):.2f}")
     if "obj_obj_dilate:per_box" in runs:
         pb = maps("obj_obj_dilate:per_box")
         diff = [p - g for p, g in zip(pb, gt)] if len(gt) == len(pb) else []
         parts += [f"per_box_map={mean(pb)}", f"per_box_minus_per_image={mean(diff)}"]
     parts += [f"seeds={len(args.seeds)}", f"domain={args.domain}"]
     if args.recall:
-        names = [n for n in ["gt", *sources] if all(n in r["recall10"] for r in per_seed)]
+        names = [n for n in ["gt", *sources, *REFERENCE_SOURCES]
+                 if all(n in r["recall10"] for r in per_seed)]
+        names = list(dict.fromkeys(names))
         parts += [f"{n}_recall10={statistics.mean(r['recall10'][n] for r in per_seed):.3f}"
                   for n in names]
     print("RESULT " + " ".join(parts))

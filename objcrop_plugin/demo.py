@@ -99,8 +99,8 @@ def online_settings(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 #: the heat-map generator's settings for the demo's 128x96 scenes: the network sees them at
-#: 2x (as the probe does) and ``level="auto"`` picks the stride-4 level (48 cells along 192 px)
-HEATMAP_PARAMS: dict[str, Any] = {"scale": 2.0, "max_side": 128, "min_cells": 32}
+#: 2x (as the probe does) and ``level="auto"`` picks the stride-2 level (96 cells along 192 px)
+HEATMAP_PARAMS: dict[str, Any] = {"scale": 2.0, "max_side": 128, "min_cells": 64}
 
 
 def demo_recipe(

@@ -22,7 +22,12 @@ from objcrop_plugin.cli import main as cli_main  # noqa: E402
 from objcrop_plugin.data.synthetic import write_dataset  # noqa: E402
 from objcrop_plugin.proposals import ProposalStore  # noqa: E402
 from objcrop_plugin.proposals.build import build_store, make_generator  # noqa: E402
-from objcrop_plugin.proposals.heatmap import HeatmapGenerator, choose_level, heat_boxes  # noqa: E402
+from objcrop_plugin.proposals.heatmap import (  # noqa: E402
+    HeatmapGenerator,
+    choose_level,
+    feature_contrast,
+    heat_boxes,
+)
 
 MODEL = "test_efficientnet"  # timm's tiny test network: strides 2, 4, 8, 16, 32
 
@@ -55,6 +60,59 @@ def test_level_choice_follows_the_input_resolution():
     assert choose_level(strides, 20, 32) == 0  # nothing fine enough: the finest
     gen = HeatmapGenerator(MODEL, device="cpu", scale=2.0, min_cells=32)
     assert gen.input_size((96, 128)) == (192, 256) and gen.level_index((192, 256)) == 1
+    # the default (64 cells) takes the stride-2 level for the demo's scenes at 2x
+    assert HeatmapGenerator(MODEL, device="cpu", scale=2.0).level_index((192, 256)) == 0
+
+
+def test_feature_contrast_prefers_the_box_that_differs_from_its_ring():
+    feats = np.zeros((2, 24, 32), np.float32)
+    feats[0] = 1.0  # background: one direction
+    feats[:, 8:14, 10:20] = np.array([0.0, 1.0], np.float32)[:, None, None]  # the object
+    size = (128, 96)  # stride 4: the object is pixels (40, 32, 80, 56)
+    boxes = np.array([[40, 32, 80, 56],  # the object
+                      [20, 16, 100, 72],  # loose around it
+                      [44, 36, 76, 52],  # inside it
+                      [0, 70, 40, 96],  # background only
+                      [0, 0, 128, 96]], np.float32)  # the whole image: no ring
+    s = feature_contrast(boxes, feats, size)
+    assert s.dtype == np.float32 and s.shape == (5,)
+    assert s[0] == pytest.approx(1.0, abs=1e-6)  # orthogonal inside and around
+    assert s[0] > s[1] and s[0] > s[2] and s[3] == pytest.approx(0.0, abs=1e-6)
+    assert s[4] == 0.0
+    # heat_boxes with features scores by feature contrast, not by heat
+    heat = np.zeros((96, 128), np.float32)
+    heat[32:56, 40:80] = 1.0
+    b, sc = heat_boxes(heat, thresholds=(0.5,), features=feats)
+    assert b.tolist() == [[40, 32, 80, 56]] and sc[0] == pytest.approx(1.0, abs=1e-6)
+
+
+class PlantedFeatures(torch.nn.Module):
+    """A stand-in 'network' whose stride-4 feature map is planted: a textured background of
+    strong activations in one channel, and a weaker object in another."""
+
+    feature_info = [{"reduction": 4, "num_chs": 2, "module": "planted"}]
+
+    def __init__(self, feats: torch.Tensor) -> None:
+        super().__init__()
+        self.feats = feats
+
+    def forward_intermediates(self, x, indices, intermediates_only, stop_early):
+        return [self.feats.expand(x.shape[0], -1, -1, -1)]
+
+
+def test_contrast_map_finds_a_weak_object_on_a_strong_texture():
+    rng = np.random.default_rng(0)
+    f = np.zeros((1, 2, 24, 32), np.float32)
+    f[0, 0] = rng.uniform(2.0, 3.0, (24, 32))  # texture: the strongest activations
+    f[0, :, 8:14, 10:20] = np.array([0.0, 1.0], np.float32)[:, None, None]
+    net = PlantedFeatures(torch.from_numpy(f))
+    img = np.zeros((96, 128, 3), np.uint8)
+    obj = np.array([[40, 32, 80, 56]], np.float32)
+    boxes, _ = HeatmapGenerator(module=net, top_k=3)(img)  # contrast map, feature scores
+    assert iou(obj, boxes[:1]).max() > 0.8
+    # ContrastiveCrop's activation map marks the texture: its best box is not the object
+    boxes, _ = HeatmapGenerator(module=net, top_k=3, heat="activation", score="heat")(img)
+    assert iou(obj, boxes[:1]).max() < 0.5
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +166,10 @@ def test_errors_name_the_fix(tmp_path):
         HeatmapGenerator(MODEL, level=9, device="cpu")
     with pytest.raises(ValueError, match="thresholds"):
         HeatmapGenerator(MODEL, thresholds=[0.5, 1.5], device="cpu")
+    with pytest.raises(ValueError, match="heat must be"):
+        HeatmapGenerator(MODEL, heat="saliency", device="cpu")
+    with pytest.raises(ValueError, match="score must be"):
+        HeatmapGenerator(MODEL, score="area", device="cpu")
     with pytest.raises(ValueError, match="feature levels"):
         HeatmapGenerator(module=torch.nn.Linear(3, 3))
     with pytest.raises(ValueError, match="unknown parameter"):
