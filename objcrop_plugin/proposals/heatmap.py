@@ -24,9 +24,9 @@ and the mean feature vector in the ring (an object looks unlike what surrounds i
 ``score="heat"`` by the mean heat inside minus the mean heat in the ring. The shared
 post-processing (NMS, top-k) keeps the best.
 
-Measured on the demo's scenes (recall@10 at IoU 0.5 from the ``scene_scene`` checkpoint,
-``docs/proposals.md``): the contrast map with feature scores finds far more objects than the
-activation map, most of all on photo backgrounds.
+Measured on the demo's scenes (recall@10 at IoU 0.5 from a ``scene_scene`` checkpoint; the
+README's "Boxes from a network"): the contrast map with feature scores finds more objects than
+the activation map (0.77 against 0.60), and far more on photo backgrounds (0.23 against 0.07).
 
 Feature level. A CNN's last stage has stride 32: at the demo's 128x96 images it is a 4x3 grid,
 far too coarse for objects of 10-30 px. ``level="auto"`` picks the deepest level whose grid
@@ -222,7 +222,7 @@ class HeatmapGenerator(BatchedProposalGenerator):
         module: torch.nn.Module | None = None,
         model_kwargs: dict[str, Any] | None = None,
         level: int | str = "auto",
-        min_cells: int = 64,
+        min_cells: int = 32,
         scale: float = 1.0,
         heat: str = "contrast",
         score: str = "feature",

@@ -60,8 +60,9 @@ def test_level_choice_follows_the_input_resolution():
     assert choose_level(strides, 20, 32) == 0  # nothing fine enough: the finest
     gen = HeatmapGenerator(MODEL, device="cpu", scale=2.0, min_cells=32)
     assert gen.input_size((96, 128)) == (192, 256) and gen.level_index((192, 256)) == 1
-    # the default (64 cells) takes the stride-2 level for the demo's scenes at 2x
-    assert HeatmapGenerator(MODEL, device="cpu", scale=2.0).level_index((192, 256)) == 0
+    # the demo's setting (64 cells) takes the stride-2 level for its scenes at 2x
+    assert HeatmapGenerator(MODEL, device="cpu", scale=2.0, min_cells=64).level_index(
+        (192, 256)) == 0
 
 
 def test_feature_contrast_prefers_the_box_that_differs_from_its_ring():
