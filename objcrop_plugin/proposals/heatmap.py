@@ -1,4 +1,4 @@
-"""Proposals from a backbone's activation heat map (``heatmap``): any timm model, local weights.
+"""Proposals from a heat map of a backbone's features (``heatmap``): any timm model, local weights.
 
 Two heat maps (``heat``):
 
@@ -184,7 +184,7 @@ def feature_contrast(
 
 
 class HeatmapGenerator(BatchedProposalGenerator):
-    """Boxes from the activation heat map of a timm backbone (see the module docstring).
+    """Boxes from a heat map of a timm backbone's features (see the module docstring).
 
     Args:
         model: timm model name, created with ``pretrained=False``.
