@@ -105,7 +105,6 @@ def heat_boxes(
     cv2 = _cv2()
     h, w = heat.shape
     heat = np.ascontiguousarray(heat, dtype=np.float32)
-    integral = cv2.integral(heat, sdepth=cv2.CV_64F)  # (h + 1, w + 1)
     found: list[tuple[int, int, int, int]] = []
     for t in thresholds:
         mask = (heat >= t).astype(np.uint8)
@@ -122,23 +121,47 @@ def heat_boxes(
     b = np.unique(np.array(found, dtype=np.int64), axis=0)
     if features is not None:
         return b.astype(np.float32), feature_contrast(b, features, (w, h), ring)
+    integral = cv2.integral(heat, sdepth=cv2.CV_64F)  # (h + 1, w + 1)
+    mean_in, mean_ring, has_ring = _inside_and_ring(integral, *b.T, ring)
+    # a box that fills the image has no ring: it is compared with nothing (mean 0 around)
+    return b.astype(np.float32), (mean_in - np.where(has_ring, mean_ring, 0.0)).astype(np.float32)
 
-    def box_sum(x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray) -> np.ndarray:
-        return integral[y2, x2] - integral[y1, x2] - integral[y2, x1] + integral[y1, x1]
 
-    x1, y1, x2, y2 = b.T
+def _inside_and_ring(
+    integral: np.ndarray,
+    x1: np.ndarray,
+    y1: np.ndarray,
+    x2: np.ndarray,
+    y2: np.ndarray,
+    ring: float,
+    min_ring: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Means of a map inside integer boxes and in the ring around each (the box grown by
+    ``ring`` of its size, at least ``min_ring`` cells, on each side, clipped to the map).
+
+    Args:
+        integral: ``(h + 1, w + 1)`` or ``(h + 1, w + 1, C)`` summed-area table of the map.
+
+    Returns:
+        ``(mean inside, mean in the ring, whether the ring has any cell)``; the means are
+        ``(N,)`` or ``(N, C)``.
+    """
+    h, w = integral.shape[0] - 1, integral.shape[1] - 1
+
+    def box_sum(a: np.ndarray, b: np.ndarray, c: np.ndarray, d: np.ndarray) -> np.ndarray:
+        return integral[d, c] - integral[b, c] - integral[d, a] + integral[b, a]
+
     inside = box_sum(x1, y1, x2, y2)
-    area_in = (x2 - x1) * (y2 - y1)
-    gx = np.ceil((x2 - x1) * ring).astype(np.int64)
-    gy = np.ceil((y2 - y1) * ring).astype(np.int64)
+    gx = np.maximum(np.ceil((x2 - x1) * ring), min_ring).astype(np.int64)
+    gy = np.maximum(np.ceil((y2 - y1) * ring), min_ring).astype(np.int64)
     ox1, oy1 = np.maximum(x1 - gx, 0), np.maximum(y1 - gy, 0)
     ox2, oy2 = np.minimum(x2 + gx, w), np.minimum(y2 + gy, h)
-    outer = box_sum(ox1, oy1, ox2, oy2)
+    area_in = (x2 - x1) * (y2 - y1)
     area_ring = (ox2 - ox1) * (oy2 - oy1) - area_in
-    mean_in = inside / np.maximum(area_in, 1)
-    # a box that fills the image has no ring: it is compared with nothing (mean 0 around)
-    mean_ring = np.where(area_ring > 0, (outer - inside) / np.maximum(area_ring, 1), 0.0)
-    return b.astype(np.float32), (mean_in - mean_ring).astype(np.float32)
+    per = (slice(None),) + (None,) * (integral.ndim - 2)  # areas broadcast over channels
+    mean_in = inside / np.maximum(area_in, 1)[per]
+    mean_ring = (box_sum(ox1, oy1, ox2, oy2) - inside) / np.maximum(area_ring, 1)[per]
+    return mean_in, mean_ring, area_ring > 0
 
 
 def feature_contrast(
@@ -165,22 +188,10 @@ def feature_contrast(
     y1 = np.clip(np.floor(b[:, 1] * fh / h), 0, fh - 1).astype(np.int64)
     x2 = np.clip(np.ceil(b[:, 2] * fw / w), x1 + 1, fw).astype(np.int64)
     y2 = np.clip(np.ceil(b[:, 3] * fh / h), y1 + 1, fh).astype(np.int64)
-
-    def box_sum(a: np.ndarray, b_: np.ndarray, c_: np.ndarray, d: np.ndarray) -> np.ndarray:
-        return integral[d, c_] - integral[b_, c_] - integral[d, a] + integral[b_, a]
-
-    inside = box_sum(x1, y1, x2, y2)
-    area_in = ((x2 - x1) * (y2 - y1))[:, None]
-    gx = np.maximum(np.ceil((x2 - x1) * ring), 1).astype(np.int64)
-    gy = np.maximum(np.ceil((y2 - y1) * ring), 1).astype(np.int64)
-    ox1, oy1 = np.maximum(x1 - gx, 0), np.maximum(y1 - gy, 0)
-    ox2, oy2 = np.minimum(x2 + gx, fw), np.minimum(y2 + gy, fh)
-    area_ring = ((ox2 - ox1) * (oy2 - oy1))[:, None] - area_in
-    mean_in = inside / area_in
-    mean_ring = (box_sum(ox1, oy1, ox2, oy2) - inside) / np.maximum(area_ring, 1)
+    mean_in, mean_ring, has_ring = _inside_and_ring(integral, x1, y1, x2, y2, ring, min_ring=1)
     cos = (mean_in * mean_ring).sum(1) / (
         np.linalg.norm(mean_in, axis=1) * np.linalg.norm(mean_ring, axis=1) + 1e-12)
-    return np.where(area_ring[:, 0] > 0, 1.0 - cos, 0.0).astype(np.float32)
+    return np.where(has_ring, 1.0 - cos, 0.0).astype(np.float32)
 
 
 class HeatmapGenerator(BatchedProposalGenerator):
