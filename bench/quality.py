@@ -9,7 +9,7 @@ runs per seed: a randomly initialised network, ``scene_scene``, ``obj_scene`` an
 ``obj_obj_dilate`` with oracle (ground-truth) boxes, and ``obj_obj_dilate`` with boxes that need
 no annotation: each unsupervised generator's proposals (built once per dataset), ``heatmap``
 (two rounds: heat-map boxes from the same seed's ``scene_scene`` checkpoint) and ``online``
-(scene crops for the first 40% of the epochs, then heat-map boxes from the backbone being
+(scene crops for the first 10% of the epochs, then heat-map boxes from the backbone being
 trained, refreshed every 20%: the same total budget as every other run). Every run of a seed
 starts from the same initialisation and sees the same batches.
 
@@ -59,23 +59,37 @@ def _fmt(values: list[float]) -> str:
 def _recall10(res: dict, seed_out: Path, sources: list[str], params: dict) -> dict[str, float]:
     """Recall@10 at IoU 0.5 of the ground-truth boxes by each box store of one seed's run,
     and by the proposal generators' stores (``REFERENCE_SOURCES``) even when no run used
-    them (built here when missing: seconds each)."""
+    them (built here when missing: seconds each). ``online``: the online run's last refresh,
+    which covers the training images only, against their ground truth."""
     from objcrop_plugin.proposals.build import build_store
     from objcrop_plugin.proposals.evaluate import recall
+    from objcrop_plugin.proposals.store import ProposalStore
 
     data = Path(res["data_root"])
     gt = data / "proposals_gt.objcrop"
-    stores = {"gt": gt}
-    for s in [*sources, *(r for r in REFERENCE_SOURCES if r in params and r not in sources)]:
-        path = seed_out / f"proposals_{s}.objcrop" if s == "heatmap" else (
-            data / f"proposals_{s}.objcrop")
+    out = {}
+    for s in ["gt", *sources, *(r for r in REFERENCE_SOURCES if r in params and r not in sources)]:
+        gt_records = gt
+        if s == "gt":
+            path = gt
+        elif s == "heatmap":
+            path = seed_out / f"proposals_{s}.objcrop"
+        elif s == "online":
+            refreshes = sorted((seed_out / "runs" / "obj_obj_dilate_online" / "proposals")
+                               .glob("epoch-*.objcrop"))
+            if not refreshes:
+                continue
+            path = refreshes[-1]
+            keys = set(ProposalStore(path).keys())
+            gt_records = [r for r in ProposalStore(gt).records() if r.key in keys]
+        else:
+            path = data / f"proposals_{s}.objcrop"
         if s in REFERENCE_SOURCES and not path.is_file():
             build_store(data, path, method=s, params=params[s], workers=min(2, os.cpu_count() or 1),
                         progress=False)
-        if path.is_file():  # "online" has no store
-            stores[s] = path
-    return {name: recall(path, gt, (0.5,), (10,))["recall"][0.5][10]
-            for name, path in stores.items()}
+        if path.is_file():
+            out[s] = recall(path, gt_records, (0.5,), (10,))["recall"][0.5][10]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                         "ground-truth boxes")
     parser.add_argument("--bing-model", type=Path, default=DEFAULT_BING)
     parser.add_argument("--out", type=Path, default=Path("bench_out") / "quality")
+    parser.add_argument("--reuse", nargs="*", default=[], metavar="RUN",
+                        help="take these runs from each seed's earlier results.json in --out "
+                        "when it has the same settings (only for runs no code change touched)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help="where the synthetic data sets go (default OUT/data)")
     args = parser.parse_args(argv)
@@ -128,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         res = run_demo(
             args.out / f"seed{seed}", budget=args.budget, seed=seed,
             data_dir=args.data_dir or args.out / "data", runs=runs, proposal_params=params,
-            log=lambda line: print(line, flush=True), domain=args.domain,
+            log=lambda line: print(line, flush=True), domain=args.domain, reuse=args.reuse,
         )
         if args.recall:
             res["recall10"] = _recall10(res, args.out / f"seed{seed}", sources, recall_params)

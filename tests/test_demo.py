@@ -112,3 +112,33 @@ def test_demo_probe_is_objcrop_eval_with_the_demo_options(quick_run):
     assert round(ev["probe_map"], 2) == res["runs"]["random"]["map"]
     assert round(ev["knn_map"], 2) == res["runs"]["random"]["knn_map"]
     assert ev["feature_dim"] == 2 * _backbone(cfg["model"], 0).num_features  # avg + max
+
+
+def test_reuse_takes_earlier_runs_with_the_same_settings_only(quick_run, tmp_path):
+    root, res, _ = quick_run
+    out = tmp_path / "out"
+    first = run_demo(out, budget="quick", seed=0, data_dir=root / "data",
+                     runs=["random", "scene_scene"], log=lambda s: None)
+    assert first["runs"]["scene_scene"]["map"] == res["runs"]["scene_scene"]["map"]
+    lines: list[str] = []
+    again = run_demo(out, budget="quick", seed=0, data_dir=root / "data",
+                     runs=["random", "scene_scene", "obj_obj_dilate"],
+                     reuse=["scene_scene", "obj_obj_dilate"], log=lines.append)
+    assert again["runs"]["scene_scene"] == dict(first["runs"]["scene_scene"], reused=True)
+    assert "reused" not in again["runs"]["random"]  # not asked for
+    assert any("obj_obj_dilate: no earlier result" in line for line in lines)  # none on disk
+    assert again["runs"]["obj_obj_dilate"]["map"] == res["runs"]["obj_obj_dilate"]["map"]
+    assert json.loads((out / "results.json").read_text())["runs"].keys() == {
+        "random", "scene_scene", "obj_obj_dilate"}
+    # other settings (or a lost backbone) mean the run is run again
+    other = run_demo(out, budget="quick", seed=0, data_dir=root / "data", runs=["scene_scene"],
+                     reuse=["scene_scene"], log=lambda s: None, lr=2e-2)
+    assert "reused" not in other["runs"]["scene_scene"]
+    (out / "runs" / "scene_scene" / "backbone.pth").unlink()
+    run_demo(out, budget="quick", seed=0, data_dir=root / "data", runs=["scene_scene"],
+             log=lambda s: None)
+    (out / "runs" / "scene_scene" / "backbone.pth").unlink()
+    lost = run_demo(out, budget="quick", seed=0, data_dir=root / "data", runs=["scene_scene"],
+                    reuse=["scene_scene"], log=lambda s: None)
+    assert "reused" not in lost["runs"]["scene_scene"]
+    assert lost["runs"]["scene_scene"]["map"] == res["runs"]["scene_scene"]["map"]
