@@ -109,11 +109,61 @@ def test_contrast_map_finds_a_weak_object_on_a_strong_texture():
     net = PlantedFeatures(torch.from_numpy(f))
     img = np.zeros((96, 128, 3), np.uint8)
     obj = np.array([[40, 32, 80, 56]], np.float32)
-    boxes, _ = HeatmapGenerator(module=net, top_k=3)(img)  # contrast map, feature scores
+    boxes, _ = HeatmapGenerator(module=net, top_k=3, heat="contrast")(img)  # feature scores
     assert iou(obj, boxes[:1]).max() > 0.8
     # ContrastiveCrop's activation map marks the texture: its best box is not the object
     boxes, _ = HeatmapGenerator(module=net, top_k=3, heat="activation", score="heat")(img)
     assert iou(obj, boxes[:1]).max() < 0.5
+
+
+def test_whitened_map_finds_an_object_that_differs_where_the_background_does_not_vary():
+    """Texture in two channels varies more than the object differs in a third, where the
+    background is flat: the contrast map marks the texture, the whitened map the object."""
+    yy, xx = np.mgrid[0:24, 0:32].astype(np.float32)
+    f = np.zeros((1, 3, 24, 32), np.float32)
+    f[0, 0] = 2.5 + 0.5 * np.sin(xx * np.pi / 4) * np.cos(yy * np.pi / 3)  # texture
+    f[0, 1] = 2.5 + 0.5 * np.cos(xx * np.pi / 5 + yy * np.pi / 7)
+    f[0, :2, 8:14, 10:20] = 2.5  # the object: plain in the texture's channels ...
+    f[0, 2, 8:14, 10:20] = 0.3  # ... and a small offset where the background never varies
+    net = PlantedFeatures(torch.from_numpy(f))
+    img = np.zeros((96, 128, 3), np.uint8)
+    obj = np.array([[40, 32, 80, 56]], np.float32)
+    boxes, _ = HeatmapGenerator(module=net, top_k=3)(img)  # the default: whitened
+    assert iou(obj, boxes[:1]).max() > 0.8
+    boxes, _ = HeatmapGenerator(module=net, top_k=3, heat="contrast")(img)
+    assert iou(obj, boxes[:1]).max() < 0.5
+
+
+def test_whitened_contrast_scores_unusual_boxes_unlike_their_ring():
+    from objcrop_plugin.proposals.heatmap import whitened_contrast
+
+    z = np.zeros((2, 24, 32), np.float32)
+    z[:, 8:14, 10:20] = np.array([3.0, 4.0], np.float32)[:, None, None]  # |v| = 5, ring 0
+    z[:, 0:6, 0:30] = np.array([0.0, 1.0], np.float32)[:, None, None]  # a wide region
+    boxes = np.array([[40, 32, 80, 56],  # the isolated object: (1 - 0) * sqrt(5)
+                      [40, 4, 60, 16],  # a piece of the region: its ring continues it
+                      [0, 0, 128, 96]], np.float32)  # the whole image: no ring
+    s = whitened_contrast(boxes, z, (128, 96))
+    assert s[0] == pytest.approx(np.sqrt(5.0), rel=1e-5)
+    assert s[1] < 0.2 * s[0] and s[2] == 0.0
+    assert whitened_contrast(np.zeros((0, 4), np.float32), z, (128, 96)).shape == (0,)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 30, 3, 4)])  # C <= h*w and C > h*w
+def test_whiten_norms_are_mahalanobis_distances_from_the_median(shape):
+    from objcrop_plugin.proposals.heatmap import _median_feature, whiten
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(*shape, generator=g) * torch.linspace(0.1, 3.0, shape[1])[:, None, None]
+    z = whiten(feats, eps=1e-3)
+    b, c, h, w = shape
+    assert z.shape == (b, min(c, h * w), h, w)
+    x = feats.flatten(2).double() - _median_feature(feats).double()[..., None]  # (B, C, n)
+    for i in range(b):
+        cov = x[i] @ x[i].T / (h * w)
+        reg = 1e-3 * cov.diagonal().mean()
+        d2 = (x[i] * torch.linalg.solve(cov + reg * torch.eye(c, dtype=torch.float64), x[i])).sum(0)
+        torch.testing.assert_close(z[i].pow(2).sum(0).flatten(), d2, rtol=1e-6, atol=1e-9)
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +285,14 @@ def test_kill_9_mid_build_resumes_to_the_identical_store(tmp_path, folder):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed" in done.stdout
     assert out.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.parametrize("hw", [(5, 7), (6, 8), (1, 1)])
+def test_median_feature_is_torch_median_on_the_cpu(hw):
+    from objcrop_plugin.proposals.heatmap import _median_feature
+
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(3, 4, *hw, generator=g)
+    feats[0, 0] = 1.0  # ties
+    for f in (feats, feats.contiguous(memory_format=torch.channels_last)):
+        assert torch.equal(_median_feature(f), f.flatten(2).median(dim=2).values)
