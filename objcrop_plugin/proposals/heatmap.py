@@ -99,36 +99,54 @@ def _median_feature(feats: torch.Tensor) -> torch.Tensor:
     flat = feats.flatten(2)
     if flat.device.type != "cpu":
         return flat.median(dim=2).values
-    k = (flat.shape[2] - 1) // 2
-    return torch.from_numpy(np.partition(flat.numpy(), k, axis=2)[..., k])
+    k = (flat.shape[2] - 1) // 2  # contiguous: selection along a strided axis is 3x slower
+    return torch.from_numpy(np.partition(flat.contiguous().numpy(), k, axis=2)[..., k])
 
 
 def whiten(feats: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
-    """Each image's features in its own whitened coordinates: ``(B, r, h, w)`` float64,
+    """Each image's features in its own whitened coordinates: ``(B, r, h, w)`` float32,
     ``r = min(C, h * w)``.
 
-    Centred on the image's median feature, rotated onto the principal axes of the image's
-    feature covariance and divided by each axis's standard deviation (regularised by ``eps``
-    times the mean variance, so that directions without variance are not blown up). The norm
-    of a location's vector is its Mahalanobis distance from the median (the RX anomaly
-    detector of Reed and Yu, 1990). The axes' signs are arbitrary, which changes neither
-    norms nor cosines. With more channels than locations (a deep stage's small grid) the
-    same coordinates come from the locations' Gram matrix.
+    Centred on the image's median feature and transformed so that the image's feature
+    covariance (regularised by ``eps`` times the mean variance per channel, so that directions
+    without variance are not blown up) becomes the identity. The norm of a location's vector is
+    its Mahalanobis distance from the median (the RX anomaly detector of Reed and Yu, 1990).
+    Any two whitening transforms differ by a rotation, which changes neither norms nor
+    cosines: with at most as many channels as locations this one is the covariance's Cholesky
+    factor (``L^-1 x``); with more channels than locations (a deep stage's small grid) the
+    coordinates along the principal axes, from the locations' Gram matrix. Float32, with
+    float64 for an image whose factorisation fails in float32.
     """
     b, c, h, w = feats.shape
     n = h * w
-    x = feats.flatten(2).double() - _median_feature(feats).double()[..., None]  # (B, C, n)
+    x = feats.flatten(2).float() - _median_feature(feats).float()[..., None]  # (B, C, n)
     if c <= n:
-        var, axes = torch.linalg.eigh(x @ x.transpose(1, 2) / n)  # (B, C), (B, C, C)
-        var = var.clamp_min(0)
-        proj = axes.transpose(1, 2) @ x  # (B, C, n): coordinates along the axes
+        z = _whiten_cholesky(x, eps)
     else:
-        var, u = torch.linalg.eigh(x.transpose(1, 2) @ x / n)  # (B, n), (B, n, n)
+        gram = x.transpose(1, 2) @ x / n  # (B, n, n): the covariance's nonzero spectrum
+        reg = float(eps) * gram.diagonal(dim1=1, dim2=2).sum(1) / c
+        var, u = torch.linalg.eigh(gram)  # (B, n), (B, n, n)
         var = var.clamp_min(0)
-        proj = u.transpose(1, 2) * (n * var).sqrt()[..., None]  # (B, n, n)
-    reg = float(eps) * x.pow(2).sum((1, 2)) / (n * c)  # eps x the mean variance per channel
-    z = proj / (var + reg[:, None]).clamp_min(1e-30).sqrt()[..., None]
-    return z.view(b, -1, h, w)
+        z = u.transpose(1, 2) * (n * var / (var + reg[:, None]).clamp_min(1e-30)).sqrt()[..., None]
+    return z.reshape(b, -1, h, w)
+
+
+def _whiten_cholesky(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``L^-1 x`` for ``(B, C, n)`` centred features, ``L L^T`` their regularised covariance."""
+    cov = x @ x.transpose(1, 2) / x.shape[2]
+    reg = float(eps) * cov.diagonal(dim1=1, dim2=2).mean(1)  # eps x the mean variance
+    cov.diagonal(dim1=1, dim2=2).add_(reg.clamp_min(1e-30)[:, None])
+    chol, info = torch.linalg.cholesky_ex(cov)
+    z = torch.linalg.solve_triangular(chol, x, upper=False)
+    bad = (info != 0).nonzero().flatten().tolist()
+    if bad:  # rounding made the matrix indefinite in float32: redo those images in float64
+        xd = x[bad].double()
+        covd = xd @ xd.transpose(1, 2) / x.shape[2]
+        covd.diagonal(dim1=1, dim2=2).add_(
+            (float(eps) * covd.diagonal(dim1=1, dim2=2).mean(1)).clamp_min(1e-300)[:, None])
+        z[bad] = torch.linalg.solve_triangular(torch.linalg.cholesky(covd), xd,
+                                               upper=False).float()
+    return z
 
 
 def heat_boxes(
@@ -466,7 +484,7 @@ class HeatmapGenerator(BatchedProposalGenerator):
     def _heat(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, h, w)`` heat (not normalised) and the features that score the boxes."""
         if self.heat == "whitened":
-            z = whiten(feats, self.eps).float()
+            z = whiten(feats, self.eps)
             return z.norm(dim=1), z
         if self.heat == "contrast":
             return (feats - _median_feature(feats)[..., None, None]).norm(dim=1), feats
