@@ -30,11 +30,10 @@ the ring's is (a piece of a larger region or of a texture scores low); with the 
 ``score="heat"``, by the mean heat inside minus the mean heat in the ring. The shared
 post-processing (NMS, top-k) keeps the best.
 
-Measured on seed 0's scenes of ``bench/quality.py``'s two domains (recall@10 at IoU 0.5 of
-the first 500 scenes, boxes from a ``scene_scene`` backbone; the README's "Boxes from a
-network"): the whitened map finds 0.87 of the demo's objects and 0.41 of the photo domain's,
-the contrast map 0.75 and 0.23, ContrastiveCrop's activation map 0.60 and 0.07 (all 3000
-scenes); ``graph_segments`` finds 0.80 and 0.32.
+Measured on seed 0's 3000 scenes of ``bench/quality.py``'s two domains (recall@10 at IoU 0.5,
+boxes from a ``scene_scene`` backbone; the README's heat-map recall table): the whitened map
+finds 0.86 of the demo's objects and 0.41 of the photo domain's, the contrast map 0.77 and
+0.23, ContrastiveCrop's activation map 0.60 and 0.07; ``graph_segments`` finds 0.80 and 0.32.
 
 Feature level. A CNN's last stage has stride 32: at the demo's 128x96 images it is a 4x3 grid,
 far too coarse for objects of 10-30 px. ``level="auto"`` picks the deepest level whose grid
