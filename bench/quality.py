@@ -27,7 +27,9 @@ on photo crops, needs scikit-image); ``--recall`` adds each box store's recall@1
 the ground-truth boxes (``objcrop proposals eval``'s), averaged over seeds. Measures only; asserts nothing. The default (2 seeds, 7 pretraining runs
 each) takes about 55 minutes on 2 cores; add ``--seeds 0 1 2`` for a third seed (~80 min). The
 network sources alone over three seeds, ``--seeds 0 1 2 --recall --runs random scene_scene
-obj_obj_dilate obj_obj_dilate@heatmap obj_obj_dilate@online``, take about 45 minutes per domain.
+obj_obj_dilate obj_obj_dilate@heatmap obj_obj_dilate@online``, take about 45 minutes per domain;
+``--reuse random scene_scene obj_obj_dilate`` takes those runs from each seed's earlier
+``results.json`` in ``--out`` (same settings only), for about 25 minutes.
 """
 
 from __future__ import annotations
