@@ -191,6 +191,16 @@ def _block_sigint() -> Any:
     return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
+def _ignore_sigint() -> Any:
+    """Ignore SIGINT (from the main thread only: elsewhere Python cannot set handlers); the
+    previous handler, or ``None`` when nothing was changed."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _restore_sigmask(old: Any) -> None:
     if old is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -550,13 +560,18 @@ def build_store(
                         bar.update(n)
             elif todo:
                 ctx = mp.get_context(mp_context)
-                # workers start with SIGINT blocked and ignore it from _init_worker on, so a
-                # Ctrl-C (sent to the whole process group) stops only this process, which
-                # terminates them: no traceback from each worker
+                # workers start with SIGINT ignored (a disposition that survives exec, so
+                # Python never installs its KeyboardInterrupt handler there, even while the
+                # imports run threads of their own) and blocked, and ignore it from
+                # _init_worker on: a Ctrl-C (sent to the whole process group) stops only
+                # this process, which terminates them, with no traceback from each worker
                 old = _block_sigint()
+                handler = _ignore_sigint()
                 try:
                     pool = ctx.Pool(workers, _init_worker, (*init, True))
                 finally:
+                    if handler is not None:
+                        signal.signal(signal.SIGINT, handler)
                     _restore_sigmask(old)
                 with pool:
                     for _, n in pool.imap_unordered(_run_chunk, todo):
