@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from objcrop_plugin.demo import BUDGETS, run_demo
+from objcrop_plugin.demo import BUDGETS, run_demo, run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BING = Path(os.environ.get("OBJCROP_BING_MODEL", REPO.parent / "shared" / "models" / "bing"))
@@ -77,7 +77,7 @@ def _recall10(res: dict, seed_out: Path, sources: list[str], params: dict) -> di
         elif s == "heatmap":
             path = seed_out / f"proposals_{s}.objcrop"
         elif s == "online":
-            refreshes = sorted((seed_out / "runs" / "obj_obj_dilate_online" / "proposals")
+            refreshes = sorted((run_dir(seed_out, "obj_obj_dilate@online") / "proposals")
                                .glob("epoch-*.objcrop"))
             if not refreshes:
                 continue

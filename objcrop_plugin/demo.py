@@ -210,6 +210,12 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def run_dir(out_dir: str | os.PathLike[str], name: str) -> Path:
+    """Where :func:`run_demo` writes run ``name``'s training output (``runs/obj_obj_dilate_online``
+    for ``obj_obj_dilate@online``)."""
+    return Path(out_dir) / "runs" / name.replace("@", "_").replace(":", "_")
+
+
 def _earlier_runs(
     out: Path, seed: int, config: dict[str, Any], log: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -392,7 +398,7 @@ def run_demo(
                 f"proposals={source or 'oracle (ground-truth) boxes'}"
                 + (f", sampling={sampling}" if sampling else ""))
             tr = pretrain_simclr(net, ds.root, store, train_keys, views, cfg, seed, log,
-                                 out_dir=out / "runs" / name.replace("@", "_").replace(":", "_"),
+                                 out_dir=run_dir(out, name),
                                  online=online_settings(cfg) if source == "online" else None,
                                  extra=per_box_budget(store) if sampling == "per_box" else None)
             info.update(
@@ -413,7 +419,7 @@ def run_demo(
     results: dict[str, Any] = {}
     with _torch_threads(int(cfg["threads"])):
         for name in runs:
-            weights = out / "runs" / name.replace("@", "_").replace(":", "_") / "backbone.pth"
+            weights = run_dir(out, name) / "backbone.pth"
             if name in reuse and name in earlier and (name == "random" or weights.is_file()):
                 results[name] = dict(earlier[name], reused=True)
                 log(f"{name}: probe mAP {results[name]['map']:.2f} (reused from "
