@@ -201,6 +201,26 @@ def test_boxes_find_a_bright_object_on_a_dark_scene(gen):
     assert iou(np.array([[70, 30, 110, 62]], np.float32), boxes).max() > 0.5
 
 
+def test_min_side_keeps_specks_from_outranking_the_object():
+    """3 px specks are as unusual as an object to the whitened map and outscore it; the demo's
+    ``min_side: 8`` drops them, so the object comes first."""
+    from objcrop_plugin.demo import HEATMAP_PARAMS
+
+    img = np.full((96, 128, 3), 30, np.uint8)
+    img[30:62, 70:110] = (250, 240, 10)
+    for x, y in [(10, 10), (20, 70), (45, 15), (115, 80), (40, 50)]:
+        img[y:y + 3, x:x + 3] = (10, 200, 250)
+    obj = np.array([[70, 30, 110, 62]], np.float32)
+    torch.manual_seed(0)
+    loose = HeatmapGenerator(MODEL, device="cpu", **{**HEATMAP_PARAMS, "min_side": 4.0})
+    boxes, _ = loose(img)
+    assert iou(obj, boxes[:1]).max() < 0.5 and iou(obj, boxes).max() > 0.5
+    torch.manual_seed(0)
+    boxes, _ = HeatmapGenerator(MODEL, device="cpu", **HEATMAP_PARAMS)(img)
+    assert np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]).min() >= 8
+    assert iou(obj, boxes[:1]).max() > 0.8
+
+
 def test_module_is_used_as_is_and_its_mode_restored(gen):
     net = timm.create_model(MODEL, pretrained=False, num_classes=0)
     net.train()
