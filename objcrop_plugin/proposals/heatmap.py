@@ -134,21 +134,25 @@ def whiten(feats: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     return z.reshape(b, -1, h, w)
 
 
+def _regularised_cov(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The ``(B, C, C)`` covariance of ``(B, C, n)`` centred features, its diagonal raised by
+    ``eps`` times the mean variance."""
+    cov = x @ x.transpose(1, 2) / x.shape[2]
+    diag = cov.diagonal(dim1=1, dim2=2)
+    floor = 1e-30 if x.dtype == torch.float32 else 1e-300
+    diag.add_((float(eps) * diag.mean(1)).clamp_min(floor)[:, None])
+    return cov
+
+
 def _whiten_cholesky(x: torch.Tensor, eps: float) -> torch.Tensor:
     """``L^-1 x`` for ``(B, C, n)`` centred features, ``L L^T`` their regularised covariance."""
-    cov = x @ x.transpose(1, 2) / x.shape[2]
-    reg = float(eps) * cov.diagonal(dim1=1, dim2=2).mean(1)  # eps x the mean variance
-    cov.diagonal(dim1=1, dim2=2).add_(reg.clamp_min(1e-30)[:, None])
-    chol, info = torch.linalg.cholesky_ex(cov)
+    chol, info = torch.linalg.cholesky_ex(_regularised_cov(x, eps))
     z = torch.linalg.solve_triangular(chol, x, upper=False)
     bad = (info != 0).nonzero().flatten().tolist()
     if bad:  # rounding made the matrix indefinite in float32: redo those images in float64
         xd = x[bad].double()
-        covd = xd @ xd.transpose(1, 2) / x.shape[2]
-        covd.diagonal(dim1=1, dim2=2).add_(
-            (float(eps) * covd.diagonal(dim1=1, dim2=2).mean(1)).clamp_min(1e-300)[:, None])
-        z[bad] = torch.linalg.solve_triangular(torch.linalg.cholesky(covd), xd,
-                                               upper=False).float()
+        chol = torch.linalg.cholesky(_regularised_cov(xd, eps))
+        z[bad] = torch.linalg.solve_triangular(chol, xd, upper=False).float()
     return z
 
 
