@@ -10,6 +10,8 @@
 #   3. the torch BING generator on the GPU and on the CPU (images/s at 512 px)
 #   4. `objcrop train`, MoCo-v2 on ResNet-50 at 224 px on generated data, a few hundred steps,
 #      with crop.engine gpu and with crop.engine cpu (16 workers): images/s each
+#   5. bench/online_refresh.py: an online proposal refresh against a training epoch, per image,
+#      and the refresh's host-side part alone (the connected components of the heat maps)
 # Without CUDA every part shrinks (tiny model, views, batches and step counts) and still runs, so
 # the script itself is checked on any machine; its numbers are then CPU numbers.
 set -uo pipefail
@@ -74,6 +76,14 @@ for engine in gpu cpu; do
   echo "RESULT part=train engine=$engine device=$DEVICE backbone=$BACKBONE view=$VIEW batch=$BATCH steps=$STEPS images_per_s=$ips rc=$rc"
   [ "$rc" = 0 ] || { failed=1; tail -5 "$run.log"; }
 done
+
+part "5. online proposal refresh against an epoch (bench/online_refresh.py)"
+if [ "$CUDA" = 1 ]; then
+  python3 bench/online_refresh.py --device cuda --images 64 --batch 64 2>&1 | tail -5 || failed=1
+else
+  python3 bench/online_refresh.py --device cpu --images 4 --batch 2 --repeat 1 2>&1 | tail -5 \
+    || failed=1
+fi
 
 echo
 echo "device check done in $(( $(date +%s) - started )) s; failed=$failed"

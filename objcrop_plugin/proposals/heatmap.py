@@ -46,6 +46,10 @@ before the network (as the linear probe does), which makes every level's grid fi
 ``level`` may also name a level index of ``model.feature_info`` (``-1``: the last). ViTs have
 one stride (the patch size): the last block's patch tokens are used.
 
+Batched: per group of equal-sized images one forward, and the whitening and the box scores
+(:func:`box_contrast`) on the same device; only the heat maps travel to the host, for their
+connected components (:func:`candidate_boxes`).
+
 Weights come from a local file (``checkpoint``: ``backbone.pth`` from ``objcrop train``, a
 solo-learn / Lightning checkpoint, a timm state dict); nothing is downloaded. ``module``
 passes a network that is already built (``objcrop train``'s online refresh uses the backbone
@@ -69,7 +73,17 @@ import torch.nn.functional as F
 
 from .generators import BatchedProposalGenerator, resolve_device
 
-__all__ = ["HeatmapGenerator", "choose_level", "feature_contrast", "heat_boxes", "whiten", "whitened_contrast"]
+__all__ = [
+    "HeatmapGenerator",
+    "box_contrast",
+    "candidate_boxes",
+    "choose_level",
+    "feature_contrast",
+    "heat_boxes",
+    "heat_contrast",
+    "whiten",
+    "whitened_contrast",
+]
 
 log = logging.getLogger("objcrop_plugin")
 
@@ -176,30 +190,58 @@ def heat_boxes(
         minus mean heat in the surrounding ring, or the feature contrast), unsorted, possibly
         overlapping.
     """
-    cv2 = _cv2()
     h, w = heat.shape
     heat = np.ascontiguousarray(heat, dtype=np.float32)
-    found: list[tuple[int, int, int, int]] = []
-    for t in thresholds:
-        mask = (heat >= t).astype(np.uint8)
-        if not mask.any():
-            continue
-        n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-        for x, y, bw, bh, area in stats[1:n]:
-            if area >= min_area:
-                found.append((int(x), int(y), int(x + bw), int(y + bh)))
-        ys, xs = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-        found.append((int(xs[0]), int(ys[0]), int(xs[-1]) + 1, int(ys[-1]) + 1))
-    if not found:
+    b = candidate_boxes(heat, thresholds, min_area)
+    if not len(b):
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
-    b = np.unique(np.array(found, dtype=np.int64), axis=0)
     if features is not None:
         score = whitened_contrast if whitened else feature_contrast
         return b.astype(np.float32), score(b, features, (w, h), ring)
-    integral = cv2.integral(heat, sdepth=cv2.CV_64F)  # (h + 1, w + 1)
-    mean_in, mean_ring, has_ring = _inside_and_ring(integral, *b.T, ring)
-    # a box that fills the image has no ring: it is compared with nothing (mean 0 around)
-    return b.astype(np.float32), (mean_in - np.where(has_ring, mean_ring, 0.0)).astype(np.float32)
+    return b.astype(np.float32), heat_contrast(b, heat, ring)
+
+
+def candidate_boxes(heat: np.ndarray, thresholds: Sequence[float], min_area: int) -> np.ndarray:
+    """The distinct ``(N, 4)`` int64 xyxy boxes of :func:`heat_boxes`, sorted: per threshold,
+    every 8-connected component of ``heat >= t`` of at least ``min_area`` pixels and the box of
+    the whole thresholded map."""
+    cv2 = _cv2()
+    heat = np.ascontiguousarray(heat, dtype=np.float32)  # OpenCV needs C order
+    found: list[np.ndarray] = []
+    for t in thresholds:
+        mask = (heat >= t).view(np.uint8)
+        rows = np.flatnonzero(mask.any(axis=1))
+        if not len(rows):
+            continue
+        cols = np.flatnonzero(mask.any(axis=0))
+        n, _, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        st = stats[1:n][stats[1:n, 4] >= min_area].astype(np.int64)  # x, y, w, h, area
+        found.append(np.concatenate([st[:, :2], st[:, :2] + st[:, 2:4]], axis=1))
+        found.append(np.array([[cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]], np.int64))
+    if not found:
+        return np.zeros((0, 4), np.int64)
+    return np.unique(np.concatenate(found), axis=0)
+
+
+def heat_contrast(boxes: np.ndarray, heat: np.ndarray, ring: float) -> np.ndarray:
+    """Mean heat inside integer boxes minus the mean in the ring around each (``score="heat"``);
+    a box that fills the map has no ring and is compared with nothing (mean 0 around)."""
+    cv2 = _cv2()
+    integral = cv2.integral(np.ascontiguousarray(heat, np.float32), sdepth=cv2.CV_64F)
+    mean_in, mean_ring, has_ring = _inside_and_ring(integral, *np.asarray(boxes).T, ring)
+    return (mean_in - np.where(has_ring, mean_ring, 0.0)).astype(np.float32)
+
+
+def _rings(
+    x1: np.ndarray, y1: np.ndarray, x2: np.ndarray, y2: np.ndarray, ring: float, min_ring: int,
+    w: int, h: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The boxes grown by ``ring`` of their size (at least ``min_ring`` cells) on each side,
+    clipped to a ``w`` x ``h`` map."""
+    gx = np.maximum(np.ceil((x2 - x1) * ring), min_ring).astype(np.int64)
+    gy = np.maximum(np.ceil((y2 - y1) * ring), min_ring).astype(np.int64)
+    return (np.maximum(x1 - gx, 0), np.maximum(y1 - gy, 0), np.minimum(x2 + gx, w),
+            np.minimum(y2 + gy, h))
 
 
 def _inside_and_ring(
@@ -227,10 +269,7 @@ def _inside_and_ring(
         return integral[d, c] - integral[b, c] - integral[d, a] + integral[b, a]
 
     inside = box_sum(x1, y1, x2, y2)
-    gx = np.maximum(np.ceil((x2 - x1) * ring), min_ring).astype(np.int64)
-    gy = np.maximum(np.ceil((y2 - y1) * ring), min_ring).astype(np.int64)
-    ox1, oy1 = np.maximum(x1 - gx, 0), np.maximum(y1 - gy, 0)
-    ox2, oy2 = np.minimum(x2 + gx, w), np.minimum(y2 + gy, h)
+    ox1, oy1, ox2, oy2 = _rings(x1, y1, x2, y2, ring, min_ring, w, h)
     area_in = (x2 - x1) * (y2 - y1)
     area_ring = (ox2 - ox1) * (oy2 - oy1) - area_in
     per = (slice(None),) + (None,) * (integral.ndim - 2)  # areas broadcast over channels
@@ -245,15 +284,92 @@ def _box_means(
     """Mean feature vectors ``(N, C)`` inside each box and in the ring around it, and whether
     the ring has any cell; boxes snapped outwards to the cells, rings at least one cell."""
     c, fh, fw = features.shape
-    w, h = image_size
     integral = np.zeros((fh + 1, fw + 1, c), np.float64)
     integral[1:, 1:] = np.asarray(features, np.float64).transpose(1, 2, 0).cumsum(0).cumsum(1)
-    b = np.asarray(boxes, np.float64)
+    return _inside_and_ring(integral, *_cells(boxes, (fh, fw), image_size), ring, min_ring=1)
+
+
+def _cells(
+    boxes: np.ndarray, grid: tuple[int, int], image_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel boxes of an image of ``image_size`` (w, h) snapped outwards to the cells of a
+    ``grid`` (fh, fw): ``x1, y1, x2, y2`` int64 cell bounds, each box at least one cell."""
+    fh, fw = grid
+    w, h = image_size
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
     x1 = np.clip(np.floor(b[:, 0] * fw / w), 0, fw - 1).astype(np.int64)
     y1 = np.clip(np.floor(b[:, 1] * fh / h), 0, fh - 1).astype(np.int64)
     x2 = np.clip(np.ceil(b[:, 2] * fw / w), x1 + 1, fw).astype(np.int64)
     y2 = np.clip(np.ceil(b[:, 3] * fh / h), y1 + 1, fh).astype(np.int64)
-    return _inside_and_ring(integral, x1, y1, x2, y2, ring, min_ring=1)
+    return x1, y1, x2, y2
+
+
+def box_contrast(
+    features: torch.Tensor,
+    boxes: Sequence[np.ndarray],
+    image_size: tuple[int, int],
+    ring: float = 0.25,
+    whitened: bool = False,
+    max_elements: int = 1 << 23,
+) -> list[np.ndarray]:
+    """:func:`whitened_contrast` (``whitened``) or :func:`feature_contrast` of a batch of images,
+    computed on the features' device: the feature maps never travel to the host, only one
+    score per box does.
+
+    Each image's float64 summed-area table is built there and every box's sums inside and
+    in its ring are gathered from it: the cost is that of the table, whatever the number of
+    boxes. The scores agree with the reference functions to float64 rounding before the cast
+    to float32.
+
+    Args:
+        features: ``(B, C, fh, fw)`` feature maps (:func:`whiten`'s for ``whitened``).
+        boxes: per image, ``(N_i, 4)`` xyxy pixel boxes of an image of ``image_size``
+            (w, h); boxes are snapped outwards to the cells, rings are at least one cell.
+        max_elements: images are tabulated in chunks of at most this many table entries
+            (at least one image per chunk).
+
+    Returns:
+        Per image, ``(N_i,)`` float32 scores.
+    """
+    b, c, fh, fw = features.shape
+    counts = [len(x) for x in boxes]
+    k = max(counts, default=0)
+    if k == 0:
+        return [np.zeros(0, np.float32) for _ in counts]
+    # per image and box (padded with one-cell boxes): the cell bounds of the box and of the box
+    # grown by its ring, and the flat indices of their corners in the (fh + 1, fw + 1) table
+    bounds = np.zeros((b, k, 8), np.int64)
+    bounds[..., 2:4] = bounds[..., 6:8] = 1
+    for i, bx in enumerate(boxes):
+        if counts[i]:
+            x1, y1, x2, y2 = _cells(bx, (fh, fw), image_size)
+            bounds[i, :counts[i]] = np.stack(
+                [x1, y1, x2, y2, *_rings(x1, y1, x2, y2, ring, 1, fw, fh)], axis=1)
+    x1, y1, x2, y2 = (bounds[..., j::4] for j in range(4))  # (b, k, 2): the box, its ring's
+    w1 = fw + 1
+    corners = np.stack([y2 * w1 + x2, y1 * w1 + x2, y2 * w1 + x1, y1 * w1 + x1], axis=-1)
+    dev = features.device
+    index = torch.from_numpy(corners.reshape(b, 1, k * 8)).to(dev)
+    chunk = max(1, max_elements // (c * (fh + 1) * w1))
+    sums = []
+    for s in range(0, b, chunk):
+        f = features[s:s + chunk]
+        table = F.pad(f.double(), (1, 0, 1, 0)).cumsum_(2).cumsum_(3).flatten(2)
+        g = table.gather(2, index[s:s + chunk].expand(-1, c, -1)).view(len(f), c, k, 2, 4)
+        sums.append(g[..., 0] - g[..., 1] - g[..., 2] + g[..., 3])  # (n, C, k, 2)
+    total = torch.cat(sums).permute(0, 2, 3, 1)  # (B, k, 2, C)
+    area = (x2 - x1) * (y2 - y1)  # (b, k, 2)
+    area_ring = area[..., 1] - area[..., 0]
+    inside = total[:, :, 0]
+    mean_in = inside / torch.from_numpy(np.maximum(area[..., 0], 1)).to(dev)[..., None]
+    mean_ring = (total[:, :, 1] - inside) / torch.from_numpy(
+        np.maximum(area_ring, 1)).to(dev)[..., None]
+    n_in = mean_in.norm(dim=2)
+    cos = (mean_in * mean_ring).sum(2) / (n_in * mean_ring.norm(dim=2) + 1e-12)
+    score = (1.0 - cos.clamp_min(0)) * n_in.sqrt() if whitened else 1.0 - cos
+    score = torch.where(torch.from_numpy(area_ring > 0).to(dev), score, 0.0)
+    host = score.float().cpu().numpy()
+    return [host[i, :n].copy() for i, n in enumerate(counts)]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -444,18 +560,21 @@ class HeatmapGenerator(BatchedProposalGenerator):
 
     def heat_maps(self, works: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Normalised heat maps ``(h, w)`` in [0, 1], one per working image, at its size."""
-        return [m for m, _ in self._maps(works, with_features=False)]
+        return [m for m, _ in self._run(works, with_boxes=False)]
 
-    def _maps(
-        self, works: Sequence[np.ndarray], with_features: bool
-    ) -> list[tuple[np.ndarray, np.ndarray | None]]:
-        """Per working image: its heat map, and its ``(C, fh, fw)`` float32 features when
-        ``with_features``; one device-to-host transfer per group of equal sizes."""
-        out: list[tuple[np.ndarray, np.ndarray | None] | None] = [None] * len(works)
+    def _run(
+        self, works: Sequence[np.ndarray], with_boxes: bool
+    ) -> list[tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]]:
+        """Per working image: its heat map and, ``with_boxes``, its candidate boxes and their
+        scores (:func:`heat_boxes`). Per group of equal sizes, one batched forward; the heat
+        maps go to the host (connected components), the features stay on the device, where
+        :func:`box_contrast` scores the boxes."""
+        out: list[Any] = [None] * len(works)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, work in enumerate(works):
             groups.setdefault(tuple(work.shape[:2]), []).append(i)
         net, dev = self._net, self._device
+        min_area = max(1, int(self.min_side) ** 2 // 4)
         was_training = net.training
         net.eval()
         mean = torch.tensor(_MEAN, device=dev).view(1, 3, 1, 1)
@@ -481,12 +600,21 @@ class HeatmapGenerator(BatchedProposalGenerator):
                     heat = F.interpolate(heat[:, None], size=(wh, ww), mode="bilinear",
                                          align_corners=False)[:, 0].clamp_(0, 1)
                     maps = heat.cpu().numpy()  # one transfer per group
-                    fs = feats.cpu().numpy() if with_features else None
+                    if not with_boxes:
+                        for j, i in enumerate(idx):
+                            out[i] = (maps[j], None)
+                        continue
+                    boxes = [candidate_boxes(m, self.thresholds, min_area) for m in maps]
+                    if self.score == "feature":
+                        scores = box_contrast(feats, boxes, (ww, wh), self.ring,
+                                              whitened=self.heat == "whitened")
+                    else:
+                        scores = [heat_contrast(b, m, self.ring) for b, m in zip(boxes, maps)]
                     for j, i in enumerate(idx):
-                        out[i] = (maps[j], None if fs is None else fs[j])
+                        out[i] = (maps[j], (boxes[j].astype(np.float32), scores[j]))
         finally:
             net.train(was_training)
-        return out  # type: ignore[return-value]
+        return out
 
     def _heat(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, h, w)`` heat (not normalised) and the features that score the boxes."""
@@ -506,10 +634,7 @@ class HeatmapGenerator(BatchedProposalGenerator):
         return torch.where(nonneg, feats.sum(1), feats.norm(dim=1))
 
     def raw_batch(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        min_area = max(1, int(self.min_side) ** 2 // 4)
-        return [heat_boxes(h, self.thresholds, self.ring, min_area, features=f,
-                           whitened=self.heat == "whitened")
-                for h, f in self._maps(images, with_features=self.score == "feature")]
+        return [boxes for _, boxes in self._run(images, with_boxes=True)]
 
     def params(self) -> dict[str, Any]:
         p = super().params()

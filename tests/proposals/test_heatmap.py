@@ -29,6 +29,7 @@ from objcrop_plugin.proposals.heatmap import (  # noqa: E402
     heat_boxes,
 )
 
+_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet
 MODEL = "test_efficientnet"  # timm's tiny test network: strides 2, 4, 8, 16, 32
 
 
@@ -147,6 +148,59 @@ def test_whitened_contrast_scores_unusual_boxes_unlike_their_ring():
     assert s[0] == pytest.approx(np.sqrt(5.0), rel=1e-5)
     assert s[1] < 0.2 * s[0] and s[2] == 0.0
     assert whitened_contrast(np.zeros((0, 4), np.float32), z, (128, 96)).shape == (0,)
+
+
+@pytest.mark.parametrize("whitened", [False, True])
+def test_batched_box_contrast_equals_the_per_image_reference(whitened):
+    """The generator's scorer (summed-area tables on the features' device, chunked) gives the
+    reference functions' scores: boxes of every shape, on and off the grid, touching the
+    border, filling the image (no ring: 0), and images with no box at all."""
+    from objcrop_plugin.proposals.heatmap import box_contrast, whitened_contrast
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(5, 7, 12, 16)).astype(np.float32)  # the image is 64x48 px
+    boxes = []
+    for n in (9, 0, 1, 30, 4):
+        xy = rng.uniform(-4, 70, size=(n, 2, 2))
+        b = np.concatenate([xy.min(1), xy.max(1) + 1], axis=1).clip(0, [64, 48, 64, 48])
+        boxes.append(b.astype(np.float32))
+    boxes[4][0] = (0, 0, 64, 48)
+    reference = whitened_contrast if whitened else feature_contrast
+    for max_elements in (1, 1 << 23):  # one image per chunk, all in one
+        got = box_contrast(torch.from_numpy(feats), boxes, (64, 48), ring=0.3, whitened=whitened,
+                           max_elements=max_elements)
+        assert [g.shape for g in got] == [(len(b),) for b in boxes]
+        for f, b, g in zip(feats, boxes, got):
+            assert g.dtype == np.float32
+            np.testing.assert_allclose(g, reference(b, f, (64, 48), 0.3), rtol=1e-6, atol=1e-7)
+        assert got[4][0] == 0.0
+    none = box_contrast(torch.from_numpy(feats[:2]), [boxes[1]] * 2, (64, 48))
+    assert [(g.shape, g.dtype) for g in none] == [((0,), np.float32)] * 2
+
+
+def test_generator_boxes_are_heat_boxes_of_its_maps(gen):
+    """Batched on the device, the generator finds and scores the same candidates as
+    :func:`heat_boxes` on each image's heat map and whitened features."""
+    from objcrop_plugin.proposals.heatmap import whiten
+
+    rng = np.random.default_rng(1)
+    works = [rng.integers(0, 255, (72, 96, 3), dtype=np.uint8) for _ in range(3)]
+    raw = gen.raw_batch(works)
+    maps = gen.heat_maps(works)
+    x = torch.from_numpy(np.stack(works)).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(_MEAN_STD[0]).view(1, 3, 1, 1)) / torch.tensor(_MEAN_STD[1]).view(
+        1, 3, 1, 1)
+    with torch.no_grad():
+        gen._net.eval()
+        feats = gen._net.forward_intermediates(x, indices=[gen.level_index((72, 96))],
+                                               intermediates_only=True, stop_early=True)[-1]
+    z = whiten(feats.float(), gen.eps).numpy()
+    min_area = max(1, int(gen.min_side) ** 2 // 4)
+    for (b, s), m, zi in zip(raw, maps, z):
+        rb, rs = heat_boxes(m, gen.thresholds, gen.ring, min_area, features=zi, whitened=True)
+        np.testing.assert_array_equal(b, rb)
+        np.testing.assert_allclose(s, rs, rtol=1e-6, atol=1e-7)
+        assert len(b) > 0
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 5), (2, 30, 3, 4)])  # C <= h*w and C > h*w
