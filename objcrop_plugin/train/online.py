@@ -284,9 +284,11 @@ def online_callback(cfg: Any, settings: OnlineSettings, schedule: OnlineSchedule
             self.made[r] = file_sha256(path)
             frac = (f" = {stats['seconds'] / self.epoch_seconds:.1%} of an epoch"
                     if self.epoch_seconds else "")
+            bad = (f", {stats['failures']} unreadable (no entry; training skips them too)"
+                   if stats["failures"] else "")
             echo(f"  online proposals ({settings.method}) before epoch {r + 1}: "
                  f"{stats['images']} images, {stats['boxes']} boxes, {stats['empty']} without "
-                 f"any, in {stats['seconds']:.1f}s{frac} -> {path}")
+                 f"any{bad}, in {stats['seconds']:.1f}s{frac} -> {path}")
             self.refreshes.append({"epoch": r, **{k: round(v, 3) if isinstance(v, float) else v
                                                   for k, v in stats.items()},
                                    "epoch_seconds": None if self.epoch_seconds is None

@@ -124,6 +124,28 @@ def test_a_run_refreshes_from_its_momentum_encoder(tmp_path, data):
     assert state and sorted(state[0]["made"]) == ["1", "2"]
 
 
+def test_an_unreadable_image_is_counted_not_fatal(tmp_path, data):
+    """A JPEG that cannot be decoded: the refreshes leave it out of their stores and say so,
+    the run skips it as any other and finishes."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(data.root, root)
+    (root / "images" / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    lines: list[str] = []
+    cfg = load_recipe(recipe(tmp_path, data, data={"train_path": str(root),
+                                                   "max_failure_rate": 0.1}))
+    res = train(cfg, echo=lines.append)
+    assert [(r["images"], r["failures"]) for r in res["online_proposals"]] == [(25, 1), (25, 1)]
+    refresh_lines = [x for x in lines if "online proposals" in x]
+    assert len(refresh_lines) == 2 and all("1 unreadable" in x for x in refresh_lines)
+    for store in (tmp_path / "run" / "proposals").iterdir():
+        s = ProposalStore(store)
+        assert len(s) == 24 and "images/zz_corrupt.jpg" not in s
+    rows = (tmp_path / "run" / "bad_images.tsv").read_text().splitlines()[1:]
+    assert [r.split("\t")[0] for r in rows] == ["images/zz_corrupt.jpg"]
+
+
 def test_kill_9_during_a_refresh_resumes_to_the_same_weights(tmp_path, data, kill_and_resume):
     """The refresh at the end of epoch 2 runs at 8x (seconds, while an epoch takes a fraction
     of one): the kill lands in it; the rerun resumes from epoch 1's checkpoint, trains epoch 2
