@@ -107,13 +107,13 @@ def main(argv: list[str] | None = None) -> int:
 
     side = args.max_side
     paper_train = train_ms_per_image("mocov2", "resnet50", 224, args.batch, dev, args.repeat)
-    paper_refresh, paper_host = refresh_ms_per_image("resnet50", (side * 3 // 4, side), {"max_side": side},
-                                         args.images, dev, args.repeat)
+    paper_refresh, paper_host = refresh_ms_per_image(
+        "resnet50", (side * 3 // 4, side), {"max_side": side}, args.images, dev, args.repeat)
     from objcrop_plugin.demo import HEATMAP_PARAMS
 
     demo_train = train_ms_per_image("simclr", "test_efficientnet", 48, 128, dev, args.repeat)
-    demo_refresh, demo_host = refresh_ms_per_image("test_efficientnet", (96, 128), HEATMAP_PARAMS, 128,
-                                        dev, args.repeat)
+    demo_refresh, demo_host = refresh_ms_per_image(
+        "test_efficientnet", (96, 128), HEATMAP_PARAMS, 128, dev, args.repeat)
     print(f"device {dev}, torch threads {torch.get_num_threads()}")
     print(f"{'setting':<8}{'train ms/img':>14}{'refresh ms/img':>16}{'of it host':>12}"
           f"{'fraction':>10}")
