@@ -86,11 +86,10 @@ def refresh_ms_per_image(model: str, work_hw: tuple[int, int], params: dict, n: 
             torch.cuda.synchronize()
 
     maps = gen.heat_maps(works)
-    min_area = max(1, int(gen.min_side) ** 2 // 4)
 
     def host() -> None:
         for m in maps:
-            candidate_boxes(m, gen.thresholds, min_area)
+            candidate_boxes(m, gen.thresholds, gen.min_area)
 
     return 1000 * _timed(run, repeat) / n, 1000 * _timed(host, repeat) / n
 

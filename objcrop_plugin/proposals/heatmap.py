@@ -191,7 +191,6 @@ def heat_boxes(
         overlapping.
     """
     h, w = heat.shape
-    heat = np.ascontiguousarray(heat, dtype=np.float32)
     b = candidate_boxes(heat, thresholds, min_area)
     if not len(b):
         return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
@@ -558,6 +557,13 @@ class HeatmapGenerator(BatchedProposalGenerator):
             return choose_level(self._reductions, min(input_hw), self.min_cells)
         return int(self.level) % n
 
+    @property
+    def min_area(self) -> int:
+        """The smallest connected component (pixels) that becomes a candidate box: a quarter
+        of a ``min_side`` square (the shared post-processing then drops boxes under
+        ``min_side``)."""
+        return max(1, int(self.min_side) ** 2 // 4)
+
     def heat_maps(self, works: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Normalised heat maps ``(h, w)`` in [0, 1], one per working image, at its size."""
         return [m for m, _ in self._run(works, with_boxes=False)]
@@ -574,7 +580,6 @@ class HeatmapGenerator(BatchedProposalGenerator):
         for i, work in enumerate(works):
             groups.setdefault(tuple(work.shape[:2]), []).append(i)
         net, dev = self._net, self._device
-        min_area = max(1, int(self.min_side) ** 2 // 4)
         was_training = net.training
         net.eval()
         mean = torch.tensor(_MEAN, device=dev).view(1, 3, 1, 1)
@@ -604,7 +609,7 @@ class HeatmapGenerator(BatchedProposalGenerator):
                         for j, i in enumerate(idx):
                             out[i] = (maps[j], None)
                         continue
-                    boxes = [candidate_boxes(m, self.thresholds, min_area) for m in maps]
+                    boxes = [candidate_boxes(m, self.thresholds, self.min_area) for m in maps]
                     if self.score == "feature":
                         scores = box_contrast(feats, boxes, (ww, wh), self.ring,
                                               whitened=self.heat == "whitened")

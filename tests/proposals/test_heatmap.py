@@ -29,7 +29,6 @@ from objcrop_plugin.proposals.heatmap import (  # noqa: E402
     heat_boxes,
 )
 
-_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet
 MODEL = "test_efficientnet"  # timm's tiny test network: strides 2, 4, 8, 16, 32
 
 
@@ -181,23 +180,24 @@ def test_batched_box_contrast_equals_the_per_image_reference(whitened):
 def test_generator_boxes_are_heat_boxes_of_its_maps(gen):
     """Batched on the device, the generator finds and scores the same candidates as
     :func:`heat_boxes` on each image's heat map and whitened features."""
-    from objcrop_plugin.proposals.heatmap import whiten
+    from objcrop_plugin.proposals.heatmap import _MEAN, _STD, whiten
 
     rng = np.random.default_rng(1)
     works = [rng.integers(0, 255, (72, 96, 3), dtype=np.uint8) for _ in range(3)]
     raw = gen.raw_batch(works)
     maps = gen.heat_maps(works)
     x = torch.from_numpy(np.stack(works)).permute(0, 3, 1, 2).float() / 255
-    x = (x - torch.tensor(_MEAN_STD[0]).view(1, 3, 1, 1)) / torch.tensor(_MEAN_STD[1]).view(
-        1, 3, 1, 1)
+    x = (x - torch.tensor(_MEAN).view(1, 3, 1, 1)) / torch.tensor(_STD).view(1, 3, 1, 1)
+    was_training = gen._net.training
     with torch.no_grad():
         gen._net.eval()
         feats = gen._net.forward_intermediates(x, indices=[gen.level_index((72, 96))],
                                                intermediates_only=True, stop_early=True)[-1]
+    gen._net.train(was_training)
     z = whiten(feats.float(), gen.eps).numpy()
-    min_area = max(1, int(gen.min_side) ** 2 // 4)
     for (b, s), m, zi in zip(raw, maps, z):
-        rb, rs = heat_boxes(m, gen.thresholds, gen.ring, min_area, features=zi, whitened=True)
+        rb, rs = heat_boxes(m, gen.thresholds, gen.ring, gen.min_area, features=zi,
+                            whitened=True)
         np.testing.assert_array_equal(b, rb)
         np.testing.assert_allclose(s, rs, rtol=1e-6, atol=1e-7)
         assert len(b) > 0
