@@ -362,14 +362,20 @@ def test_kill_9_mid_build_resumes_to_the_identical_store(tmp_path, folder):
 
 
 @pytest.mark.parametrize("hw", [(5, 7), (6, 8), (1, 1)])
-def test_median_feature_is_torch_median_on_the_cpu(hw):
+@pytest.mark.parametrize("channels", [4, 150])  # 150: rows shared among threads
+def test_median_feature_is_torch_median_on_the_cpu(hw, channels):
     from objcrop_plugin.proposals.heatmap import _median_feature
 
     g = torch.Generator().manual_seed(0)
-    feats = torch.randn(3, 4, *hw, generator=g)
+    feats = torch.randn(3, channels, *hw, generator=g)
     feats[0, 0] = 1.0  # ties
-    for f in (feats, feats.contiguous(memory_format=torch.channels_last)):
-        assert torch.equal(_median_feature(f), f.flatten(2).median(dim=2).values)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        for f in (feats, feats.contiguous(memory_format=torch.channels_last)):
+            assert torch.equal(_median_feature(f), f.flatten(2).median(dim=2).values)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_whiten_redoes_an_image_in_float64_when_its_float32_factorisation_fails(monkeypatch):
