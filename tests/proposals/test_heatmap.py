@@ -266,7 +266,8 @@ def test_min_side_keeps_specks_from_outranking_the_object():
         img[y:y + 3, x:x + 3] = (10, 200, 250)
     obj = np.array([[70, 30, 110, 62]], np.float32)
     torch.manual_seed(0)
-    loose = HeatmapGenerator(MODEL, device="cpu", **{**HEATMAP_PARAMS, "min_side": 4.0, "top_k": 30})
+    loose = HeatmapGenerator(MODEL, device="cpu",
+                             **{**HEATMAP_PARAMS, "min_side": 4.0, "top_k": 30})
     boxes, _ = loose(img)
     assert iou(obj, boxes[:1]).max() < 0.5 and iou(obj, boxes).max() > 0.5
     torch.manual_seed(0)
