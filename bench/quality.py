@@ -16,13 +16,16 @@ starts from the same initialisation and sees the same batches.
 Prints one table per seed, a summary (mean and standard deviation over seeds) and a last line
 
     RESULT scene_map=<x> obj_obj_dilate_map=<x> random_map=<x> delta=<x> delta_std=<x>
-           [obj_scene_map=<x>] <source>_map=<x> <source>_gain_kept=<x> [<source>_gain_kept_std=<x>]
+           [obj_scene_map=<x>] <source>_map=<x> <source>_gain_kept=<x> [<source>_gain_kept_std=<x>
+           <source>_minus_gt=<x> <source>_minus_gt_se=<x>]
            ... seeds=<n> domain=<d>
            [gt_recall10=<x> <source>_recall10=<x> ...]
 
 (one line) where ``<source>_gain_kept`` is ``(map(source) - scene) / (map(gt) - scene)`` with
 each term averaged over seeds: the share of the oracle (ground-truth) boxes' gain that the
-source's boxes keep (``_gain_kept_std``: the standard deviation of each seed's own ratio). ``--domain photo`` runs it on the second synthetic domain (flat shapes
+source's boxes keep (``_gain_kept_std``: the standard deviation of each seed's own ratio;
+``_minus_gt`` and ``_minus_gt_se``: the mean and standard error over seeds of the run's mAP
+minus the same seed's oracle run, 0 for a gain kept of 1.0). ``--domain photo`` runs it on the second synthetic domain (flat shapes
 on photo crops, needs scikit-image); ``--recall`` adds each box store's recall@10 at IoU 0.5 of
 the ground-truth boxes (``objcrop proposals eval``'s), averaged over seeds. Measures only; asserts nothing. The default (2 seeds, 7 pretraining runs
 each) takes about 55 minutes on 2 cores; add ``--seeds 0 1 2`` for a third seed (~80 min). The
@@ -56,6 +59,17 @@ def _fmt(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def paired(runs: list[float], oracle: list[float]) -> tuple[float, float] | None:
+    """Mean and standard error of ``runs[i] - oracle[i]`` over seeds (``None`` below two
+    seeds or when the lists differ in length): seeds share data, initialisation and batches,
+    so the paired difference is far less noisy than the difference of the two means. A gain
+    kept of 1.0 is a difference of 0."""
+    if len(runs) != len(oracle) or len(runs) < 2:
+        return None
+    d = [r - o for r, o in zip(runs, oracle)]
+    return statistics.mean(d), statistics.stdev(d) / len(d) ** 0.5
 
 
 def _recall10(res: dict, seed_out: Path, sources: list[str], params: dict) -> dict[str, float]:
@@ -163,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{args.budget} budget, domain {args.domain}, seeds {args.seeds}, "
           "mean ± std over seeds (mAP %)")
-    print(f"{'run':<32}{'probe mAP':>18}{'kNN mAP':>18}{'gain kept':>12}")
+    print(f"{'run':<32}{'probe mAP':>18}{'kNN mAP':>18}{'gain kept':>12}{'minus oracle':>16}")
     summary: dict[str, dict] = {}
     for run in runs:
         m = maps(run)
@@ -175,10 +189,13 @@ def main(argv: list[str] | None = None) -> int:
         # the spread: each seed's own gain kept (noisy where a seed's oracle gain is small)
         per_seed_kept = [(x - sc) / (g - sc) for x, sc, g in zip(m, scene, gt)
                          if "@" in run and len(m) == len(gt) and abs(g - sc) > 1e-9]
+        # paired by seed (same data, initialisation and batches): the run minus the oracle run
+        vs_gt = paired(m, gt) if "@" in run else None
         summary[run] = {"map": m, "knn_map": maps(run, "knn_map"), "gain_kept": kept,
-                        "gain_kept_per_seed": per_seed_kept}
+                        "gain_kept_per_seed": per_seed_kept, "minus_gt": vs_gt}
         k = "-" if kept is None else f"{kept:.2f}"
-        print(f"{run:<32}{_fmt(m):>18}{_fmt(maps(run, 'knn_map')):>18}{k:>12}")
+        d = "-" if vs_gt is None else f"{vs_gt[0]:+.2f} ± {vs_gt[1]:.2f}"
+        print(f"{run:<32}{_fmt(m):>18}{_fmt(maps(run, 'knn_map')):>18}{k:>12}{d:>16}")
     print(f"{'delta (obj_obj_dilate - scene)':<32}{_fmt(deltas):>18}")
     total = time.perf_counter() - t0
     print(f"total {total / 60:.1f} min")
@@ -205,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s}_gain_kept={'nan' if kept is None else f'{kept:.2f}'}"]
         if len(spread) > 1:
             parts.append(f"{s}_gain_kept_std={statistics.stdev(spread):.2f}")
+        if summary[run]["minus_gt"] is not None:
+            d, se = summary[run]["minus_gt"]
+            parts += [f"{s}_minus_gt={d:.2f}", f"{s}_minus_gt_se={se:.2f}"]
     if "obj_obj_dilate:per_box" in runs:
         pb = maps("obj_obj_dilate:per_box")
         diff = [p - g for p, g in zip(pb, gt)] if len(gt) == len(pb) else []
