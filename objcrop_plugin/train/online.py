@@ -9,7 +9,9 @@ Recipe::
       #             params: {scale: 2, max_side: 256}}
       # (warmup_epochs, every_epochs default to a tenth of trainer.epochs, at least 1)
 
-(also as the override ``crop.proposals=online``). During the warm-up the views come from
+(also as the override ``crop.proposals=online``). Each store keeps as many boxes per image as
+the views draw from: ``params.top_k`` defaults to the view recipe's ``crop.params.top_k`` when
+that is set. During the warm-up the views come from
 ``data.proposals`` when it is set, else from scene crops (each object view becomes its
 policy's scene crop; not counted as a fallback). At the end of epoch ``warmup_epochs`` (counted
 from 1), and every ``every_epochs`` epochs after it, the current backbone (the momentum encoder where the method
@@ -108,6 +110,10 @@ def parse_online(cfg: Any) -> OnlineSettings | None:
                               "being trained; remove it")
     if cfg.crop.type != "object_aware":
         raise RecipeError("crop.proposals: online proposals need crop.type: object_aware")
+    # the store keeps the boxes that the views may draw from (the view recipe checks the value)
+    choice_k = (cfg.crop.params or {}).get("top_k")
+    if "top_k" not in params and isinstance(choice_k, int) and not isinstance(choice_k, bool):
+        params["top_k"] = choice_k
     settings = OnlineSettings(merged["method"], merged["warmup_epochs"],
                               merged["every_epochs"], params)
     try:

@@ -60,6 +60,13 @@ def test_recipe_key_override_and_errors(tmp_path, data):
     assert (s.method, s.warmup_epochs, s.every_epochs) == ("heatmap", 1, 1)  # a tenth, >= 1
     s = parse_online(load_recipe(path, ["crop.proposals=online", "trainer.epochs=200"]))
     assert (s.warmup_epochs, s.every_epochs) == (20, 20)
+    assert "top_k" not in s.params  # the generator's default, as the views' (10)
+    # the store keeps as many boxes as the views draw from; an explicit value wins
+    s = parse_online(load_recipe(path, ["crop.proposals=online", "crop.params.top_k=20"]))
+    assert s.params["top_k"] == 20
+    s = parse_online(load_recipe(path, ["crop.proposals={params: {top_k: 30}}",
+                                        "crop.params.top_k=20"]))
+    assert s.params["top_k"] == 30
     cases = {
         "crop.proposals=fixed": "not a mode",
         "crop.proposals.every=3": "unknown key",
