@@ -7,7 +7,9 @@ and backward of every view, the momentum encoder's forward where there is one) a
 refresh (the heat-map generator's forward at its working resolution, upsampling, connected
 components, scoring, NMS). An epoch and a refresh both see every training image once, so the
 ratio of the two per-image times is the refresh's share of an epoch; decoding is left out of
-both (DataLoader workers do it in parallel, and a refresh decodes at a lower resolution).
+both (DataLoader workers do it in parallel, and a refresh decodes at a lower resolution). The
+refresh runs on the demo's synthetic scenes (objects on a cluttered background) rendered at
+its working size, with an untrained network.
 
 Two settings:
 
@@ -71,13 +73,15 @@ def refresh_ms_per_image(model: str, work_hw: tuple[int, int], params: dict, n: 
     components of the heat maps (everything else runs on ``device``; on a GPU the host part
     is what remains of the refresh's cost)."""
     from objcrop_plugin.backbones import create_backbone
+    from objcrop_plugin.data.synthetic import render_scene
     from objcrop_plugin.proposals.heatmap import HeatmapGenerator, candidate_boxes
 
     torch.manual_seed(0)
     net = create_backbone(model).to(device)
     gen = HeatmapGenerator(module=net, batch_size=n, **params)
-    rng = np.random.default_rng(0)
-    works = [rng.integers(0, 255, (*work_hw, 3), dtype=np.uint8) for _ in range(n)]
+    # the demo's scenes (objects on a cluttered background) at the working size: pixel noise
+    # would give the connected components and the scores several times a scene's boxes
+    works = [np.asarray(render_scene(i, size=(work_hw[1], work_hw[0])).image) for i in range(n)]
     sizes = [(work_hw[1] * 4, work_hw[0] * 4)] * n
 
     def run() -> None:
