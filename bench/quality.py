@@ -25,9 +25,10 @@ Prints one table per seed, a summary (mean and standard deviation over seeds) an
 each term averaged over seeds: the share of the oracle (ground-truth) boxes' gain that the
 source's boxes keep (``_gain_kept_std``: the standard deviation of each seed's own ratio;
 ``_minus_gt`` and ``_minus_gt_se``: the mean and standard error over seeds of the run's mAP
-minus the same seed's oracle run, 0 for a gain kept of 1.0). ``--domain photo`` runs it on the second synthetic domain (flat shapes
-on photo crops, needs scikit-image); ``--recall`` adds each box store's recall@10 at IoU 0.5 of
-the ground-truth boxes (``objcrop proposals eval``'s), averaged over seeds. Measures only; asserts nothing. The default (2 seeds, 7 pretraining runs
+minus the same seed's oracle run, 0 for a gain kept of 1.0). ``--domain photo`` runs it on the
+second synthetic domain (flat shapes on photo crops, needs scikit-image); ``--recall`` adds each
+box store's recall@10 at IoU 0.5 of the ground-truth boxes (``objcrop proposals eval``'s),
+averaged over seeds. Measures only; asserts nothing. The default (2 seeds, 7 pretraining runs
 each) takes about 55 minutes on 2 cores; add ``--seeds 0 1 2`` for a third seed (~80 min). The
 network sources alone over three seeds, ``--seeds 0 1 2 --recall --runs random scene_scene
 obj_obj_dilate obj_obj_dilate@heatmap obj_obj_dilate@online``, take about 45 minutes per domain;

@@ -11,16 +11,15 @@ Recipe::
 
 (also as the override ``crop.proposals=online``). Each store keeps as many boxes per image as
 the views draw from: ``params.top_k`` defaults to the view recipe's ``crop.params.top_k`` when
-that is set. During the warm-up the views come from
-``data.proposals`` when it is set, else from scene crops (each object view becomes its
-policy's scene crop; not counted as a fallback). At the end of epoch ``warmup_epochs`` (counted
-from 1), and every ``every_epochs`` epochs after it, the current backbone (the momentum encoder where the method
-has one), in eval mode, computes proposals (``method``, a batched generator: ``heatmap`` or
-``token_cut``) for every training image at the generator's working resolution, and writes
-``OUT_DIR/proposals/epoch-NNNN.objcrop`` (NNNN: the 0-based epoch it serves first) atomically,
-before the epoch-end checkpoint; the datasets open it from the next epoch on
-(each DataLoader worker maps the file named for the epoch of the item it makes; nothing is
-pickled).
+that is set. During the warm-up the views come from ``data.proposals`` when it is set, else from
+scene crops (each object view becomes its policy's scene crop; not counted as a fallback). At
+the end of epoch ``warmup_epochs`` (counted from 1), and every ``every_epochs`` epochs after it,
+the current backbone (the momentum encoder where the method has one), in eval mode, computes
+proposals (``method``, a batched generator: ``heatmap`` or ``token_cut``) for every training
+image at the generator's working resolution, and writes ``OUT_DIR/proposals/epoch-NNNN.objcrop``
+(NNNN: the 0-based epoch it serves first) atomically, before the epoch-end checkpoint; the
+datasets open it from the next epoch on (each DataLoader worker maps the file named for the
+epoch of the item it makes; nothing is pickled).
 
 Exact resume: the stores made so far are in the checkpoint (their epochs and SHA-256); a run
 killed during a refresh resumes from the checkpoint before it, trains that epoch again and
