@@ -27,6 +27,8 @@ from objcrop_plugin.proposals.heatmap import (  # noqa: E402
     choose_level,
     feature_contrast,
     heat_boxes,
+    heat_contrast,
+    segment_boxes,
 )
 
 MODEL = "test_efficientnet"  # timm's tiny test network: strides 2, 4, 8, 16, 32
@@ -276,6 +278,67 @@ def test_min_side_keeps_specks_from_outranking_the_object():
     assert iou(obj, boxes[:1]).max() > 0.8
 
 
+def planted_scene(seed: int = 0, size: tuple[int, int] = (128, 96)) -> tuple[np.ndarray, list]:
+    """Flat-coloured rectangles on a noisy textured background, and their boxes."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    img = rng.integers(60, 140, (h, w, 3), dtype=np.uint8)
+    rects = [(10, 12, 34, 30), (60, 40, 76, 62), (90, 8, 120, 26)]
+    for (x1, y1, x2, y2), colour in zip(rects, [(250, 30, 30), (20, 220, 40), (30, 40, 240)]):
+        img[y1:y2, x1:x2] = colour
+    return img, rects
+
+
+def test_segment_boxes_hold_flat_objects_on_a_textured_background():
+    img, rects = planted_scene()
+    boxes = segment_boxes(img, [100.0, 400.0])
+    assert boxes.dtype == np.int64 and boxes.shape[1] == 4
+    assert len(np.unique(boxes, axis=0)) == len(boxes)
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 128).all() and (boxes[:, 3] <= 96).all()
+    got = iou(np.asarray(rects, np.float32), boxes.astype(np.float32)).max(axis=1)
+    assert (got > 0.8).all(), got
+    # nothing covering most of the image (the background's segments)
+    assert ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) <= 0.8 * 128 * 96).all()
+    # segmented at a reduced size, the boxes are still in the input's pixels
+    big = cv2.resize(img, (256, 192), interpolation=cv2.INTER_NEAREST)
+    small = segment_boxes(big, [100.0, 400.0], segment_side=128)
+    twice = np.asarray(rects, np.float32) * 2
+    assert (iou(twice, small.astype(np.float32)).max(axis=1) > 0.75).all()
+    assert segment_boxes(img, []).shape == (0, 4)
+
+
+def test_segments_add_candidates_and_feature_heat_scores_them():
+    """With ``segments`` the candidates are the heat map's plus the colour segments', each
+    scored as without them; ``score="feature*heat"`` multiplies the feature score by the
+    square root of the positive heat contrast."""
+    img, rects = planted_scene(1)
+    torch.manual_seed(0)
+    net = timm.create_model(MODEL, pretrained=False, num_classes=0)
+    plain = HeatmapGenerator(module=net, device="cpu")
+    seg = HeatmapGenerator(module=net, device="cpu", segments=[100.0, 400.0])
+    both = HeatmapGenerator(module=net, device="cpu", segments=[100.0, 400.0],
+                            score="feature*heat")
+    (pb, ps), = plain.raw_batch([img])
+    (sb, ss), = seg.raw_batch([img])
+    (bb, bs), = both.raw_batch([img])
+    want = np.unique(np.concatenate([pb.astype(np.int64), segment_boxes(img, [100.0, 400.0])]),
+                     axis=0)
+    np.testing.assert_array_equal(sb, want)
+    np.testing.assert_array_equal(bb, sb)
+    rows = {tuple(b): s for b, s in zip(sb.astype(int).tolist(), ss)}
+    np.testing.assert_allclose([rows[tuple(b)] for b in pb.astype(int).tolist()], ps, rtol=1e-6)
+    heat = seg.heat_maps([img])[0]
+    np.testing.assert_allclose(
+        bs, ss * np.sqrt(heat_contrast(sb.astype(np.int64), heat, seg.ring).clip(0, None)),
+        rtol=1e-5, atol=1e-7)
+    # batches and repeats give the same boxes (the segmentation runs in threads)
+    again = both.propose_batch([img, img[:, ::-1].copy(), img])
+    for a, b in zip(again, both.propose_batch([img, img[:, ::-1].copy(), img])):
+        np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(again[0][0], again[2][0])
+    assert seg.params()["segments"] == [100.0, 400.0]
+
+
 def test_module_is_used_as_is_and_its_mode_restored(gen):
     net = timm.create_model(MODEL, pretrained=False, num_classes=0)
     net.train()
@@ -296,6 +359,10 @@ def test_errors_name_the_fix(tmp_path):
         HeatmapGenerator(MODEL, heat="saliency", device="cpu")
     with pytest.raises(ValueError, match="score must be"):
         HeatmapGenerator(MODEL, score="area", device="cpu")
+    with pytest.raises(ValueError, match="segments must be positive"):
+        HeatmapGenerator(MODEL, segments=[100, -5], device="cpu")
+    with pytest.raises(ValueError, match="segment_side"):
+        HeatmapGenerator(MODEL, segments=[100], segment_side=4, device="cpu")
     with pytest.raises(ValueError, match="feature levels"):
         HeatmapGenerator(module=torch.nn.Linear(3, 3))
     with pytest.raises(ValueError, match="unknown parameter"):
