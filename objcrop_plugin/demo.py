@@ -112,10 +112,10 @@ def online_settings(cfg: dict[str, Any]) -> dict[str, Any]:
 #: the heat-map generator's settings for the demo's 128x96 scenes: the network sees them at
 #: 2x (as the probe does) and ``level="auto"`` picks the stride-2 level (96 cells along 192 px);
 #: boxes under 8 px a side are dropped (blobs of a few cells, rarely an object); the colour
-#: segments at four scales join the heat map's blobs as candidates, ranked by features and heat
+#: segments at two scales join the heat map's blobs as candidates, ranked by features and heat
 HEATMAP_PARAMS: dict[str, Any] = {
     "scale": 2.0, "max_side": 128, "min_cells": 64, "min_side": 8.0,
-    "segments": [50.0, 100.0, 200.0, 400.0], "score": "feature*heat",
+    "segments": [100.0, 300.0], "score": "feature*heat",
 }
 
 

@@ -22,7 +22,7 @@ threshold ``t`` in ``thresholds``:
   separate objects gives five boxes;
 - the box of the whole thresholded map gives one more (ContrastiveCrop's single box).
 
-With ``segments`` (Felzenszwalb ``k`` values, e.g. ``[50, 100, 200, 400]``), the boxes of the
+With ``segments`` (Felzenszwalb ``k`` values, e.g. ``[100, 300]``), the boxes of the
 image's colour segments at each scale join them (:func:`segment_boxes`; the image's own edges,
 which the network's grid blurs). The map finds where the objects are but not always their
 extent: on the photo domain of ``bench/quality.py`` most missed objects are lit on the map, but
@@ -51,9 +51,10 @@ object in 0.86 of the demo's scenes (0.68 with 4 px).
 Recall@10 (IoU 0.5) of seed 0's first 400 scenes of each domain, boxes from the same seed's
 ``scene_scene`` backbone at the demo's settings: heat-map blobs alone 0.909 (demo) and 0.533
 (photo); with ``segments=[50, 100, 200, 400]`` 0.905 and 0.602; with ``score="feature*heat"``
-as well (the demo's ``HEATMAP_PARAMS``) 0.939 and 0.631. The segments cost about 18 ms per
-128x96 image on one core (OpenCV's graph segmentation, four scales), about three times the
-network's share; they run in threads while the network runs.
+as well 0.939 and 0.631; with two scales, ``segments=[100, 300]``, and ``feature*heat`` (the
+demo's ``HEATMAP_PARAMS``) 0.945 and 0.627 (photo seed 1: 0.555 blobs alone, 0.656). The
+segments cost about 9 ms per 128x96 image and scale on one core (OpenCV's graph segmentation),
+more than the network's share; they run in threads while the network runs.
 
 Feature level. A CNN's last stage has stride 32: at the demo's 128x96 images it is a 4x3 grid,
 far too coarse for objects of 10-30 px. ``level="auto"`` picks the deepest level whose grid
@@ -584,7 +585,7 @@ class HeatmapGenerator(BatchedProposalGenerator):
             segments = [float(k) for k in ks]
             if not segments or min(segments) <= 0:
                 raise ValueError(f"heatmap: segments must be positive Felzenszwalb k values "
-                                 f"(e.g. [50, 100, 200, 400]) or None, got {ks!r}")
+                                 f"(e.g. [100, 300]) or None, got {ks!r}")
             _ximgproc("heatmap with segments")
         if segment_side is not None and int(segment_side) < 8:
             raise ValueError(f"heatmap: need segment_side >= 8 or None, got {segment_side!r}")
