@@ -11,19 +11,22 @@ both (DataLoader workers do it in parallel, and a refresh decodes at a lower res
 refresh runs on the demo's synthetic scenes (objects on a cluttered background) rendered at
 its working size, with an untrained network.
 
-Two settings:
+Three settings:
 
 - ``paper``: MoCo-v2, ResNet-50, 2 views of 224 px (the paper's); the refresh runs ResNet-50
   on 4:3 photos at ``--max-side`` (default 256) long side, ``level: auto``;
+- ``paper+seg``: the same with the demo's colour segments as extra candidates and its
+  ``feature*heat`` score (``segments``, segmented at the working size);
 - ``demo``: SimCLR, ``test_efficientnet``, 2 views of 48 px, batch 128 (``objcrop demo``); the
   refresh runs at 2x the 128x96 scenes (the demo's ``HEATMAP_PARAMS``).
 
-The refresh's host part (the connected components of the heat maps, on the CPU whatever the
-device; the network, the whitening and the box scores run on the device) is also timed alone:
-on a GPU it is the floor of the refresh's cost. Prints per-image milliseconds and one line
+The refresh's host part (the connected components of the heat maps and the segmentation, on
+the CPU whatever the device; the network, the whitening and the box scores run on the device)
+is also timed alone: on a GPU it is the floor of the refresh's cost. Prints per-image milliseconds and one line
 
-    RESULT paper_refresh_fraction=<x> demo_refresh_fraction=<x> paper_host_fraction=<x>
-           demo_host_fraction=<x> device=<d>
+    RESULT paper_refresh_fraction=<x> paper_segments_fraction=<x> demo_refresh_fraction=<x>
+           paper_host_fraction=<x> paper_segments_host_fraction=<x> demo_host_fraction=<x>
+           device=<d>
 """
 
 from __future__ import annotations
@@ -70,8 +73,8 @@ def train_ms_per_image(method: str, model: str, view: int, batch: int, device: s
 def refresh_ms_per_image(model: str, work_hw: tuple[int, int], params: dict, n: int,
                          device: str, repeat: int) -> tuple[float, float]:
     """Milliseconds per image of a whole refresh, and of its host-side part: the connected
-    components of the heat maps (everything else runs on ``device``; on a GPU the host part
-    is what remains of the refresh's cost)."""
+    components of the heat maps and, with ``segments``, the colour segmentation (everything
+    else runs on ``device``; on a GPU the host part is what remains of the refresh's cost)."""
     from objcrop_plugin.backbones import create_backbone
     from objcrop_plugin.data.synthetic import render_scene
     from objcrop_plugin.proposals.heatmap import HeatmapGenerator, candidate_boxes
@@ -92,8 +95,10 @@ def refresh_ms_per_image(model: str, work_hw: tuple[int, int], params: dict, n: 
     maps = gen.heat_maps(works)
 
     def host() -> None:
-        for m in maps:
+        for m, work in zip(maps, works):
             candidate_boxes(m, gen.thresholds, gen.min_area)
+            if gen.segments:
+                gen._segment_boxes(work)
 
     return 1000 * _timed(run, repeat) / n, 1000 * _timed(host, repeat) / n
 
@@ -114,19 +119,27 @@ def main(argv: list[str] | None = None) -> int:
         "resnet50", (side * 3 // 4, side), {"max_side": side}, args.images, dev, args.repeat)
     from objcrop_plugin.demo import HEATMAP_PARAMS
 
+    seg = {k: HEATMAP_PARAMS[k] for k in ("segments", "score")}
+    paper_seg, paper_seg_host = refresh_ms_per_image(
+        "resnet50", (side * 3 // 4, side), {"max_side": side, **seg}, args.images, dev,
+        args.repeat)
+
     demo_train = train_ms_per_image("simclr", "test_efficientnet", 48, 128, dev, args.repeat)
     demo_refresh, demo_host = refresh_ms_per_image(
         "test_efficientnet", (96, 128), HEATMAP_PARAMS, 128, dev, args.repeat)
     print(f"device {dev}, torch threads {torch.get_num_threads()}")
-    print(f"{'setting':<8}{'train ms/img':>14}{'refresh ms/img':>16}{'of it host':>12}"
+    print(f"{'setting':<10}{'train ms/img':>12}{'refresh ms/img':>16}{'of it host':>12}"
           f"{'fraction':>10}")
     rows = (("paper", paper_train, paper_refresh, paper_host),
+            ("paper+seg", paper_train, paper_seg, paper_seg_host),
             ("demo", demo_train, demo_refresh, demo_host))
     for name, t, r, h in rows:
-        print(f"{name:<8}{t:>14.2f}{r:>16.2f}{h:>12.2f}{r / t:>10.3f}")
+        print(f"{name:<10}{t:>12.2f}{r:>16.2f}{h:>12.2f}{r / t:>10.3f}")
     print(f"RESULT paper_refresh_fraction={paper_refresh / paper_train:.3f} "
+          f"paper_segments_fraction={paper_seg / paper_train:.3f} "
           f"demo_refresh_fraction={demo_refresh / demo_train:.3f} "
           f"paper_host_fraction={paper_host / paper_train:.3f} "
+          f"paper_segments_host_fraction={paper_seg_host / paper_train:.3f} "
           f"demo_host_fraction={demo_host / demo_train:.3f} device={dev}")
     return 0
 
