@@ -279,8 +279,9 @@ def segment_boxes(
     img = np.ascontiguousarray(image)
     if segment_side is not None and max(h, w) > segment_side:
         f = segment_side / max(h, w)
-        img = _cv2().resize(img, (max(1, round(w * f)), max(1, round(h * f))),
-                            interpolation=_cv2().INTER_AREA)
+        cv2 = _cv2()
+        img = cv2.resize(img, (max(1, round(w * f)), max(1, round(h * f))),
+                         interpolation=cv2.INTER_AREA)
     if not len(scales) or min(img.shape[:2]) < 2:
         return np.zeros((0, 4), np.int64)
     b, _ = graph_segment_regions(img, scales, merge_neighbours=False)
