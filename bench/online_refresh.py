@@ -22,7 +22,8 @@ Three settings:
 
 The refresh's host part (the connected components of the heat maps and the segmentation, on
 the CPU whatever the device; the network, the whitening and the box scores run on the device)
-is also timed alone: on a GPU it is the floor of the refresh's cost. Prints per-image milliseconds and one line
+is also timed alone: on a GPU it is the floor of the refresh's cost. Prints per-image
+milliseconds and one line
 
     RESULT paper_refresh_fraction=<x> paper_segments_fraction=<x> demo_refresh_fraction=<x>
            paper_host_fraction=<x> paper_segments_host_fraction=<x> demo_host_fraction=<x>
@@ -77,7 +78,11 @@ def refresh_ms_per_image(model: str, work_hw: tuple[int, int], params: dict, n: 
     else runs on ``device``; on a GPU the host part is what remains of the refresh's cost)."""
     from objcrop_plugin.backbones import create_backbone
     from objcrop_plugin.data.synthetic import render_scene
-    from objcrop_plugin.proposals.heatmap import HeatmapGenerator, candidate_boxes
+    from objcrop_plugin.proposals.heatmap import (
+        HeatmapGenerator,
+        candidate_boxes,
+        segment_boxes,
+    )
 
     torch.manual_seed(0)
     net = create_backbone(model).to(device)
@@ -98,7 +103,7 @@ def refresh_ms_per_image(model: str, work_hw: tuple[int, int], params: dict, n: 
         for m, work in zip(maps, works):
             candidate_boxes(m, gen.thresholds, gen.min_area)
             if gen.segments:
-                gen._segment_boxes(work)
+                segment_boxes(work, gen.segments, gen.segment_side)
 
     return 1000 * _timed(run, repeat) / n, 1000 * _timed(host, repeat) / n
 

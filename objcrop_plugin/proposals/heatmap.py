@@ -679,7 +679,8 @@ class HeatmapGenerator(BatchedProposalGenerator):
             # the segmentation needs only the pixels: it runs in threads while the network
             # runs (OpenCV releases the GIL)
             pool = ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(works))))
-            segs = [pool.submit(self._segment_boxes, work) for work in works]
+            segs = [pool.submit(segment_boxes, work, self.segments, self.segment_side)
+                    for work in works]
         was_training = net.training
         net.eval()
         mean = torch.tensor(_MEAN, device=dev).view(1, 3, 1, 1)
@@ -728,11 +729,6 @@ class HeatmapGenerator(BatchedProposalGenerator):
             if pool is not None:
                 pool.shutdown()
         return out
-
-    def _segment_boxes(self, work: np.ndarray) -> np.ndarray:
-        """``(N, 4)`` int64 xyxy boxes, in pixels of ``work``, of the colour segments of a
-        working image (:func:`segment_boxes`)."""
-        return segment_boxes(work, self.segments or (), self.segment_side)
 
     def _heat(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, h, w)`` heat (not normalised) and the features that score the boxes."""
