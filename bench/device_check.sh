@@ -47,7 +47,7 @@ fi
 
 part "3. BING on the GPU and the CPU (bench/proposals.py)"
 if [ "$CUDA" = 1 ]; then
-  python3 bench/proposals.py --methods bing --images 80 2>&1 | tail -4 || failed=1
+  python3 bench/proposals.py --methods bing --images 80 --budget 8 2>python3 bench/proposals.py --methods bing --images 80 2>&11 | tail -4 || failed=1
 else
   python3 bench/proposals.py --methods bing --images 8 --budget 2 2>&1 | tail -4 || failed=1
 fi
@@ -60,7 +60,8 @@ else
   N=64; SIZE=160x120; BACKBONE=test_efficientnet; VIEW=32; BATCH=16; STEPS=4; WORKERS=2
   ACCEL=cpu; PREC=32-true; CANVAS=64
 fi
-objcrop demo-data --data-dir "$OUT/data" --n-images "$N" --image-size "$SIZE" > /dev/null || failed=1
+objcrop demo-data --data-dir "$OUT/data" --n-images "$N" --image-size "$SIZE" --workers "$WORKERS" \
+  > /dev/null || failed=1
 for engine in gpu cpu; do
   run="$OUT/train_$engine"
   rm -rf "$run"

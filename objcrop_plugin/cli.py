@@ -20,7 +20,8 @@ def _demo_data(args: argparse.Namespace):
 
     root = Path(args.data_dir) if args.data_dir else DEFAULT_HOME / "demo"
     size = tuple(int(v) for v in args.image_size.lower().split("x"))
-    return write_dataset(root, n_images=args.n_images, size=size, seed=args.data_seed)
+    workers = getattr(args, "workers", 1)
+    return write_dataset(root, n_images=args.n_images, size=size, seed=args.data_seed, workers=workers)
 
 
 def _add_demo_data_args(p: argparse.ArgumentParser) -> None:
@@ -452,6 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-data", help="generate the embedded demo data set")
     _add_demo_data_args(p)
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes rendering in parallel (default 1); the images are the same for any value")
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("eval", help="multi-label linear probe (mAP) and kNN on frozen features")

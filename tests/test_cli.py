@@ -178,3 +178,14 @@ def test_demo_command_quick_budget_writes_results_picture_and_ends_with_result(t
     assert set(res["runs"]) == {"random", "scene_scene", "obj_obj_dilate"}
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("RESULT scene_map=") and "delta=" in last
+
+
+def test_demo_data_with_worker_processes_writes_the_same_files(tmp_path):
+    common = ["--n-images", "5", "--image-size", "96x64"]
+    assert main(["demo-data", "--data-dir", str(tmp_path / "one"), *common]) == 0
+    assert main(["demo-data", "--data-dir", str(tmp_path / "two"), *common, "--workers", "2"]) == 0
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert one == two and len(one) == 5 + 3
+    for rel in one:
+        assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
