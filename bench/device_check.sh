@@ -47,7 +47,7 @@ fi
 
 part "3. BING on the GPU and the CPU (bench/proposals.py)"
 if [ "$CUDA" = 1 ]; then
-  python3 bench/proposals.py --methods bing --images 80 --budget 8 2>python3 bench/proposals.py --methods bing --images 80 2>&11 | tail -4 || failed=1
+  python3 bench/proposals.py --methods bing --images 80 --budget 8 2>&1 | tail -4 || failed=1
 else
   python3 bench/proposals.py --methods bing --images 8 --budget 2 2>&1 | tail -4 || failed=1
 fi
