@@ -120,8 +120,8 @@ def test_views_depend_only_on_the_sample_seed(demo):
 def test_cuda_views_match_the_same_engine_on_the_cpu(demo, preset):
     """The device path (float16 matmuls under precision auto) against the CPU's float32 run:
     the same windows and per-sample seeds give the same views."""
-    ds = CanvasDataset(demo.root, demo.proposals_path, views="multi_crop", size=32, canvas=64,
-                       seed=3, keys=list(demo.keys))
+    ds = CanvasDataset(demo.root, demo.proposals_path, views="multi_crop", canvas=64, seed=3,
+                       keys=list(demo.keys), global_size=32, local_size=16)
     batch = canvas_batch(ds, range(8))
     engine = GPUViewEngine.from_recipe(ds.recipe, photometrics=preset)
     on_cpu = engine.transform_batch(batch)[0]
