@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared device check: one script for a lent GPU machine (one H100/H200), under 8 minutes.
+# The prepared device check: one script for a lent GPU machine (one H100/H200), under 8 minutes (269 s on an H200).
 #
 #   bash bench/device_check.sh            # OUT=/tmp/objcrop-device-check by default
 #
@@ -10,8 +10,9 @@
 #   3. the torch BING generator on the GPU and on the CPU (images/s at 512 px)
 #   4. `objcrop train`, MoCo-v2 on ResNet-50 at 224 px on generated data, a few hundred steps,
 #      with crop.engine gpu and with crop.engine cpu (16 workers): images/s each
-#   5. bench/online_refresh.py: an online proposal refresh against a training epoch, per image,
-#      and the refresh's host-side part alone (the connected components of the heat maps)
+#   5. bench/online_refresh.py: an online proposal refresh against a training epoch (bf16), per
+#      image, with the heat maps' connected components on the GPU and, as the peer, on the host;
+#      and the part of the refresh left on the host (the colour segmentation)
 # Without CUDA every part shrinks (tiny model, views, batches and step counts) and still runs, so
 # the script itself is checked on any machine; its numbers are then CPU numbers.
 set -uo pipefail
@@ -40,7 +41,7 @@ echo "RESULT part=cuda_tests device=$DEVICE rc=$rc"
 
 part "2. GPU view engine (bench/gpu_views.py)"
 if [ "$CUDA" = 1 ]; then
-  python3 bench/gpu_views.py --batch 256 --workers 16 2>&1 | tail -12 || failed=1
+  python3 bench/gpu_views.py --batch 256 --workers 16 2>&1 | tail -16 || failed=1
 else
   python3 bench/gpu_views.py --threads 1 --skip-torchvision 2>&1 | tail -4 || failed=1
 fi
@@ -80,9 +81,9 @@ done
 
 part "5. online proposal refresh against an epoch (bench/online_refresh.py)"
 if [ "$CUDA" = 1 ]; then
-  python3 bench/online_refresh.py --device cuda --images 64 --batch 64 2>&1 | tail -6 || failed=1
+  python3 bench/online_refresh.py --device cuda --images 64 --batch 64 2>&1 | tail -8 || failed=1
 else
-  python3 bench/online_refresh.py --device cpu --images 4 --batch 2 --repeat 1 2>&1 | tail -6 \
+  python3 bench/online_refresh.py --device cpu --images 4 --batch 2 --repeat 1 2>&1 | tail -8 \
     || failed=1
 fi
 

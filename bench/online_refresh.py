@@ -20,14 +20,17 @@ Three settings:
 - ``demo``: SimCLR, ``test_efficientnet``, 2 views of 48 px, batch 128 (``objcrop demo``); the
   refresh runs at 2x the 128x96 scenes (the demo's ``HEATMAP_PARAMS``).
 
-The refresh's host part (the connected components of the heat maps and the segmentation, on
-the CPU whatever the device; the network, the whitening and the box scores run on the device)
-is also timed alone: on a GPU it is the floor of the refresh's cost. Prints per-image
-milliseconds and one line
+The refresh's host part (the segmentation, and the connected components of the heat maps
+where they run on the host: ``--components``, by default on the device when it is a GPU; the
+network, the whitening and the box scores run on the device) is also timed alone: on a GPU it
+is the floor of the refresh's cost. On a GPU the paper's setting is also timed with the
+components on the host (``paper_host_components_fraction``), the peer of the device's. The
+training step runs as ``objcrop train`` runs it on that device (bf16 autocast and channels-last
+on a GPU, float32 on a CPU; ``--precision``). Prints per-image milliseconds and one line
 
     RESULT paper_refresh_fraction=<x> paper_segments_fraction=<x> demo_refresh_fraction=<x>
            paper_host_fraction=<x> paper_segments_host_fraction=<x> demo_host_fraction=<x>
-           device=<d>
+           paper_host_components_fraction=<x> device=<d> components=<where> precision=<p>
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ def _timed(fn, repeat: int) -> float:
 
 
 def train_ms_per_image(method: str, model: str, view: int, batch: int, device: str,
-                       repeat: int) -> float:
+                       repeat: int, bf16: bool = False) -> float:
     from objcrop_plugin.backbones import create_backbone
     from objcrop_plugin.train.methods import make_method
 
@@ -58,11 +61,15 @@ def train_ms_per_image(method: str, model: str, view: int, batch: int, device: s
     module = make_method(method, net, params, n_global=2, batch_size=batch).to(device)
     opt = torch.optim.SGD(module.parameters(), lr=1e-3)
     views = [torch.randn(batch, 3, view, view, device=device) for _ in range(2)]
+    if bf16:  # as objcrop train with precision bf16-mixed and backbone.channels_last
+        module = module.to(memory_format=torch.channels_last)
+        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
     module.train()
 
     def step() -> None:  # training_step without Lightning's logging: the method's loss
         opt.zero_grad(set_to_none=True)
-        loss = module.ssl_loss(list(views))
+        with torch.autocast(torch.device(device).type, torch.bfloat16, enabled=bf16):
+            loss = module.ssl_loss(list(views))
         loss.backward()
         opt.step()
         if device == "cuda":
@@ -101,7 +108,8 @@ def refresh_ms_per_image(model: str, work_hw: tuple[int, int], params: dict, n: 
 
     def host() -> None:
         for m, work in zip(maps, works):
-            candidate_boxes(m, gen.thresholds, gen.min_area)
+            if not gen.components_on_device:
+                candidate_boxes(m, gen.thresholds, gen.min_area)
             if gen.segments:
                 segment_boxes(work, gen.segments, gen.segment_side)
 
@@ -115,37 +123,61 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8, help="training batch (paper setting)")
     p.add_argument("--max-side", type=int, default=256)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--components", default="auto", choices=("auto", "host", "device"),
+                   help="where the heat maps' connected components run (default: the device "
+                        "when it is a GPU)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "32"),
+                   help="the training step's: bf16 autocast + channels-last, or float32 "
+                        "(default: bf16 on a GPU)")
     args = p.parse_args(argv)
     dev = args.device
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and dev.startswith("cuda"))
+    on = {"components": args.components}
 
     side = args.max_side
-    paper_train = train_ms_per_image("mocov2", "resnet50", 224, args.batch, dev, args.repeat)
+    paper_train = train_ms_per_image("mocov2", "resnet50", 224, args.batch, dev, args.repeat,
+                                     bf16)
     paper_refresh, paper_host = refresh_ms_per_image(
-        "resnet50", (side * 3 // 4, side), {"max_side": side}, args.images, dev, args.repeat)
+        "resnet50", (side * 3 // 4, side), {"max_side": side, **on}, args.images, dev,
+        args.repeat)
+    on_device = args.components == "device" or (args.components == "auto"
+                                                 and dev.startswith("cuda"))
+    paper_hostcc = paper_refresh  # the peer: the same refresh with the components on the host
+    if on_device:
+        paper_hostcc, _ = refresh_ms_per_image(
+            "resnet50", (side * 3 // 4, side), {"max_side": side, "components": "host"},
+            args.images, dev, args.repeat)
     from objcrop_plugin.demo import HEATMAP_PARAMS
 
     seg = {k: HEATMAP_PARAMS[k] for k in ("segments", "score")}
     paper_seg, paper_seg_host = refresh_ms_per_image(
-        "resnet50", (side * 3 // 4, side), {"max_side": side, **seg}, args.images, dev,
+        "resnet50", (side * 3 // 4, side), {"max_side": side, **seg, **on}, args.images, dev,
         args.repeat)
 
-    demo_train = train_ms_per_image("simclr", "test_efficientnet", 48, 128, dev, args.repeat)
+    demo_train = train_ms_per_image("simclr", "test_efficientnet", 48, 128, dev, args.repeat,
+                                    bf16)
     demo_refresh, demo_host = refresh_ms_per_image(
-        "test_efficientnet", (96, 128), HEATMAP_PARAMS, 128, dev, args.repeat)
-    print(f"device {dev}, torch threads {torch.get_num_threads()}")
-    print(f"{'setting':<10}{'train ms/img':>12}{'refresh ms/img':>16}{'of it host':>12}"
+        "test_efficientnet", (96, 128), {**HEATMAP_PARAMS, **on}, 128, dev, args.repeat)
+    where = "device" if on_device else "host"
+    print(f"device {dev}, torch threads {torch.get_num_threads()}, training step "
+          f"{'bf16' if bf16 else 'float32'}, connected components on the {where}")
+    print(f"{'setting':<16}{'train ms/img':>12}{'refresh ms/img':>16}{'of it host':>12}"
           f"{'fraction':>10}")
-    rows = (("paper", paper_train, paper_refresh, paper_host),
+    rows = [("paper", paper_train, paper_refresh, paper_host),
             ("paper+seg", paper_train, paper_seg, paper_seg_host),
-            ("demo", demo_train, demo_refresh, demo_host))
+            ("demo", demo_train, demo_refresh, demo_host)]
+    if on_device:
+        rows.insert(1, ("paper, host cc", paper_train, paper_hostcc, float("nan")))
     for name, t, r, h in rows:
-        print(f"{name:<10}{t:>12.2f}{r:>16.2f}{h:>12.2f}{r / t:>10.3f}")
+        print(f"{name:<16}{t:>12.2f}{r:>16.2f}{h:>12.2f}{r / t:>10.3f}")
     print(f"RESULT paper_refresh_fraction={paper_refresh / paper_train:.3f} "
           f"paper_segments_fraction={paper_seg / paper_train:.3f} "
           f"demo_refresh_fraction={demo_refresh / demo_train:.3f} "
           f"paper_host_fraction={paper_host / paper_train:.3f} "
           f"paper_segments_host_fraction={paper_seg_host / paper_train:.3f} "
-          f"demo_host_fraction={demo_host / demo_train:.3f} device={dev}")
+          f"demo_host_fraction={demo_host / demo_train:.3f} "
+          f"paper_host_components_fraction={paper_hostcc / paper_train:.3f} device={dev} "
+          f"components={where} precision={'bf16' if bf16 else '32'}")
     return 0
 
 

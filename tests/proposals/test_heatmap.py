@@ -24,7 +24,9 @@ from objcrop_plugin.proposals import ProposalStore  # noqa: E402
 from objcrop_plugin.proposals.build import build_store, make_generator  # noqa: E402
 from objcrop_plugin.proposals.heatmap import (  # noqa: E402
     HeatmapGenerator,
+    candidate_boxes,
     choose_level,
+    device_candidate_boxes,
     feature_contrast,
     heat_boxes,
     heat_contrast,
@@ -363,6 +365,8 @@ def test_errors_name_the_fix(tmp_path):
         HeatmapGenerator(MODEL, segments=[100, -5], device="cpu")
     with pytest.raises(ValueError, match="segment_side"):
         HeatmapGenerator(MODEL, segments=[100], segment_side=4, device="cpu")
+    with pytest.raises(ValueError, match="components must be"):
+        HeatmapGenerator(MODEL, components="gpu", device="cpu")
     with pytest.raises(ValueError, match="feature levels"):
         HeatmapGenerator(module=torch.nn.Linear(3, 3))
     with pytest.raises(ValueError, match="unknown parameter"):
@@ -464,3 +468,92 @@ def test_whiten_redoes_an_image_in_float64_when_its_float32_factorisation_fails(
     z = heatmap.whiten(feats)
     assert z.dtype == torch.float32
     torch.testing.assert_close(z, expected, rtol=1e-4, atol=1e-5)
+
+
+def smooth_maps(n: int, hw: tuple[int, int], grid: tuple[int, int], seed: int) -> np.ndarray:
+    """``n`` heat maps in [0, 1]: random grids upsampled bicubically (blobs of all shapes)."""
+    g = torch.from_numpy(np.random.default_rng(seed).random((n, 1, *grid)).astype(np.float32))
+    m = torch.nn.functional.interpolate(g, size=hw, mode="bicubic", align_corners=False)[:, 0]
+    lo, hi = m.amin((1, 2), keepdim=True), m.amax((1, 2), keepdim=True)
+    return ((m - lo) / (hi - lo)).numpy()
+
+
+def shapes_map() -> np.ndarray:
+    """Components that take a propagation many steps, or none: a spiral, a U, pixels touching
+    only at corners (one 8-connected component), single pixels, a ring around an island."""
+    m = np.zeros((40, 48), np.float32)
+    # a square spiral, 1 px wide, from the outside in
+    x0, y0, x1, y1 = 1, 1, 22, 22
+    while x0 <= x1 and y0 <= y1:
+        m[y0, x0:x1 + 1] = 1
+        m[y0:y1 + 1, x1] = 1
+        if y1 > y0 + 2:
+            m[y1, x0:x1 + 1] = 1
+        if x1 > x0 + 4:
+            m[y0 + 2:y1 + 1, x0] = 1
+        x0, y0, x1, y1 = x0 + 2, y0 + 2, x1 - 2, y1 - 2
+    m[25:38, 2] = m[37, 2:12] = m[25:38, 11] = 1  # a U
+    for i in range(8):  # a diagonal staircase touching at corners
+        m[25 + i, 14 + i] = 1
+    m[2, 30] = m[4, 32] = m[6, 46] = 1  # single pixels
+    m[10:20, 30:40] = 0.6  # a ring (0.6) around an island (0.9)
+    m[12:18, 32:38] = 0.0
+    m[14:16, 34:36] = 0.9
+    m[30:39, 30:47] = np.linspace(0.05, 1.0, 17, dtype=np.float32)  # a ramp
+    return m
+
+
+@pytest.mark.parametrize("case", ["smooth", "shapes", "empty", "full"])
+def test_device_components_give_opencvs_boxes(case):
+    """:func:`device_candidate_boxes` (label equivalence in torch) gives exactly the boxes of
+    OpenCV's connected components (:func:`candidate_boxes`) on the host, map by map."""
+    ths = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+    if case == "smooth":
+        maps = np.concatenate([smooth_maps(5, (48, 64), (6, 8), 0),
+                               smooth_maps(3, (48, 64), (24, 32), 1)])  # many small blobs
+    elif case == "shapes":
+        m = shapes_map()
+        maps = np.stack([m, m[::-1, ::-1].copy(), m[:, ::-1].copy()])
+    elif case == "empty":
+        maps = np.zeros((2, 9, 11), np.float32)
+    else:
+        maps = np.ones((2, 9, 11), np.float32)
+    for min_area in (1, 4, 9):
+        want = [candidate_boxes(m, ths, min_area) for m in maps]
+        got = device_candidate_boxes(torch.from_numpy(maps), ths, min_area)
+        assert len(got) == len(maps)
+        for w, g in zip(want, got):
+            assert g.dtype == np.int64 and g.shape[1:] == (4,)
+            np.testing.assert_array_equal(g, w)
+    if case == "shapes":  # the planted components are there: the spiral and the U whole
+        found = {tuple(b) for b in device_candidate_boxes(torch.from_numpy(maps[:1]), [0.5], 1)[0]}
+        assert {(1, 1, 23, 23), (2, 25, 12, 38), (14, 25, 22, 33), (30, 2, 31, 3)} <= found
+
+
+def test_device_components_in_chunks_and_with_one_jump_are_the_same():
+    maps = torch.from_numpy(smooth_maps(6, (30, 40), (5, 7), 2))
+    ths = [0.3, 0.5, 0.7]
+    whole = device_candidate_boxes(maps, ths, 4)
+    for kw in ({"max_pixels": 3 * 1200}, {"max_pixels": 1}, {"jumps": 1}, {"jumps": 0}):
+        for a, b in zip(whole, device_candidate_boxes(maps, ths, 4, **kw)):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="B, h, w"):
+        device_candidate_boxes(maps[0], ths, 4)
+
+
+def test_generator_components_on_the_device_change_no_box():
+    """``components="device"`` (the default on a GPU) gives the host's boxes and scores, and
+    is not a parameter of the store (the boxes do not depend on it)."""
+    torch.manual_seed(0)
+    net = timm.create_model(MODEL, pretrained=False, num_classes=0)
+    host = HeatmapGenerator(module=net, device="cpu", components="host", top_k=8)
+    dev = HeatmapGenerator(module=net, device="cpu", components="device", top_k=8)
+    assert not HeatmapGenerator(module=net, device="cpu").components_on_device
+    assert dev.components_on_device and not host.components_on_device
+    assert host.params() == dev.params() and "components" not in dev.params()
+    images = [planted_scene(i)[0] for i in range(3)]
+    for (hb, hs), (db, ds) in zip(host.raw_batch(images), dev.raw_batch(images)):
+        np.testing.assert_array_equal(db, hb)
+        np.testing.assert_array_equal(ds, hs)
+    for a, b in zip(host.propose_batch(images), dev.propose_batch(images)):
+        np.testing.assert_array_equal(a[0], b[0])
