@@ -81,9 +81,9 @@ done
 
 part "5. online proposal refresh against an epoch (bench/online_refresh.py)"
 if [ "$CUDA" = 1 ]; then
-  python3 bench/online_refresh.py --device cuda --images 64 --batch 64 2>&1 | tail -8 || failed=1
+  python3 bench/online_refresh.py --device cuda --images 64 --batch 64 2>&1 | tail -10 || failed=1
 else
-  python3 bench/online_refresh.py --device cpu --images 4 --batch 2 --repeat 1 2>&1 | tail -8 \
+  python3 bench/online_refresh.py --device cpu --images 4 --batch 2 --repeat 1 2>&1 | tail -10 \
     || failed=1
 fi
 

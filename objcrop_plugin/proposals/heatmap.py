@@ -79,8 +79,10 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
@@ -93,10 +95,14 @@ from .generators import BatchedProposalGenerator, resolve_device
 from .segments import _ximgproc, graph_segment_regions
 
 __all__ = [
+    "SEGMENT_CACHE",
     "HeatmapGenerator",
+    "SegmentCache",
     "box_contrast",
+    "cached_segment_boxes",
     "candidate_boxes",
     "choose_level",
+    "device_candidate_boxes",
     "feature_contrast",
     "heat_boxes",
     "heat_contrast",
@@ -382,6 +388,81 @@ def segment_boxes(
     return np.unique(b[keep], axis=0)
 
 
+
+class SegmentCache:
+    """:func:`segment_boxes` results by working image content, kept across refreshes.
+
+    The segments depend on the pixels alone, not on the network, so an online run computes
+    them at its first refresh and reuses them at every later one (decoding is deterministic:
+    the same image gives the same working pixels). Keyed by a BLAKE2b digest of the pixels,
+    their shape and the segmentation's parameters; the boxes are held as int32. When
+    ``max_bytes`` are held, new entries are not kept (the first ones stay: with a dataset read
+    in the same order at every refresh, a cache that evicted the oldest would never hit).
+    Thread-safe.
+    """
+
+    def __init__(self, max_bytes: int = 512 << 20) -> None:
+        self.max_bytes = int(max_bytes)
+        self.hits = 0
+        self.misses = 0
+        self._held: dict[bytes, np.ndarray] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(image: np.ndarray, scales: Sequence[float], segment_side: int | None) -> bytes:
+        h = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=20)
+        h.update(repr((image.shape, str(image.dtype), [float(k) for k in scales],
+                       segment_side)).encode())
+        return h.digest()
+
+    def get(self, key: bytes) -> np.ndarray | None:
+        with self._lock:
+            boxes = self._held.get(key)
+            if boxes is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+        return boxes.astype(np.int64)
+
+    def put(self, key: bytes, boxes: np.ndarray) -> None:
+        small = np.ascontiguousarray(boxes, dtype=np.int32)
+        with self._lock:
+            if key in self._held or self._bytes + small.nbytes + 64 > self.max_bytes:
+                return
+            self._held[key] = small
+            self._bytes += small.nbytes + 64
+
+    def clear(self) -> None:
+        with self._lock:
+            self._held.clear()
+            self._bytes = 0
+            self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+
+#: the process's segment cache (:class:`SegmentCache`), shared by every heat-map generator
+#: made with ``segment_cache=True`` (the default): an online run makes one per refresh
+SEGMENT_CACHE = SegmentCache()
+
+
+def cached_segment_boxes(
+    image: np.ndarray, scales: Sequence[float], segment_side: int | None,
+    cache: SegmentCache | None,
+) -> np.ndarray:
+    """:func:`segment_boxes` through ``cache`` (``None``: no cache)."""
+    if cache is None:
+        return segment_boxes(image, scales, segment_side)
+    key = cache.key(image, scales, segment_side)
+    boxes = cache.get(key)
+    if boxes is None:
+        boxes = segment_boxes(image, scales, segment_side)
+        cache.put(key, boxes)
+    return boxes
+
+
 def heat_contrast(boxes: np.ndarray, heat: np.ndarray, ring: float) -> np.ndarray:
     """Mean heat inside integer boxes minus the mean in the ring around each (``score="heat"``);
     a box that fills the map has no ring and is compared with nothing (mean 0 around)."""
@@ -620,6 +701,9 @@ class HeatmapGenerator(BatchedProposalGenerator):
             ``"device"`` (:func:`device_candidate_boxes`) or ``"auto"`` (the device when it is
             a GPU). The boxes are the same; on a GPU the host's components were most of a
             refresh's cost.
+        segment_cache: keep each image's segment boxes in the process's
+            :data:`SEGMENT_CACHE` (by content), so that the refreshes of an online run after
+            the first segment nothing. The boxes are the same either way.
         top_k, max_side, nms_iou, min_side, batch_size, device: see
             :class:`~objcrop_plugin.proposals.generators.BatchedProposalGenerator`
             (``device="auto"`` with ``module``: the module's device).
@@ -646,6 +730,7 @@ class HeatmapGenerator(BatchedProposalGenerator):
         segments: Sequence[float] | None = None,
         segment_side: int | None = 256,
         components: str = "auto",
+        segment_cache: bool = True,
         top_k: int = 10,
         max_side: int = 512,
         nms_iou: float | None = 0.5,
@@ -705,6 +790,7 @@ class HeatmapGenerator(BatchedProposalGenerator):
         self.segment_side = None if segment_side is None else int(segment_side)
         # where the connected components run changes no box: not a parameter of the store
         self._components = components
+        self._segment_cache = SEGMENT_CACHE if segment_cache else None
         if module is None:
             from ..backbones import create_backbone
 
@@ -786,8 +872,8 @@ class HeatmapGenerator(BatchedProposalGenerator):
             # the segmentation needs only the pixels: it runs in threads while the network
             # runs (OpenCV releases the GIL)
             pool = ThreadPoolExecutor(max(1, min(torch.get_num_threads(), len(works))))
-            segs = [pool.submit(segment_boxes, work, self.segments, self.segment_side)
-                    for work in works]
+            segs = [pool.submit(cached_segment_boxes, work, self.segments, self.segment_side,
+                                self._segment_cache) for work in works]
         was_training = net.training
         net.eval()
         mean = torch.tensor(_MEAN, device=dev).view(1, 3, 1, 1)

@@ -21,9 +21,12 @@ from objcrop_plugin.boxes import iou  # noqa: E402
 from objcrop_plugin.cli import main as cli_main  # noqa: E402
 from objcrop_plugin.data.synthetic import write_dataset  # noqa: E402
 from objcrop_plugin.proposals import ProposalStore  # noqa: E402
+from objcrop_plugin.proposals import heatmap as heatmap_module  # noqa: E402
 from objcrop_plugin.proposals.build import build_store, make_generator  # noqa: E402
 from objcrop_plugin.proposals.heatmap import (  # noqa: E402
+    SEGMENT_CACHE,
     HeatmapGenerator,
+    SegmentCache,
     candidate_boxes,
     choose_level,
     device_candidate_boxes,
@@ -557,3 +560,52 @@ def test_generator_components_on_the_device_change_no_box():
         np.testing.assert_array_equal(ds, hs)
     for a, b in zip(host.propose_batch(images), dev.propose_batch(images)):
         np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_segment_cache_keeps_each_images_segments_for_the_next_refresh(monkeypatch):
+    """An online run makes a generator per refresh: the later ones take every image's segment
+    boxes from the process's cache (by content) and segment nothing; the boxes are the same."""
+    calls = []
+    real = heatmap_module.segment_boxes
+    monkeypatch.setattr(heatmap_module, "segment_boxes",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    SEGMENT_CACHE.clear()
+    images = [planted_scene(i)[0] for i in range(3)]
+    torch.manual_seed(0)
+    net = timm.create_model(MODEL, pretrained=False, num_classes=0)
+
+    def refresh(**kw):
+        gen = HeatmapGenerator(module=net, device="cpu", segments=[100.0, 300.0], **kw)
+        return gen, gen.propose_batch(images)
+
+    gen, first = refresh()
+    assert len(calls) == 3 and len(SEGMENT_CACHE) == 3 and SEGMENT_CACHE.misses == 3
+    _, second = refresh()
+    assert len(calls) == 3 and SEGMENT_CACHE.hits == 3  # nothing segmented again
+    _, uncached = refresh(segment_cache=False)
+    assert len(calls) == 6 and SEGMENT_CACHE.hits == 3
+    for a, b, c in zip(first, second, uncached):
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[0], c[0])
+        np.testing.assert_array_equal(a[1], c[1])
+    assert "segment_cache" not in gen.params()
+    # other parameters or other pixels are other entries
+    refresh(segment_side=64)
+    assert len(calls) == 9 and len(SEGMENT_CACHE) == 6
+    SEGMENT_CACHE.clear()
+    assert len(SEGMENT_CACHE) == 0 and SEGMENT_CACHE.hits == 0
+
+
+def test_a_full_segment_cache_keeps_its_first_entries():
+    cache = SegmentCache(max_bytes=2 * (4 * 4 * 3 + 64))
+    boxes = np.array([[0, 0, 5, 5], [1, 2, 3, 4], [2, 2, 9, 9]], np.int64)
+    keys = [cache.key(np.full((4, 5, 3), v, np.uint8), [100.0], 256) for v in range(3)]
+    assert len(set(keys)) == 3
+    assert cache.key(np.full((4, 5, 3), 0, np.uint8), [300.0], 256) != keys[0]
+    assert cache.key(np.full((5, 4, 3), 0, np.uint8), [100.0], 256) != keys[0]
+    for k in keys:
+        cache.put(k, boxes)
+    assert len(cache) == 2 and cache.get(keys[2]) is None
+    got = cache.get(keys[0])
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, boxes)
