@@ -273,7 +273,7 @@ def device_candidate_boxes(
     thresholds: Sequence[float],
     min_area: int,
     jumps: int = 6,
-    max_pixels: int = 1 << 25,
+    max_pixels: int = 1 << 23,
 ) -> list[np.ndarray]:
     """:func:`candidate_boxes` of a batch of heat maps ``(B, h, w)``, on their device.
 
@@ -289,8 +289,9 @@ def device_candidate_boxes(
 
     Args:
         jumps: pointer jumps per round (more: fewer rounds, each dearer).
-        max_pixels: maps times thresholds times pixels labelled at once (eight int64 arrays of
-            that length are live); larger batches go in chunks of maps.
+        max_pixels: maps times thresholds times pixels labelled at once (up to about eight
+            int64 arrays of that length are live: 0.5 GiB at the default 2**23); larger
+            batches go in chunks of maps.
 
     Returns:
         per map, the distinct ``(N, 4)`` int64 xyxy boxes, sorted as by :func:`candidate_boxes`.
