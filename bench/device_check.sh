@@ -3,6 +3,9 @@
 #
 #   bash bench/device_check.sh            # OUT=/tmp/objcrop-device-check by default
 #
+# Needs the package installed (pip install -e .), lightly, Kornia and OpenCV contrib; on a
+# machine without a package index, see bench/offline_deps.sh.
+#
 # Parts, each ending in one RESULT line:
 #   1. the tests that need CUDA (the GPU engine on the device against the CPU, BING on CUDA)
 #   2. bench/gpu_views.py at batch 256: the GPU view engine against its peers, and its time as a
