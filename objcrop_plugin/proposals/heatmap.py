@@ -904,9 +904,8 @@ class HeatmapGenerator(BatchedProposalGenerator):
                         for j, i in enumerate(idx):
                             out[i] = (maps[j], None)
                         continue
-                    if self.components_on_device:
-                        boxes = device_candidate_boxes(heat, self.thresholds, self.min_area)
-                    else:
+                    boxes = self._device_components(heat) if self.components_on_device else None
+                    if boxes is None:
                         boxes = [candidate_boxes(m, self.thresholds, self.min_area)
                                  for m in maps]
                     if segs is not None:
@@ -927,6 +926,18 @@ class HeatmapGenerator(BatchedProposalGenerator):
             if pool is not None:
                 pool.shutdown()
         return out
+
+    def _device_components(self, heat: torch.Tensor) -> list[np.ndarray] | None:
+        """:func:`device_candidate_boxes` of ``heat``; ``None`` (and OpenCV on the host from
+        then on, logged) when the device cannot run it (out of memory, an operation missing)."""
+        try:
+            return device_candidate_boxes(heat, self.thresholds, self.min_area)
+        except RuntimeError as exc:  # torch.OutOfMemoryError is one
+            log.warning("heatmap: the connected components failed on %s (%s); they run on the "
+                        "host from now on (the same boxes; set components='host' to skip this)",
+                        heat.device, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self._components = "host"
+            return None
 
     def _heat(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, h, w)`` heat (not normalised) and the features that score the boxes."""

@@ -609,3 +609,27 @@ def test_a_full_segment_cache_keeps_its_first_entries():
     got = cache.get(keys[0])
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, boxes)
+
+
+def test_components_that_fail_on_the_device_fall_back_to_the_host(monkeypatch, caplog):
+    torch.manual_seed(0)
+    net = timm.create_model(MODEL, pretrained=False, num_classes=0)
+    images = [planted_scene(i)[0] for i in range(2)]
+    want = HeatmapGenerator(module=net, device="cpu", components="host").raw_batch(images)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(heatmap_module, "device_candidate_boxes", broken)
+    gen = HeatmapGenerator(module=net, device="cpu", components="device")
+    with caplog.at_level("WARNING", logger="objcrop_plugin"):
+        got = gen.raw_batch(images)
+    assert calls == [1] and not gen.components_on_device
+    assert "run on the host from now on" in caplog.text and "out of memory" in caplog.text
+    for (wb, ws), (gb, gs) in zip(want, got):
+        np.testing.assert_array_equal(gb, wb)
+        np.testing.assert_array_equal(gs, ws)
+    gen.raw_batch(images)
+    assert calls == [1]  # not tried again
