@@ -12,7 +12,8 @@
 #      fraction of a ResNet-50 step (bf16, channels-last)
 #   3. the torch BING generator on the GPU and on the CPU (images/s at 512 px)
 #   4. `objcrop train`, MoCo-v2 on ResNet-50 at 224 px on generated data, a few hundred steps,
-#      with crop.engine gpu and with crop.engine cpu (16 workers): images/s each
+#      with crop.engine gpu and with crop.engine cpu (16 workers): images/s each; and the same
+#      DataLoader alone (bench/train_loader.py), which says whether the loader limits training
 #   5. bench/online_refresh.py: an online proposal refresh against a training epoch (bf16), per
 #      image, with the heat maps' connected components on the GPU and, as the peer, on the host;
 #      and the part of the refresh left on the host (the colour segmentation)
@@ -66,14 +67,14 @@ else
 fi
 objcrop demo-data --data-dir "$OUT/data" --n-images "$N" --image-size "$SIZE" --workers "$WORKERS" \
   > /dev/null || failed=1
+COMMON=(data.train_path="$OUT/data" data.proposals="$OUT/data/proposals_gt.objcrop" data.labels=null
+        data.num_workers=$WORKERS crop.size=$VIEW crop.canvas=$CANVAS trainer.batch_size=$BATCH)
 for engine in gpu cpu; do
   run="$OUT/train_$engine"
   rm -rf "$run"
-  objcrop train recipes/lightly/demo_mocov2.yaml \
-    data.train_path="$OUT/data" data.proposals="$OUT/data/proposals_gt.objcrop" data.labels=null \
-    data.num_workers=$WORKERS crop.engine=$engine crop.size=$VIEW crop.canvas=$CANVAS \
+  objcrop train recipes/lightly/demo_mocov2.yaml "${COMMON[@]}" crop.engine=$engine \
     backbone.name=$BACKBONE backbone.channels_last=$([ "$CUDA" = 1 ] && echo true || echo false) \
-    trainer.batch_size=$BATCH trainer.max_steps=$STEPS trainer.epochs=1000 \
+    trainer.max_steps=$STEPS trainer.epochs=1000 \
     trainer.accelerator=$ACCEL trainer.precision=$PREC trainer.progress_bar=false \
     trainer.resume=never trainer.out_dir="$run" > "$run.log" 2>&1
   rc=$?
@@ -81,6 +82,10 @@ for engine in gpu cpu; do
   echo "RESULT part=train engine=$engine device=$DEVICE backbone=$BACKBONE view=$VIEW batch=$BATCH steps=$STEPS images_per_s=$ips rc=$rc"
   [ "$rc" = 0 ] || { failed=1; tail -5 "$run.log"; }
 done
+# the same loader without a model: does the loader or the step limit the images/s above?
+python3 bench/train_loader.py recipes/lightly/demo_mocov2.yaml "${COMMON[@]}" \
+  trainer.out_dir="$OUT/loader" --batches $([ "$CUDA" = 1 ] && echo 40 || echo 3) 2>&1 | tail -3 \
+  || failed=1
 
 part "5. online proposal refresh against an epoch (bench/online_refresh.py)"
 if [ "$CUDA" = 1 ]; then

@@ -433,6 +433,30 @@ class EpochItems(torch.utils.data.Dataset):
         return self.dataset[item]
 
 
+def build_loader(cfg: RecipeConfig, dataset: Any, world_size: int = 1, epoch: int = 0) -> Any:
+    """The training DataLoader of :func:`run_recipe` over ``dataset`` (:func:`build_dataset`),
+    starting at ``epoch``: a per-epoch order from ``(seed, epoch)``, sharded over
+    ``world_size`` DDP ranks, with the epoch carried to the workers in each index (exact resume
+    for any number of workers)."""
+    from .resources import PREFETCH_FACTOR
+
+    t = cfg.trainer
+    workers = cfg.data.num_workers
+    sampler = EpochShuffleSampler(len(dataset), t.seed, world_size)
+    # Lightning creates the first iterator (and forks the workers) before it sets the resumed
+    # epoch: set it now
+    sampler.set_epoch(epoch)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    return torch.utils.data.DataLoader(
+        EpochItems(dataset), batch_size=t.batch_size, sampler=sampler,
+        drop_last=True, num_workers=workers, collate_fn=_collate(cfg),
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
+        persistent_workers=workers > 0 and cfg.data.persistent_workers,
+    )
+
+
 def _collate(cfg: RecipeConfig) -> Any:
     if cfg.crop.engine == "gpu":
         from ..engine.gpu import collate_canvas
@@ -489,7 +513,7 @@ def train(
 
     from .._random import distributed_rank
     from .methods import make_method
-    from .resources import PREFETCH_FACTOR, check_machine
+    from .resources import check_machine
 
     if distributed_rank() != 0 or int(os.environ.get("LOCAL_RANK", "0") or 0) != 0:
         echo = _silent  # DDP: one voice (rank 0)
@@ -539,7 +563,6 @@ def train(
     devices: Any = t.devices
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
-    workers = cfg.data.num_workers
     resume, preloaded = None, {}
     if picked is not None:
         resume = str(picked[0])
@@ -567,22 +590,8 @@ def train(
                 f"trainer (accelerator {t.accelerator!r}, devices {t.devices!r}, strategy "
                 f"{t.strategy!r}, precision {t.precision!r}): {exc}"
             ) from None
-        # a per-epoch order from (seed, epoch), sharded over DDP ranks, with the epoch carried
-        # to the workers in each index: exact resume for any number of workers
-        sampler = EpochShuffleSampler(len(dataset), t.seed, trainer.world_size)
         epoch = _resume_epoch(picked[1]) if picked is not None else 0
-        # Lightning creates the first iterator (and forks the workers) before it sets the
-        # resumed epoch: set it now
-        sampler.set_epoch(epoch)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(
-            EpochItems(dataset), batch_size=t.batch_size, sampler=sampler,
-            drop_last=True, num_workers=workers, collate_fn=_collate(cfg),
-            pin_memory=torch.cuda.is_available(),
-            prefetch_factor=PREFETCH_FACTOR if workers > 0 else None,
-            persistent_workers=workers > 0 and cfg.data.persistent_workers,
-        )
+        loader = build_loader(cfg, dataset, trainer.world_size, epoch)
         if online_cb is not None and picked is not None:
             saved = [v for k, v in (picked[1].get("callbacks") or {}).items()
                      if "OnlineProposals" in str(k)]
