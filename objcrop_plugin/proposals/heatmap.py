@@ -406,6 +406,7 @@ class SegmentCache:
         self.max_bytes = int(max_bytes)
         self.hits = 0
         self.misses = 0
+        self.full = False
         self._held: dict[bytes, np.ndarray] = {}
         self._bytes = 0
         self._lock = threading.Lock()
@@ -429,7 +430,15 @@ class SegmentCache:
     def put(self, key: bytes, boxes: np.ndarray) -> None:
         small = np.ascontiguousarray(boxes, dtype=np.int32)
         with self._lock:
-            if key in self._held or self._bytes + small.nbytes + 64 > self.max_bytes:
+            if key in self._held:
+                return
+            if self._bytes + small.nbytes + 64 > self.max_bytes:
+                if not self.full:
+                    self.full = True
+                    log.warning("heatmap: the segment cache is full (%d images, %d MiB): "
+                                "the images after them are segmented again at every refresh "
+                                "(raise SEGMENT_CACHE.max_bytes to keep more)", len(self._held),
+                                self.max_bytes >> 20)
                 return
             self._held[key] = small
             self._bytes += small.nbytes + 64
@@ -439,6 +448,7 @@ class SegmentCache:
             self._held.clear()
             self._bytes = 0
             self.hits = self.misses = 0
+            self.full = False
 
     def __len__(self) -> int:
         return len(self._held)

@@ -596,16 +596,19 @@ def test_segment_cache_keeps_each_images_segments_for_the_next_refresh(monkeypat
     assert len(SEGMENT_CACHE) == 0 and SEGMENT_CACHE.hits == 0
 
 
-def test_a_full_segment_cache_keeps_its_first_entries():
+def test_a_full_segment_cache_keeps_its_first_entries(caplog):
     cache = SegmentCache(max_bytes=2 * (4 * 4 * 3 + 64))
     boxes = np.array([[0, 0, 5, 5], [1, 2, 3, 4], [2, 2, 9, 9]], np.int64)
     keys = [cache.key(np.full((4, 5, 3), v, np.uint8), [100.0], 256) for v in range(3)]
     assert len(set(keys)) == 3
     assert cache.key(np.full((4, 5, 3), 0, np.uint8), [300.0], 256) != keys[0]
     assert cache.key(np.full((5, 4, 3), 0, np.uint8), [100.0], 256) != keys[0]
-    for k in keys:
-        cache.put(k, boxes)
-    assert len(cache) == 2 and cache.get(keys[2]) is None
+    with caplog.at_level("WARNING", logger="objcrop_plugin"):
+        for k in keys:
+            cache.put(k, boxes)
+        cache.put(cache.key(np.zeros((2, 2, 3), np.uint8), [1.0], None), boxes)
+    assert len(cache) == 2 and cache.get(keys[2]) is None and cache.full
+    assert caplog.text.count("segment cache is full (2 images") == 1  # said once
     got = cache.get(keys[0])
     assert got.dtype == np.int64
     np.testing.assert_array_equal(got, boxes)
