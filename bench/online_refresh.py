@@ -18,10 +18,10 @@ Three settings:
 - ``paper+seg``: the same with the demo's colour segments as extra candidates and its
   ``feature*heat`` score (``segments``, segmented at the working size);
 - ``demo``: SimCLR, ``test_efficientnet``, 2 views of 48 px, batch 128 (``objcrop demo``); the
-  refresh runs at 2x the 128x96 scenes (the demo's ``HEATMAP_PARAMS``).
+  refresh runs at 2x the 128x96 scenes (the demo's online runs' ``ONLINE_HEATMAP_PARAMS``).
 
 With segments, a run's first refresh segments every image and the later ones reuse the boxes
-(the generator's segment cache): both are timed (``, 2nd`` rows, ``*_later_fraction``).
+(the generator's segment cache): both are timed (``, 2nd`` row, ``*_later_fraction``).
 
 The refresh's host part (the segmentation, and the connected components of the heat maps
 where they run on the host: ``--components``, by default on the device when it is a GPU; the
@@ -33,8 +33,8 @@ on a GPU, float32 on a CPU; ``--precision``). Prints per-image milliseconds and 
 
     RESULT paper_refresh_fraction=<x> paper_segments_fraction=<x> demo_refresh_fraction=<x>
            paper_host_fraction=<x> paper_segments_host_fraction=<x> demo_host_fraction=<x>
-           paper_host_components_fraction=<x> paper_segments_later_fraction=<x>
-           demo_later_fraction=<x> device=<d> components=<where> precision=<p>
+           paper_host_components_fraction=<x> paper_segments_later_fraction=<x> device=<d>
+           components=<where> precision=<p>
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         paper_hostcc, _ = refresh_ms_per_image(
             "resnet50", (side * 3 // 4, side), {"max_side": side, "components": "host"},
             args.images, dev, args.repeat)
-    from objcrop_plugin.demo import HEATMAP_PARAMS
+    from objcrop_plugin.demo import HEATMAP_PARAMS, ONLINE_HEATMAP_PARAMS
 
     seg = {k: HEATMAP_PARAMS[k] for k in ("segments", "score")}
     cold = {"segment_cache": False}  # the first refresh of a run: every image segmented
@@ -168,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     demo_train = train_ms_per_image("simclr", "test_efficientnet", 48, 128, dev, args.repeat,
                                     bf16)
     demo_refresh, demo_host = refresh_ms_per_image(
-        "test_efficientnet", (96, 128), {**HEATMAP_PARAMS, **on, **cold}, 128, dev, args.repeat)
-    demo_warm, demo_warm_host = refresh_ms_per_image(
-        "test_efficientnet", (96, 128), {**HEATMAP_PARAMS, **on}, 128, dev, args.repeat)
+        "test_efficientnet", (96, 128), {**ONLINE_HEATMAP_PARAMS, **on}, 128, dev, args.repeat)
     where = "device" if on_device else "host"
     print(f"device {dev}, torch threads {torch.get_num_threads()}, training step "
           f"{'bf16' if bf16 else 'float32'}, connected components on the {where}")
@@ -179,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("paper", paper_train, paper_refresh, paper_host),
             ("paper+seg", paper_train, paper_seg, paper_seg_host),
             ("paper+seg, 2nd", paper_train, paper_seg_warm, float("nan")),
-            ("demo", demo_train, demo_refresh, demo_host),
-            ("demo, 2nd", demo_train, demo_warm, demo_warm_host)]
+            ("demo", demo_train, demo_refresh, demo_host)]
     if on_device:
         rows.insert(1, ("paper, host cc", paper_train, paper_hostcc, float("nan")))
     for name, t, r, h in rows:
@@ -192,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
           f"paper_segments_host_fraction={paper_seg_host / paper_train:.3f} "
           f"demo_host_fraction={demo_host / demo_train:.3f} "
           f"paper_host_components_fraction={paper_hostcc / paper_train:.3f} "
-          f"paper_segments_later_fraction={paper_seg_warm / paper_train:.3f} "
-          f"demo_later_fraction={demo_warm / demo_train:.3f} device={dev} "
+          f"paper_segments_later_fraction={paper_seg_warm / paper_train:.3f} device={dev} "
           f"components={where} precision={'bf16' if bf16 else '32'}")
     return 0
 
