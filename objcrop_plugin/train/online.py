@@ -13,7 +13,8 @@ Recipe::
 the views draw from: ``params.top_k`` defaults to the view recipe's ``crop.params.top_k`` when
 that is set. During the warm-up the views come from ``data.proposals`` when it is set, else from
 scene crops (each object view becomes its policy's scene crop; not counted as a fallback). At
-the end of epoch ``warmup_epochs`` (counted from 1), and every ``every_epochs`` epochs after it,
+the end of epoch ``warmup_epochs`` (counted from 1; ``0``: before the first epoch, from the
+initial weights, with no warm-up), and every ``every_epochs`` epochs after it,
 the current backbone (the momentum encoder where the method has one), in eval mode, computes
 proposals (``method``, a batched generator: ``heatmap`` or ``token_cut``) for every training
 image at the generator's working resolution, and writes ``OUT_DIR/proposals/epoch-NNNN.objcrop``
@@ -91,7 +92,7 @@ def parse_online(cfg: Any) -> OnlineSettings | None:
     if merged["method"] not in ONLINE_METHODS:
         raise RecipeError(f"crop.proposals.method: {merged['method']!r} cannot run on the "
                           f"model being trained; use one of {', '.join(ONLINE_METHODS)}")
-    for key, low in (("warmup_epochs", 1), ("every_epochs", 1)):
+    for key, low in (("warmup_epochs", 0), ("every_epochs", 1)):
         v = merged[key]
         if not isinstance(v, int) or isinstance(v, bool) or v < low:
             raise RecipeError(f"crop.proposals.{key} must be an integer >= {low}, got {v!r}")
@@ -230,6 +231,12 @@ def refresh_proposals(
     return stats
 
 
+def _network(module: Any) -> torch.nn.Module:
+    """The network the boxes come from: the momentum encoder where the method has one."""
+    net = getattr(module, "backbone_momentum", None)
+    return module.backbone if net is None else net
+
+
 def online_callback(cfg: Any, settings: OnlineSettings, schedule: OnlineSchedule, dataset: Any,
                     echo: Callable[[str], None] = print) -> Any:
     """The Lightning callback that refreshes the store before each refresh epoch (see the
@@ -248,6 +255,14 @@ def online_callback(cfg: Any, settings: OnlineSettings, schedule: OnlineSchedule
 
         def load_state_dict(self, state: dict[str, Any]) -> None:
             self.made = {int(k): v for k, v in state.get("made", {}).items()}
+
+        def setup(self, trainer: Any, module: Any, stage: str) -> None:
+            # warmup_epochs 0: the first store comes from the initial weights, before the
+            # DataLoader workers start (Lightning starts them before on_train_start); a resumed
+            # run has it in its checkpoint already
+            if stage == "fit" and schedule.warmup_epochs == 0 and 0 not in self.made:
+                _network(module).to(trainer.strategy.root_device)  # Lightning moves the rest
+                self._refresh(trainer, module, 0, schedule.store_path(0))
 
         def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
             self.epoch_started = time.perf_counter()
@@ -278,11 +293,9 @@ def online_callback(cfg: Any, settings: OnlineSettings, schedule: OnlineSchedule
                 )
 
         def _refresh(self, trainer: Any, module: Any, r: int, path: str) -> None:
-            net = getattr(module, "backbone_momentum", None)
-            net = module.backbone if net is None else net
             strategy = trainer.strategy
             stats = refresh_proposals(
-                net, settings, dataset.root, list(dataset.keys), path,
+                _network(module), settings, dataset.root, list(dataset.keys), path,
                 workers=cfg.data.num_workers, rank=trainer.global_rank,
                 world_size=trainer.world_size, barrier=strategy.barrier,
             )

@@ -72,6 +72,7 @@ def test_recipe_key_override_and_errors(tmp_path, data):
         "crop.proposals.every=3": "unknown key",
         "crop.proposals.method=bing": "cannot run on the model being trained",
         "crop.proposals.every_epochs=0": "every_epochs must be an integer >= 1",
+        "crop.proposals.warmup_epochs=-1": "warmup_epochs must be an integer >= 0",
         "crop.proposals.warmup_epochs=3": "must be below trainer.epochs",
         "crop.proposals.params.checkpoint=x.pth": "use the backbone being trained",
         "crop.proposals.params.thresholds=[2]": "thresholds",
@@ -131,6 +132,32 @@ def test_a_run_refreshes_from_its_momentum_encoder(tmp_path, data):
     assert state and sorted(state[0]["made"]) == ["1", "2"]
 
 
+def test_no_warm_up_boxes_from_the_initial_weights(tmp_path, data):
+    """warmup_epochs 0: the first store is computed before epoch 1 (from the initial weights),
+    so no view of the run is a scene crop, and it is the same store as a fresh run computes."""
+    online = {**ONLINE, "warmup_epochs": 0, "every_epochs": 2}
+    lines: list[str] = []
+    # a worker process: Lightning starts the workers before its on_train_start hook
+    res = train(load_recipe(recipe(tmp_path, data, crop={"proposals": online},
+                                   data={"num_workers": 1})), echo=lines.append)
+    assert [r["epoch"] for r in res["online_proposals"]] == [0, 2]
+    assert [x for x in lines if "online proposals" in x][0].startswith(
+        "  online proposals (heatmap) before epoch 1: 24 images")
+    stores = sorted(p.name for p in (tmp_path / "run" / "proposals").iterdir())
+    assert stores == ["epoch-0000.objcrop", "epoch-0002.objcrop"]
+    assert res["fallbacks"]["missing"] == 0 and res["fallbacks"]["samples"] == 3 * 24
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    state = [v for k, v in ckpt["callbacks"].items() if "OnlineProposals" in k]
+    assert sorted(state[0]["made"]) == ["0", "2"]
+    # the initial weights' store equals one computed from the same initialisation afresh
+    first = (tmp_path / "run" / "proposals" / "epoch-0000.objcrop").read_bytes()
+    again = train(load_recipe(recipe(tmp_path, data, crop={"proposals": online},
+                                     trainer={"epochs": 1, "out_dir": str(tmp_path / "b")})),
+                  echo=lambda s: None)
+    assert [r["epoch"] for r in again["online_proposals"]] == [0]
+    assert (tmp_path / "b" / "proposals" / "epoch-0000.objcrop").read_bytes() == first
+
+
 def test_an_unreadable_image_is_counted_not_fatal(tmp_path, data):
     """A JPEG that cannot be decoded: the refreshes leave it out of their stores and say so,
     the run skips it as any other and finishes."""
@@ -176,17 +203,21 @@ def test_kill_9_during_a_refresh_resumes_to_the_same_weights(tmp_path, data, kil
             tmp_path / "ref" / "proposals" / name).read_bytes()
 
 
-def test_ddp_ranks_share_one_merged_store(tmp_path, data):
-    path = recipe(tmp_path, data, trainer={"devices": 2, "strategy": "ddp", "epochs": 2})
+@pytest.mark.parametrize("warmup", [1, 0])
+def test_ddp_ranks_share_one_merged_store(tmp_path, data, warmup):
+    """warmup 0: the first refresh runs before training (Lightning's setup hook), where the
+    process group already exists."""
+    path = recipe(tmp_path, data, trainer={"devices": 2, "strategy": "ddp", "epochs": 2},
+                  crop={"proposals": {**ONLINE, "warmup_epochs": warmup, "every_epochs": 2}})
     done = subprocess.run(
         [sys.executable, "-m", "objcrop_plugin.cli", "train", str(path)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("online proposals (heatmap) before epoch 2") == 1
+    assert done.stdout.count(f"online proposals (heatmap) before epoch {warmup + 1}") == 1
     files = sorted(p.name for p in (tmp_path / "run" / "proposals").iterdir())
-    assert files == ["epoch-0001.objcrop"]  # shards merged and removed
-    store = ProposalStore(tmp_path / "run" / "proposals" / "epoch-0001.objcrop")
+    assert files == [f"epoch-000{warmup}.objcrop"]  # shards merged and removed
+    store = ProposalStore(tmp_path / "run" / "proposals" / f"epoch-000{warmup}.objcrop")
     assert len(store) == 24
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["online_proposals"][0]["images"] == 12  # rank 0's share
