@@ -6,7 +6,8 @@ __all__ = ["INSTALL_HINT", "INSTALL_STEPS", "SoloConfigError", "SoloNotFoundErro
 
 INSTALL_HINT = (
     "solo-learn is not installed: check out github.com/vturrisi/solo-learn and pip install "
-    "--no-deps --build-constraint <file with setuptools<82> <checkout> (see README)"
+    "--no-deps --build-constraint <file with setuptools<82> <checkout> (older pip: "
+    "PIP_CONSTRAINT=<file> pip install --no-deps <checkout>; see README)"
 )
 
 INSTALL_STEPS = (

@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[3]
 RECIPES = REPO / "recipes" / "solo"
 SOLO_SKIP = (
     "solo-learn is not installed: check out github.com/vturrisi/solo-learn and pip install "
-    "--no-deps --build-constraint <file with setuptools<82> <checkout> (see README)"
+    "--no-deps --build-constraint <file with setuptools<82> <checkout> (older pip: "
+    "PIP_CONSTRAINT=<file> pip install --no-deps <checkout>; see README)"
 )
 
 # scene layout: blue background, a red and a green rectangle far apart
