@@ -10,8 +10,10 @@ runs per seed: a randomly initialised network, ``scene_scene``, ``obj_scene`` an
 no annotation: each unsupervised generator's proposals (built once per dataset), ``heatmap``
 (two rounds: heat-map boxes from the same seed's ``scene_scene`` checkpoint) and ``online``
 (scene crops for the first 10% of the epochs, then heat-map boxes from the backbone being
-trained, refreshed every 20%: the same total budget as every other run). Every run of a seed
-starts from the same initialisation and sees the same batches.
+trained, refreshed every 20%: the same total budget as every other run); ``--sources ...
+initial`` adds ``obj_obj_dilate@initial`` (heat-map boxes from the initial weights, computed
+before the first epoch and kept for the whole run). Every run of a seed starts from the same
+initialisation and sees the same batches.
 
 Prints one table per seed, a summary (mean and standard deviation over seeds) and a last line
 
@@ -46,7 +48,7 @@ import sys
 import time
 from pathlib import Path
 
-from objcrop_plugin.demo import BUDGETS, run_demo, run_dir
+from objcrop_plugin.demo import BUDGETS, SELF_SOURCES, run_demo, run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BING = Path(os.environ.get("OBJCROP_BING_MODEL", REPO.parent / "shared" / "models" / "bing"))
@@ -76,8 +78,8 @@ def paired(runs: list[float], oracle: list[float]) -> tuple[float, float] | None
 def _recall10(res: dict, seed_out: Path, sources: list[str], params: dict) -> dict[str, float]:
     """Recall@10 at IoU 0.5 of the ground-truth boxes by each box store of one seed's run,
     and by the proposal generators' stores (``REFERENCE_SOURCES``) even when no run used
-    them (built here when missing: seconds each). ``online``: the online run's last refresh,
-    which covers the training images only, against their ground truth."""
+    them (built here when missing: seconds each). ``online`` and ``initial``: the run's last
+    store, which covers the training images only, against their ground truth."""
     from objcrop_plugin.proposals.build import build_store
     from objcrop_plugin.proposals.evaluate import recall
     from objcrop_plugin.proposals.store import ProposalStore
@@ -91,8 +93,8 @@ def _recall10(res: dict, seed_out: Path, sources: list[str], params: dict) -> di
             path = gt
         elif s == "heatmap":
             path = seed_out / f"proposals_{s}.objcrop"
-        elif s == "online":
-            refreshes = sorted((run_dir(seed_out, "obj_obj_dilate@online") / "proposals")
+        elif s in SELF_SOURCES:
+            refreshes = sorted((run_dir(seed_out, f"obj_obj_dilate@{s}") / "proposals")
                                .glob("epoch-*.objcrop"))
             if not refreshes:
                 continue
@@ -116,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sources", nargs="*",
                         default=["graph_segments", "bing", "heatmap", "online"],
                         help="boxes without annotation to compare with the oracle boxes: "
-                        "proposal generators, heatmap (two rounds), online")
+                        "proposal generators, heatmap (two rounds), online, initial (heat-map "
+                        "boxes from the initial weights, fixed)")
     parser.add_argument("--per-box", action="store_true",
                         help="also run obj_obj_dilate:per_box (oracle boxes, one sample per "
                         "box as the released code, at the per-image runs' number of steps)")
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs:
         runs = list(args.runs)
         sources = [s for s in sources if f"obj_obj_dilate@{s}" in runs]
-    params = {s: {"top_k": 10} for s in sources if s != "online"}
+    params = {s: {"top_k": 10} for s in sources if s not in SELF_SOURCES}
     if "bing" in params:
         params["bing"]["model_dir"] = str(args.bing_model)
     recall_params = {"graph_segments": {"top_k": 10}}

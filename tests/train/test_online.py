@@ -88,6 +88,10 @@ def test_schedule():
     assert [s.refresh_epoch(e) for e in range(8)] == [None, None, None, 3, 3, 5, 5, 7]
     assert s.path_for(0) == "/d/gt.objcrop" and s.path_for(4) == "/o/proposals/epoch-0003.objcrop"
     assert OnlineSchedule("/o", 0, 1).path_for(0) == "/o/epoch-0000.objcrop"
+    # every_epochs past the run's end: the initial weights' boxes serve the whole run
+    fixed = OnlineSchedule("/o", 0, 100)
+    assert {fixed.path_for(e) for e in range(25)} == {"/o/epoch-0000.objcrop"}
+    assert [e for e in range(1, 25) if fixed.refresh_epoch(e) == e] == []
 
 
 def test_dataset_follows_the_schedule(tmp_path, data):
