@@ -126,6 +126,8 @@ def create_backbone(
     name: str,
     checkpoint: PathLike | None = None,
     prefix: str | None = None,
+    *,
+    seed: int | None = None,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)``, with the
@@ -141,6 +143,10 @@ def create_backbone(
             random initialisation (seed torch first for a reproducible one).
         prefix: the backbone's key prefix inside ``checkpoint``; ``None`` detects it, ``""``
             means none.
+        seed: the random initialisation's seed (``None``: torch's global generator as it
+            is). The model is built under a forked generator seeded with it, so the same
+            seed gives the same weights in every process and the caller's random state is
+            left as it was.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate=0.1``,
             ``dynamic_img_size=True``); ``num_classes`` is ignored (always 0) and
             ``pretrained=True`` is refused (nothing is downloaded, pass ``checkpoint``).
@@ -166,7 +172,12 @@ def create_backbone(
         )
     if checkpoint is not None and not os.path.isfile(os.fspath(checkpoint)):
         raise FileNotFoundError(f"backbone checkpoint not found: {os.fspath(checkpoint)}")
-    net = timm.create_model(str(name), pretrained=False, num_classes=0, **kwargs)
+    if seed is None:
+        net = timm.create_model(str(name), pretrained=False, num_classes=0, **kwargs)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(seed))
+            net = timm.create_model(str(name), pretrained=False, num_classes=0, **kwargs)
     if checkpoint is not None:
         load_backbone_weights(net, checkpoint, prefix)
     return net

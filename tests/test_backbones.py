@@ -32,6 +32,20 @@ def test_random_init_is_timms_pooled_model():
     assert ours(torch.zeros(2, 3, 64, 64)).shape == (2, ours.num_features)
 
 
+def test_a_seed_gives_the_same_initial_weights_and_leaves_the_callers_generator_alone():
+    torch.manual_seed(5)
+    first = create_backbone(NAME, seed=3)
+    after = torch.rand(4)
+    torch.manual_seed(99)
+    second = create_backbone(NAME, seed=3)
+    assert _same(first, second)  # whatever the global generator held
+    torch.manual_seed(3)
+    assert _same(first, timm.create_model(NAME, pretrained=False, num_classes=0))
+    assert not _same(first, create_backbone(NAME, seed=4))
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(4))  # building drew nothing from the caller's
+
+
 def test_exported_backbone_loads_like_timm_checkpoint_path(tmp_path):
     src = _other()
     torch.save(src.state_dict(), tmp_path / "backbone.pth")  # what objcrop train exports

@@ -676,9 +676,13 @@ class HeatmapGenerator(BatchedProposalGenerator):
 
     Args:
         model: timm model name, created with ``pretrained=False``.
-        checkpoint: local weights file for ``model`` (``None``: random weights, which give
-            meaningless boxes; a warning says so).
+        checkpoint: local weights file for ``model`` (``None``: timm's initial weights,
+            seeded by ``seed``; a warning says so. Their whitened map still finds regions
+            that stand out from the rest of the image: the demo's ``@initial`` runs; a
+            trained network's finds more objects on photos, see the README's recall table).
         prefix: the backbone's key prefix inside ``checkpoint`` (``None``: detected).
+        seed: the initial weights' seed when there is no ``checkpoint`` (the same network,
+            hence the same boxes, in every process, shard and resumed build).
         module: an already built backbone to use instead of ``model``/``checkpoint`` (not a
             parameter of a store's manifest; used as it is, in eval mode during a call).
         model_kwargs: extra ``timm.create_model`` arguments (e.g. ``dynamic_img_size=True``).
@@ -727,6 +731,7 @@ class HeatmapGenerator(BatchedProposalGenerator):
         model: str = "resnet50",
         checkpoint: str | os.PathLike[str] | None = None,
         prefix: str | None = None,
+        seed: int = 0,
         module: torch.nn.Module | None = None,
         model_kwargs: dict[str, Any] | None = None,
         level: int | str = "auto",
@@ -787,6 +792,7 @@ class HeatmapGenerator(BatchedProposalGenerator):
         self.model = str(model)
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.prefix = prefix
+        self.seed = int(seed)
         self.model_kwargs = dict(model_kwargs or {})
         self.level = level
         self.min_cells = int(min_cells)
@@ -806,9 +812,13 @@ class HeatmapGenerator(BatchedProposalGenerator):
             from ..backbones import create_backbone
 
             if self.checkpoint is None:
-                log.warning("heatmap: no checkpoint given, %s has random weights: its boxes "
-                            "are meaningless (pass checkpoint=PATH)", self.model)
-            module = create_backbone(self.model, self.checkpoint, prefix, **self.model_kwargs)
+                log.warning("heatmap: no checkpoint given: %s keeps its initial weights "
+                            "(seed %d), whose boxes are those of regions that stand out, not "
+                            "of what a trained network knows (pass checkpoint=PATH for a "
+                            "trained network's)", self.model, self.seed)
+            module = create_backbone(self.model, self.checkpoint, prefix,
+                                     seed=self.seed if self.checkpoint is None else None,
+                                     **self.model_kwargs)
             module = module.to(self._device)
         elif str(device) == "auto":
             p = next(module.parameters(), None)

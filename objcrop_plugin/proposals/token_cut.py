@@ -244,9 +244,11 @@ class TokenCutGenerator(BatchedProposalGenerator):
         model: timm ViT name (``timm.list_models("vit_*")``), created with
             ``pretrained=False`` and ``dynamic_img_size=True``.
         checkpoint: local weights file for ``model`` (e.g. a DINO ViT-S/16 state dict for
-            ``vit_small_patch16_224``). ``None``: random weights, which give meaningless
-            boxes (tests only; a warning is logged).
+            ``vit_small_patch16_224``). ``None``: random weights (seeded by ``seed``), which
+            give meaningless boxes (tests only; a warning is logged).
         prefix: the backbone's key prefix inside ``checkpoint`` (``None``: detected).
+        seed: the random weights' seed when there is no ``checkpoint`` (the same network in
+            every process).
         module: an already built timm ViT (with ``dynamic_img_size=True``) to use instead of
             ``model``/``checkpoint``. Used as it is: not moved, put in eval mode during a call
             and back in its mode after. Not part of :meth:`params` (a store's manifest then
@@ -281,6 +283,7 @@ class TokenCutGenerator(BatchedProposalGenerator):
         model: str = "vit_small_patch16_224",
         checkpoint: str | os.PathLike[str] | None = None,
         prefix: str | None = None,
+        seed: int = 0,
         module: torch.nn.Module | None = None,
         model_kwargs: dict[str, Any] | None = None,
         max_objects: int = 3,
@@ -305,6 +308,7 @@ class TokenCutGenerator(BatchedProposalGenerator):
         self.model = str(model)
         self.checkpoint = None if checkpoint is None else os.fspath(checkpoint)
         self.prefix = prefix
+        self.seed = int(seed)
         self.model_kwargs = dict(model_kwargs or {})
         self.max_objects = int(max_objects)
         self.tau = float(tau)
@@ -359,6 +363,7 @@ class TokenCutGenerator(BatchedProposalGenerator):
                         self.model)
         try:
             net = create_backbone(self.model, self.checkpoint, self.prefix,
+                                  seed=self.seed if self.checkpoint is None else None,
                                   dynamic_img_size=True, **kwargs)
         except TypeError as exc:  # a CNN's constructor refuses dynamic_img_size
             raise ValueError(

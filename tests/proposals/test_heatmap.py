@@ -436,6 +436,32 @@ def test_kill_9_mid_build_resumes_to_the_identical_store(tmp_path, folder):
     assert out.read_bytes() == ref.read_bytes()
 
 
+def test_without_a_checkpoint_every_process_builds_the_same_seeded_network(tmp_path, folder,
+                                                                           caplog):
+    """Boxes from the initial weights: two builds in separate processes (other global
+    seeds) and a resumed or sharded one must use one network, so the weights are seeded."""
+    root, _ = folder
+    cli = [sys.executable, "-m", "objcrop_plugin.cli", "proposals", "build", str(root),
+           "--method", "heatmap", "--model", MODEL, "--device", "cpu", "--workers", "1",
+           "--no-progress", "--max-failure-rate", "0.1", "-o"]
+    a, b, c = (tmp_path / f"{n}.objcrop" for n in "abc")
+    for out, extra in ((a, []), (b, []), (c, ["--param", "seed=1"])):
+        done = subprocess.run(cli + [str(out)] + extra, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "keeps its initial weights (seed" in done.stderr
+    assert a.read_bytes() == b.read_bytes()
+    assert a.read_bytes() != c.read_bytes()
+    with caplog.at_level("WARNING", logger="objcrop_plugin"):
+        torch.manual_seed(7)
+        g0 = HeatmapGenerator(MODEL, device="cpu")
+        torch.manual_seed(8)
+        g1 = HeatmapGenerator(MODEL, device="cpu")
+    assert "keeps its initial weights (seed 0)" in caplog.text
+    assert all(torch.equal(x, y) for x, y in zip(g0._net.state_dict().values(),
+                                                 g1._net.state_dict().values()))
+
+
 @pytest.mark.parametrize("hw", [(5, 7), (6, 8), (1, 1)])
 @pytest.mark.parametrize("channels", [4, 150])  # 150: rows shared among threads
 def test_median_feature_is_torch_median_on_the_cpu(hw, channels):

@@ -252,10 +252,17 @@ def test_checkpoint_round_trip(tmp_path, caplog):
     assert from_file.params()["checkpoint"] == str(path)
 
 
-def test_random_weights_are_warned_about(caplog):
+def test_random_weights_are_warned_about_and_seeded(caplog):
     with caplog.at_level(logging.WARNING, logger="objcrop_plugin"):
-        TokenCutGenerator(model=TINY, model_kwargs=TINY_KW, device="cpu")
+        torch.manual_seed(1)
+        a = TokenCutGenerator(model=TINY, model_kwargs=TINY_KW, device="cpu")
     assert "random weights" in caplog.text and "checkpoint" in caplog.text
+    torch.manual_seed(2)  # another global seed: the same network (one per seed, any process)
+    b = TokenCutGenerator(model=TINY, model_kwargs=TINY_KW, device="cpu")
+    c = TokenCutGenerator(model=TINY, model_kwargs=TINY_KW, device="cpu", seed=1)
+    sa, sb, sc = (g._net.state_dict() for g in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
 
 
 def test_cnn_is_refused():
