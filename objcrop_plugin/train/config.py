@@ -23,7 +23,7 @@ the file, what was expected and (for misspellings) the closest known key.
       params: {dilation: 0.1, top_k: 10}  # the view recipe's parameters
       photometrics: null              # preset; null: the method's own (lightly's defaults)
       jitter: exact                   # or fast: one fused colour matrix per view (CPU engine)
-      proposals: null                 # or online: boxes from the model being trained
+      proposals: null                 # or online / initial: boxes from the model being trained
       engine: cpu                     # or gpu (crops on the device after transfer)
     method:
       name: mocov2                    # simclr | mocov2 | byol | vicreg
@@ -176,8 +176,9 @@ class CropConfig:
     canvas: int | list[int] | None = None  # gpu engine: decoded canvas size (default 2 x size)
     draft: bool = True
     seed: int | None = None  # crops from (seed, epoch, index, rank); null: trainer.seed
-    # online proposals: "online", or {method, warmup_epochs, every_epochs, params}; boxes
-    # from the backbone being trained (see objcrop_plugin.train.online)
+    # online proposals: "online", "initial" (boxes from the initial weights, kept), or
+    # {method, warmup_epochs, every_epochs, params}; boxes from the backbone being trained
+    # (see objcrop_plugin.train.online)
     proposals: str | dict[str, Any] | None = None
 
 

@@ -8,8 +8,10 @@ Recipe::
       # proposals: {method: heatmap, warmup_epochs: 20, every_epochs: 20,
       #             params: {scale: 2, max_side: 256}}
       # (warmup_epochs, every_epochs default to a tenth of trainer.epochs, at least 1)
+      # proposals: initial       # {warmup_epochs: 0, every_epochs: trainer.epochs}: one
+      #                          # store from the initial weights, kept for the whole run
 
-(also as the override ``crop.proposals=online``). Each store keeps as many boxes per image as
+(also as the override ``crop.proposals=online`` or ``crop.proposals=initial``). Each store keeps as many boxes per image as
 the views draw from: ``params.top_k`` defaults to the view recipe's ``crop.params.top_k`` when
 that is set. During the warm-up the views come from ``data.proposals`` when it is set, else from
 scene crops (each object view becomes its policy's scene crop; not counted as a fallback). At
@@ -61,6 +63,14 @@ class OnlineSettings:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+#: ``crop.proposals`` as a string: the mapping it stands for, given ``trainer.epochs``.
+#: ``initial``: one store from the initial weights, before the first epoch, for the whole run
+MODES: dict[str, Any] = {
+    "online": lambda epochs: {},
+    "initial": lambda epochs: {"warmup_epochs": 0, "every_epochs": max(1, epochs)},
+}
+
+
 def parse_online(cfg: Any) -> OnlineSettings | None:
     """The online settings of a recipe (``None``: a fixed store).
 
@@ -73,13 +83,14 @@ def parse_online(cfg: Any) -> OnlineSettings | None:
     if value is None:
         return None
     if isinstance(value, str):
-        if value != "online":
+        if value not in MODES:
             raise RecipeError(
                 f"crop.proposals: {value!r} is not a mode; use 'online' (boxes from the model "
-                "being trained) or a mapping {method, warmup_epochs, every_epochs, params}; a "
-                "fixed store goes in data.proposals"
+                "being trained, refreshed), 'initial' (boxes from its initial weights, kept) "
+                "or a mapping {method, warmup_epochs, every_epochs, params}; a fixed store "
+                "goes in data.proposals"
             )
-        value = {}
+        value = MODES[value](int(cfg.trainer.epochs))
     unknown = sorted(set(value) - set(_DEFAULTS))
     if unknown:
         raise RecipeError(f"crop.proposals: unknown key(s) {unknown}; known: "

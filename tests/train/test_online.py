@@ -60,6 +60,11 @@ def test_recipe_key_override_and_errors(tmp_path, data):
     assert (s.method, s.warmup_epochs, s.every_epochs) == ("heatmap", 1, 1)  # a tenth, >= 1
     s = parse_online(load_recipe(path, ["crop.proposals=online", "trainer.epochs=200"]))
     assert (s.warmup_epochs, s.every_epochs) == (20, 20)
+    # initial: one store from the initial weights for the whole run (no refresh)
+    s = parse_online(load_recipe(path, ["crop.proposals=initial", "trainer.epochs=200"]))
+    assert (s.method, s.warmup_epochs, s.every_epochs) == ("heatmap", 0, 200)
+    schedule = OnlineSchedule("/o", s.warmup_epochs, s.every_epochs)
+    assert {schedule.path_for(e) for e in range(200)} == {"/o/epoch-0000.objcrop"}
     assert "top_k" not in s.params  # the generator's default, as the views' (10)
     # the store keeps as many boxes as the views draw from; an explicit value wins
     s = parse_online(load_recipe(path, ["crop.proposals=online", "crop.params.top_k=20"]))
