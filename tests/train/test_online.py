@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -165,6 +166,45 @@ def test_no_warm_up_boxes_from_the_initial_weights(tmp_path, data):
                   echo=lambda s: None)
     assert [r["epoch"] for r in again["online_proposals"]] == [0]
     assert (tmp_path / "b" / "proposals" / "epoch-0000.objcrop").read_bytes() == first
+
+
+def test_a_refresh_changes_nothing_but_the_boxes(tmp_path, data, monkeypatch):
+    """A run refreshed every epoch whose refreshes are made to write the first store's boxes
+    again must end with the same weights as a run that keeps the first store: computing a
+    refresh (the trained network in eval mode, its DataLoader, its random draws) leaves the
+    training untouched, so refreshed and fixed runs differ by their boxes alone. Drop path
+    makes the training draw from torch's global generator, and the exported weights hold the
+    batch-norm statistics."""
+    import shutil
+
+    import objcrop_plugin.train.online as online_module
+
+    def weights(name: str, every: int) -> dict[str, torch.Tensor]:
+        online = {**ONLINE, "warmup_epochs": 0, "every_epochs": every}
+        out = tmp_path / name
+        res = train(load_recipe(recipe(
+            tmp_path, data, name=f"{name}.yaml", crop={"proposals": online},
+            data={"num_workers": 1}, trainer={"out_dir": str(out)}, method={"name": "simclr",
+                                                                     "params": {}},
+            backbone={"name": "test_resnet", "kwargs": {"drop_path_rate": 0.2}})),
+            echo=lambda s: None)
+        assert [r["epoch"] for r in res["online_proposals"]] == ([0] if every > 3 else [0, 1, 2])
+        return torch.load(out / "backbone.pth", weights_only=True)
+
+    fixed = weights("fixed", 100)
+    compute = online_module.refresh_proposals
+
+    def same_boxes(network, settings, root, keys, out, **kw):
+        stats = compute(network, settings, root, keys, out, **kw)  # with all it does
+        first = Path(out).parent / "epoch-0000.objcrop"
+        if Path(out) != first:
+            shutil.copyfile(first, out)
+        return stats
+
+    monkeypatch.setattr(online_module, "refresh_proposals", same_boxes)
+    refreshed = weights("refreshed", 1)
+    assert fixed.keys() == refreshed.keys()
+    assert all(torch.equal(fixed[k], refreshed[k]) for k in fixed)
 
 
 def test_an_unreadable_image_is_counted_not_fatal(tmp_path, data):
