@@ -11,18 +11,18 @@ Recipe::
       # proposals: initial       # {warmup_epochs: 0, every_epochs: trainer.epochs}: one
       #                          # store from the initial weights, kept for the whole run
 
-(also as the override ``crop.proposals=online`` or ``crop.proposals=initial``). Each store keeps as many boxes per image as
-the views draw from: ``params.top_k`` defaults to the view recipe's ``crop.params.top_k`` when
-that is set. During the warm-up the views come from ``data.proposals`` when it is set, else from
-scene crops (each object view becomes its policy's scene crop; not counted as a fallback). At
-the end of epoch ``warmup_epochs`` (counted from 1; ``0``: before the first epoch, from the
-initial weights, with no warm-up), and every ``every_epochs`` epochs after it,
-the current backbone (the momentum encoder where the method has one), in eval mode, computes
-proposals (``method``, a batched generator: ``heatmap`` or ``token_cut``) for every training
-image at the generator's working resolution, and writes ``OUT_DIR/proposals/epoch-NNNN.objcrop``
-(NNNN: the 0-based epoch it serves first) atomically, before the epoch-end checkpoint; the
-datasets open it from the next epoch on (each DataLoader worker maps the file named for the
-epoch of the item it makes; nothing is pickled).
+(also as the override ``crop.proposals=online`` or ``crop.proposals=initial``). Each store keeps
+as many boxes per image as the views draw from: ``params.top_k`` defaults to the view recipe's
+``crop.params.top_k`` when that is set. During the warm-up the views come from
+``data.proposals`` when it is set, else from scene crops (each object view becomes its policy's
+scene crop; not counted as a fallback). At the end of epoch ``warmup_epochs`` (counted from 1;
+``0``: before the first epoch, from the initial weights, with no warm-up), and every
+``every_epochs`` epochs after it, the current backbone (the momentum encoder where the method
+has one), in eval mode, computes proposals (``method``, a batched generator: ``heatmap`` or
+``token_cut``) for every training image at the generator's working resolution, and writes
+``OUT_DIR/proposals/epoch-NNNN.objcrop`` (NNNN: the 0-based epoch it serves first) atomically,
+before the epoch-end checkpoint; the datasets open it from the next epoch on (each DataLoader
+worker maps the file named for the epoch of the item it makes; nothing is pickled).
 
 Exact resume: the stores made so far are in the checkpoint (their epochs and SHA-256); a run
 killed during a refresh resumes from the checkpoint before it, trains that epoch again and
@@ -65,7 +65,7 @@ class OnlineSettings:
 
 #: ``crop.proposals`` as a string: the mapping it stands for, given ``trainer.epochs``.
 #: ``initial``: one store from the initial weights, before the first epoch, for the whole run
-MODES: dict[str, Any] = {
+MODES: dict[str, Callable[[int], dict[str, Any]]] = {
     "online": lambda epochs: {},
     "initial": lambda epochs: {"warmup_epochs": 0, "every_epochs": max(1, epochs)},
 }
