@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
@@ -140,11 +141,11 @@ def create_backbone(
     Args:
         name: a timm model name (``timm.list_models()``), optionally with a ``.tag``.
         checkpoint: a local ``torch.save`` file, see the module docstring; ``None``: timm's
-            random initialisation (seed torch first for a reproducible one).
+            random initialisation (reproducible with ``seed``).
         prefix: the backbone's key prefix inside ``checkpoint``; ``None`` detects it, ``""``
             means none.
         seed: the random initialisation's seed (``None``: torch's global generator as it
-            is). The model is built under a forked generator seeded with it, so the same
+            is; with ``checkpoint`` it changes nothing). The model is built under a forked generator seeded with it, so the same
             seed gives the same weights in every process and the caller's random state is
             left as it was.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate=0.1``,
@@ -172,12 +173,10 @@ def create_backbone(
         )
     if checkpoint is not None and not os.path.isfile(os.fspath(checkpoint)):
         raise FileNotFoundError(f"backbone checkpoint not found: {os.fspath(checkpoint)}")
-    if seed is None:
-        net = timm.create_model(str(name), pretrained=False, num_classes=0, **kwargs)
-    else:
-        with torch.random.fork_rng(devices=[]):
+    with contextlib.nullcontext() if seed is None else torch.random.fork_rng(devices=[]):
+        if seed is not None:
             torch.manual_seed(int(seed))
-            net = timm.create_model(str(name), pretrained=False, num_classes=0, **kwargs)
+        net = timm.create_model(str(name), pretrained=False, num_classes=0, **kwargs)
     if checkpoint is not None:
         load_backbone_weights(net, checkpoint, prefix)
     return net

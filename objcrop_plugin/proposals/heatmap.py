@@ -817,7 +817,7 @@ class HeatmapGenerator(BatchedProposalGenerator):
                             "of what a trained network knows (pass checkpoint=PATH for a "
                             "trained network's)", self.model, self.seed)
             module = create_backbone(self.model, self.checkpoint, prefix,
-                                     seed=self.seed if self.checkpoint is None else None,
+                                     seed=self.seed,
                                      **self.model_kwargs)
             module = module.to(self._device)
         elif str(device) == "auto":

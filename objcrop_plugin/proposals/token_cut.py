@@ -363,7 +363,7 @@ class TokenCutGenerator(BatchedProposalGenerator):
                         self.model)
         try:
             net = create_backbone(self.model, self.checkpoint, self.prefix,
-                                  seed=self.seed if self.checkpoint is None else None,
+                                  seed=self.seed,
                                   dynamic_img_size=True, **kwargs)
         except TypeError as exc:  # a CNN's constructor refuses dynamic_img_size
             raise ValueError(
