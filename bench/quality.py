@@ -12,7 +12,8 @@ no annotation: each unsupervised generator's proposals (built once per dataset),
 (scene crops for the first 10% of the epochs, then heat-map boxes from the backbone being
 trained, refreshed every 20%: the same total budget as every other run); ``--sources ...
 initial`` adds ``obj_obj_dilate@initial`` (heat-map boxes from the initial weights, computed
-before the first epoch and kept for the whole run). Every run of a seed starts from the same
+before the first epoch and kept for the whole run), ``online_no_warmup`` the online run with
+no warm-up (the initial weights' boxes, then refreshed). Every run of a seed starts from the same
 initialisation and sees the same batches.
 
 Prints one table per seed, a summary (mean and standard deviation over seeds) and a last line
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                         default=["graph_segments", "bing", "heatmap", "online"],
                         help="boxes without annotation to compare with the oracle boxes: "
                         "proposal generators, heatmap (two rounds), online, initial (heat-map "
-                        "boxes from the initial weights, fixed)")
+                        "boxes from the initial weights, fixed), online_no_warmup")
     parser.add_argument("--per-box", action="store_true",
                         help="also run obj_obj_dilate:per_box (oracle boxes, one sample per "
                         "box as the released code, at the per-image runs' number of steps)")

@@ -146,19 +146,23 @@ def test_reuse_takes_earlier_runs_with_the_same_settings_only(quick_run, tmp_pat
 
 def test_runs_on_the_networks_own_boxes(quick_run, tmp_path):
     """``@initial``: one store, from the initial weights, before the first epoch, for the whole
-    run; ``@online``: scene crops in the warm-up, then refreshed stores."""
+    run; ``@online``: scene crops in the warm-up, then refreshed stores; ``@online_no_warmup``:
+    the initial store, then refreshed ones."""
     from objcrop_plugin.demo import run_dir
     from objcrop_plugin.proposals import ProposalStore
 
     root, _, _ = quick_run
     out = tmp_path / "out"
     res = run_demo(out, budget="quick", seed=0, data_dir=root / "data",
-                   runs=["obj_obj_dilate@initial", "obj_obj_dilate@online"], epochs=3,
+                   runs=["obj_obj_dilate@initial", "obj_obj_dilate@online",
+                         "obj_obj_dilate@online_no_warmup"], epochs=3,
                    log=lambda s: None)
     stores = {n: sorted(p.name for p in (run_dir(out, n) / "proposals").glob("*.objcrop"))
               for n in res["runs"]}
     assert stores["obj_obj_dilate@initial"] == ["epoch-0000.objcrop"]
     assert stores["obj_obj_dilate@online"] == ["epoch-0001.objcrop", "epoch-0002.objcrop"]
+    assert stores["obj_obj_dilate@online_no_warmup"] == [
+        "epoch-0000.objcrop", "epoch-0001.objcrop", "epoch-0002.objcrop"]
     first = ProposalStore(run_dir(out, "obj_obj_dilate@initial") / "proposals" /
                           "epoch-0000.objcrop")
     assert first.meta["online"] is True and len(first) > 0
