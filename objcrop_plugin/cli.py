@@ -31,6 +31,24 @@ def _add_demo_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-seed", type=int, default=0, help="demo data seed (default 0)")
 
 
+def _readable(root: Path, keys: list[str], n: int) -> list[str]:
+    """The first ``n`` of ``keys`` whose image decodes; each one that does not is named on
+    stderr and passed over (a folder with one corrupt file still gets its picture)."""
+    from .images import ImageDecodeError, read_image
+
+    chosen: list[str] = []
+    for key in keys:
+        if len(chosen) == n:
+            break
+        try:
+            read_image(root / key)
+        except ImageDecodeError as e:
+            print(f"objcrop show: skipped {key}: {e}", file=sys.stderr)
+            continue
+        chosen.append(key)
+    return chosen
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from .files import check_output
     from .proposals.store import ProposalStore
@@ -48,7 +66,14 @@ def cmd_show(args: argparse.Namespace) -> int:
         demo = _demo_data(args)
         root, keys = demo.root, list(demo.keys)
         store = ProposalStore(args.proposals or demo.proposals_path)
-    keys = args.keys or keys[args.first : args.first + args.n]
+    if args.keys:
+        keys = args.keys  # named by the user: one that cannot be read is an error naming it
+    else:
+        candidates = keys[args.first :]
+        keys = _readable(Path(root), candidates, args.n)
+        if not keys:
+            raise ValueError(f"no image of {root} from index {args.first} on could be read "
+                             f"({len(candidates)} tried); check the folder with objcrop check")
     check_output(args.out, PICTURE_KIND, [root, store and store.path], args.force)
     out = crops_figure(
         root, keys, store, recipes=args.views, out=args.out, seed=args.seed,

@@ -40,6 +40,33 @@ def test_show_on_a_user_folder_with_a_store_and_three_recipes(tmp_path):
     assert rc == 0 and Image.open(out).size[1] > 2 * 168
 
 
+def test_show_passes_over_images_it_cannot_read(tmp_path, capsys):
+    """One corrupt file in a folder costs its row, not the picture; images the user names with
+    ``--keys`` are shown or the error names them."""
+    rng = np.random.default_rng(0)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name in ("b.jpg", "c.jpg", "d.jpg"):
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(imgs / name)
+    (imgs / "a.jpg").write_bytes((imgs / "b.jpg").read_bytes()[:300])  # truncated
+    common = ["show", "--root", str(imgs), "--views", "scene_scene"]
+    assert main([*common, "--n", "2", "--out", str(tmp_path / "two.png")]) == 0
+    err = capsys.readouterr().err
+    assert "skipped a.jpg" in err and "b.jpg" not in err
+    one = main([*common, "--n", "1", "--out", str(tmp_path / "one.png")])
+    assert one == 0
+    h1, h2 = Image.open(tmp_path / "one.png").size[1], Image.open(tmp_path / "two.png").size[1]
+    assert h2 > h1  # two rows: b.jpg and c.jpg
+    assert main([*common, "--keys", "a.jpg", "--out", str(tmp_path / "named.png")]) == 2
+    assert "a.jpg" in capsys.readouterr().err and not (tmp_path / "named.png").exists()
+    assert main([*common, "--first", "1", "--n", "3", "--out", str(tmp_path / "x.png")]) == 0
+    (imgs / "b.jpg").write_bytes(b"not an image")
+    (imgs / "c.jpg").unlink()
+    (imgs / "d.jpg").unlink()
+    assert main([*common, "--out", str(tmp_path / "none.png")]) == 2
+    assert "no image of" in capsys.readouterr().err
+
+
 def test_show_with_an_object_recipe_and_no_store_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (50, 40)).save(tmp_path / "imgs" / "a.png")

@@ -123,6 +123,11 @@ class ProposalGenerator:
         """Candidate boxes and scores on the working image ``(h, w, 3)`` uint8 RGB."""
         raise NotImplementedError
 
+    def min_side_for(self, size: tuple[int, int]) -> float:
+        """The smallest box side kept on a working image of ``size`` (width, height), in its
+        pixels: ``min_side`` (a generator may raise it with the image's size)."""
+        return self.min_side
+
     def working_image(self, image: np.ndarray | Image.Image) -> np.ndarray:
         return working_resize(image, self.max_side)
 
@@ -133,7 +138,7 @@ class ProposalGenerator:
         boxes, scores = self.raw(work)
         boxes, scores = postprocess(
             boxes, scores, (ww, wh), top_k=self.top_k, nms_iou=self.nms_iou,
-            min_side=self.min_side,
+            min_side=self.min_side_for((ww, wh)),
         )
         return box_ops.rescale(boxes, (ww, wh), size).astype(np.float32), scores
 
@@ -200,7 +205,7 @@ class BatchedProposalGenerator(ProposalGenerator):
                 wh, ww = work.shape[:2]
                 boxes, scores = postprocess(
                     boxes, scores, (ww, wh), top_k=self.top_k, nms_iou=self.nms_iou,
-                    min_side=self.min_side,
+                    min_side=self.min_side_for((ww, wh)),
                 )
                 out.append((box_ops.rescale(boxes, (ww, wh), size).astype(np.float32), scores))
         return out

@@ -273,14 +273,37 @@ def test_min_side_keeps_specks_from_outranking_the_object():
         img[y:y + 3, x:x + 3] = (10, 200, 250)
     obj = np.array([[70, 30, 110, 62]], np.float32)
     torch.manual_seed(0)
-    loose = HeatmapGenerator(MODEL, device="cpu",
-                             **{**HEATMAP_PARAMS, "min_side": 4.0, "top_k": 30})
+    loose = HeatmapGenerator(MODEL, device="cpu", **{
+        **HEATMAP_PARAMS, "min_side": 4.0, "min_side_fraction": 0.0, "top_k": 30})
     boxes, _ = loose(img)
     assert iou(obj, boxes[:1]).max() < 0.5 and iou(obj, boxes).max() > 0.5
     torch.manual_seed(0)
     boxes, _ = HeatmapGenerator(MODEL, device="cpu", **HEATMAP_PARAMS)(img)
     assert np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]).min() >= 8
     assert iou(obj, boxes[:1]).max() > 0.8
+
+
+def test_the_default_floor_follows_the_image_size():
+    """At 512 px a cell of the map is several pixels, and specks (the dots, the object's own
+    corners) pass a floor of a few pixels: ``min_side_fraction`` (8% of the working image's
+    short side by default) drops them at any size, so the object comes first with the
+    generator's defaults."""
+    img = np.full((384, 512, 3), 30, np.uint8)
+    img[120:248, 280:440] = (250, 240, 10)
+    for x, y in [(40, 40), (80, 280), (180, 60), (460, 320), (160, 200)]:
+        img[y:y + 3, x:x + 3] = (10, 200, 250)
+    obj = np.array([[280, 120, 440, 248]], np.float32)
+    assert HeatmapGenerator(MODEL, device="cpu").min_side_for((512, 384)) == pytest.approx(30.72)
+    assert HeatmapGenerator(MODEL, device="cpu", min_side=40).min_side_for((512, 384)) == 40
+    boxes, _ = HeatmapGenerator(MODEL, device="cpu", min_side_fraction=0.0)(img)
+    sides = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    assert iou(obj, boxes).max() < 0.5 and np.median(sides) < 16  # specks: none is the object
+    boxes, _ = HeatmapGenerator(MODEL, device="cpu")(img)
+    assert np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]).min() >= 30.72
+    assert iou(obj, boxes[:1]).max() > 0.8
+    # a build records it: a store made with another floor is another build
+    with pytest.raises(ValueError, match="min_side_fraction"):
+        HeatmapGenerator(MODEL, device="cpu", min_side_fraction=1.0)
 
 
 def planted_scene(seed: int = 0, size: tuple[int, int] = (128, 96)) -> tuple[np.ndarray, list]:
