@@ -56,8 +56,9 @@ the networks' initial weights and otherwise the generator's defaults, recall@10 
 with ``resnet18`` on seed 7 (where 0.08 was chosen), by floor 4 / 12 / 23 / 31 / 46 px (1 / 3
 / 6 / 8 / 12% of the short side): photo domain 0.001 / 0.230 / 0.553 / 0.634 / 0.507, demo
 0.002 / 0.430 / 0.824 / 0.870 / 0.872. With ``resnet50`` (the default model) on seed 8, by
-fraction 0 (4 px) / 0.08 / 0.12: photo 0.000 / 0.505 / 0.442, demo 0.000 / 0.813 / 0.862. At the demo's 128x96 the fraction (7.7 px) is under
-its ``min_side`` of 8 and changes nothing.
+fraction 0 (4 px) / 0.08 / 0.12: photo 0.000 / 0.505 / 0.442, demo 0.000 / 0.813 / 0.862;
+``graph_segments`` 0.406 and 0.885. At the demo's 128x96 the fraction (7.7 px) is under its
+``min_side`` of 8 and changes nothing.
 
 Recall@10 (IoU 0.5) of seed 0's first 400 scenes of each domain, boxes from the same seed's
 ``scene_scene`` backbone at the demo's settings: heat-map blobs alone 0.909 (demo) and 0.533

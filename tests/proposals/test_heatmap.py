@@ -301,7 +301,7 @@ def test_the_default_floor_follows_the_image_size():
     boxes, _ = HeatmapGenerator(MODEL, device="cpu")(img)
     assert np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]).min() >= 30.72
     assert iou(obj, boxes[:1]).max() > 0.8
-    # a build records it: a store made with another floor is another build
+    # out of range: an error that names the parameter
     with pytest.raises(ValueError, match="min_side_fraction"):
         HeatmapGenerator(MODEL, device="cpu", min_side_fraction=1.0)
 
