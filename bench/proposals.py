@@ -1,11 +1,14 @@
 """Proposal generators: speed per process, scaling over 2 processes, recall against ground truth.
 
     python bench/proposals.py [--images 80] [--bing-model DIR] [--methods bing bing_opencv ...]
+                              [--heatmap-model resnet18]
 
 On the demo generator's scenes (640x480, ground-truth boxes known), for each generator:
 images/s in one process at 512 px (single-threaded, as in ``objcrop proposals build``), the
 speed-up with 2 processes, and recall at IoU 0.5 of the top 10 proposals. OpenCV's own BING
-(``bing_opencv``) runs in the same process as the reference for ``bing``. Prints a table and a
+(``bing_opencv``) runs in the same process as the reference for ``bing``. ``heatmap`` runs
+``--heatmap-model`` with its initial weights (no checkpoint: the one-round route), on the CPU
+unless a GPU is there (its own column). Prints a table and a
 last line ``RESULT <method>_ips=<x> ... scaling=<x> <method>_recall10=<x> ...``. Measures only.
 """
 
@@ -27,10 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BING = Path(os.environ.get("OBJCROP_BING_MODEL", REPO.parent / "shared" / "models" / "bing"))
 
 
-def _params(method: str, bing_model: Path) -> dict:
+def _params(method: str, bing_model: Path, heatmap_model: str) -> dict:
     p = {"top_k": 10, "max_side": 512}
     if method.startswith("bing"):
         p["model_dir"] = str(bing_model)
+    if method in ("heatmap", "token_cut"):
+        p.update(model=heatmap_model, device="cpu")
     return p
 
 
@@ -93,7 +98,10 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=80)
     parser.add_argument("--bing-model", type=Path, default=DEFAULT_BING)
     parser.add_argument("--methods", nargs="+",
-                        default=["bing", "bing_opencv", "graph_segments", "selective_search"])
+                        default=["bing", "bing_opencv", "graph_segments", "selective_search",
+                                 "heatmap"])
+    parser.add_argument("--heatmap-model", default="resnet18",
+                        help="timm model of the heatmap (and token_cut) generator, initial weights")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per measurement")
     args = parser.parse_args()
 
@@ -120,7 +128,7 @@ def main() -> int:
         if method.startswith("bing") and not args.bing_model.is_dir():
             print(f"skip {method}: no BING model folder at {args.bing_model}")
             continue
-        params = _params(method, args.bing_model)
+        params = _params(method, args.bing_model, args.heatmap_model)
         ips, outs = measure(method, params, images, args.budget)
         n_pool = max(8, min(len(images), int(ips * args.budget * 1.5)))
         ips2 = measure_pool(method, params, images, n_pool)
