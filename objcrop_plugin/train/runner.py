@@ -620,8 +620,9 @@ def train(
     if trainer.global_rank != 0:
         return result
     if dataset.write_bad_images(out / "bad_images.tsv"):
-        echo(f"skipped {dataset.bad.count} unreadable images (each replaced by the next readable "
-             f"one), listed in {out / 'bad_images.tsv'}")
+        n = dataset.bad.count
+        echo(f"skipped {n} unreadable image{'' if n == 1 else 's'} (each replaced by the next "
+             f"readable one), listed in {out / 'bad_images.tsv'}")
     export_backbone(module.backbone, out / "backbone.pth")
     fb = recipe.fallbacks.as_dict()
     loss = trainer.callback_metrics.get("train_loss_epoch")
