@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import multiprocessing as mp
+import threading
+from collections.abc import Iterator
 from multiprocessing import context as mp_context
 
 from .images import ImageDecodeError
 
-__all__ = ["BadImages", "FallbackCounter", "TooManyBadImagesError"]
+__all__ = ["BadImages", "FallbackCounter", "TooManyBadImagesError", "counts_held"]
 
 log = logging.getLogger("objcrop_plugin")
+
+_held = threading.local()
+
+
+@contextlib.contextmanager
+def counts_held() -> Iterator[None]:
+    """Hold back what any :class:`FallbackCounter` counts in this thread inside the block:
+    counted (and logged) when the block ends normally, dropped when it raises.
+
+    A sample is planned from its image's header before the pixels are decoded; when they then
+    fail to decode, the sample is not served (the next readable image takes its place), so
+    neither it nor its fallback may be counted. Blocks nest: an inner block's counts join the
+    outer one's.
+    """
+    outer = getattr(_held, "events", None)
+    events: list[tuple[FallbackCounter, tuple]] = []
+    _held.events = events
+    try:
+        yield
+    finally:
+        _held.events = outer
+    for counter, args in events:
+        counter._record(*args)
 
 
 class FallbackCounter:
@@ -50,23 +76,35 @@ class FallbackCounter:
                 self._values[self.FIELDS.index(name)] = int(value)
 
     def add(self, field: str, n: int = 1) -> None:
+        """Count ``n`` in ``field`` (held back inside :func:`counts_held`)."""
+        self._record(field, n)
+
+    def fallback(self, field: str, key: str | None, detail: str) -> None:
+        """Count a fallback and log it (the first few, then every power of two; held back
+        inside :func:`counts_held`)."""
+        self._record(field, 1, key, detail)
+
+    def _record(self, field: str, n: int, key: str | None = None, detail: str | None = None) -> None:
+        events = getattr(_held, "events", None)
+        if events is not None:
+            events.append((self, (field, n, key, detail)))
+            return
         i = self.FIELDS.index(field)
         with self._lock:
             self._values[i] += n
-
-    def fallback(self, field: str, key: str | None, detail: str) -> None:
-        """Count a fallback and log it (the first few, then every power of ten)."""
-        self.add(field)
+        if detail is None:
+            return
         self._logged += 1
-        n = self._logged
-        level = logging.WARNING if n <= self.LOG_FIRST or n & (n - 1) == 0 else logging.INFO
+        logged = self._logged
+        level = (logging.WARNING if logged <= self.LOG_FIRST or logged & (logged - 1) == 0
+                 else logging.INFO)
         log.log(
             level,
             "objcrop: scene-crop fallback for %s (%s): %s [%d so far in this process]",
             key if key is not None else "<no key>",
             field,
             detail,
-            n,
+            logged,
         )
 
     def as_dict(self) -> dict[str, int]:

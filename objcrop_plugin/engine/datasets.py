@@ -51,7 +51,7 @@ from ..images import (
 )
 from ..policies import ViewRecipe
 from ..proposals.store import Proposals, ProposalStore
-from ..stats import BadImages
+from ..stats import BadImages, counts_held
 from .cpu import ViewEngine
 from .photometric import PhotometricSet
 
@@ -421,6 +421,11 @@ def first_readable(
     draw from. The replacement depends only on which files read, so batch shapes hold and a
     resumed run sees the same samples.
 
+    What making an item counts in a :class:`~objcrop_plugin.stats.FallbackCounter` (samples,
+    scene-crop fallbacks) stands only for the item served: an attempt whose pixels fail to
+    decode, after its crops were planned from the header, counts nothing
+    (:func:`~objcrop_plugin.stats.counts_held`).
+
     ``image(j)``: the image item ``j`` is made from, when items are not images (per-box
     sampling: several items per image); an image counts once in ``bad`` under that index,
     and the other items of an image that failed are skipped without reading it again.
@@ -435,7 +440,8 @@ def first_readable(
         if img in failed:
             continue
         try:
-            return make(j, index), j
+            with counts_held():  # a sample whose pixels fail to decode is not served
+                return make(j, index), j
         except ImageDecodeError as exc:
             failed.add(img)
             bad.record(img, where(j), _reason(exc))

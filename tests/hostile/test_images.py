@@ -248,6 +248,52 @@ def test_a_corrupt_image_is_replaced_by_the_next_readable_one(tmp_path, caplog, 
     assert snapshot(root) == before
 
 
+@pytest.mark.parametrize("kind", ["views", "canvas"])
+def test_a_corrupt_image_counts_no_sample_and_no_fallback(tmp_path, caplog, kind):
+    # the crops are planned from the header before the pixels fail to decode; that sample is
+    # never served, so it must not count, nor warn of a scene-crop fallback for the image
+    # (as a store built over the folder, which has no entry for it, would otherwise say)
+    root = tmp_path / "data"
+    names = write_images(root, 6)
+    corrupt(root / names[2])
+    store = tmp_path / "p.objcrop"
+    ProposalStore.write(store, [(k, [SQUARE], [1.0], (W, H)) for k in names if k != names[2]])
+    cls = ObjectCropDataset if kind == "views" else CanvasDataset
+    ds = cls(root, store, size=16, seed=0, max_failure_rate=0.5)
+    with caplog.at_level(logging.INFO, logger="objcrop_plugin"):
+        for i in range(len(ds)):
+            ds[i]
+    assert ds.bad.indices() == [2]
+    assert ds.recipe.fallbacks.as_dict() == {"samples": 6, "missing": 0, "unusable": 0,
+                                             "mismatched": 0}
+    assert "scene-crop fallback" not in caplog.text
+    # an image that reads and has no entry is still counted and named
+    (root / "extra.jpg").write_bytes((root / names[0]).read_bytes())
+    ds = cls(root, store, size=16, seed=0, max_failure_rate=0.5)
+    with caplog.at_level(logging.INFO, logger="objcrop_plugin"):
+        for i in range(len(ds)):
+            ds[i]
+    assert ds.recipe.fallbacks.as_dict()["samples"] == 7
+    assert ds.recipe.fallbacks.fallbacks == 1 and "extra.jpg (missing)" in caplog.text
+
+
+def test_held_counts_are_dropped_on_an_error_and_kept_otherwise():
+    from objcrop_plugin.stats import counts_held
+
+    counter = FallbackCounter()
+    with pytest.raises(ImageDecodeError), counts_held():
+        counter.add("samples")
+        counter.fallback("missing", "a.jpg", "no entry")
+        raise ImageDecodeError("a.jpg: cannot decode")
+    assert counter.as_dict()["samples"] == 0 and counter.fallbacks == 0
+    with counts_held():
+        with counts_held():
+            counter.add("samples")
+        assert counter.as_dict()["samples"] == 0  # held by the outer block
+        counter.fallback("unusable", "b.jpg", "none usable")
+    assert counter.as_dict() == {"samples": 1, "missing": 0, "unusable": 1, "mismatched": 0}
+
+
 def test_bad_images_are_counted_once_across_workers_and_epochs(tmp_path):
     root, store = _folder_with_bad(tmp_path, n=12, bad=(2, 9))
     ds = ObjectCropDataset(root, store, size=16, seed=0, max_failure_rate=0.2)
