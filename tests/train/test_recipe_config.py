@@ -118,6 +118,29 @@ def test_shipped_recipes_are_valid(path):
     assert cfg.crop.type == "object_aware" or cfg.data.epoch_length == "boxes"
 
 
+def _commented_train_commands() -> list[tuple[str, list[str]]]:
+    """Every ``objcrop train recipes/...`` line in the shipped recipes' comments."""
+    found = []
+    for path in sorted((REPO / "recipes" / "lightly").glob("*.yaml")):
+        for line in path.read_text().splitlines():
+            words = line.lstrip("# ").split(" #")[0].split()
+            if words[:2] == ["objcrop", "train"] and words[2].startswith("recipes/"):
+                found.append((words[2], words[3:]))
+    return found
+
+
+@pytest.mark.parametrize("recipe,overrides", _commented_train_commands(),
+                         ids=lambda v: v if isinstance(v, str) else " ".join(v))
+def test_the_commands_in_the_recipes_comments_are_valid(recipe, overrides):
+    cfg = load_recipe(REPO / recipe, overrides)
+    if "crop.proposals=initial" in overrides:
+        assert cfg.data.proposals is None and cfg.crop.proposals is not None
+
+
+def test_the_recipes_comments_hold_commands():
+    assert len(_commented_train_commands()) >= 10
+
+
 def test_released_code_recipes_are_per_box_and_its_matched_scene_baseline():
     from objcrop_plugin.policies import make_recipe
     from objcrop_plugin.train.config import recipe_params
