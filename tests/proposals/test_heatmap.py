@@ -337,8 +337,8 @@ def test_segment_boxes_hold_flat_objects_on_a_textured_background():
 
 def test_segments_add_candidates_and_feature_heat_scores_them():
     """With ``segments`` the candidates are the heat map's plus the colour segments' (those
-    above the size floor), each scored as without them; ``score="feature*heat"`` multiplies the feature score by the
-    square root of the positive heat contrast."""
+    above the size floor), each scored as without them; ``score="feature*heat"`` multiplies
+    the feature score by the square root of the positive heat contrast."""
     img, rects = planted_scene(1)
     torch.manual_seed(0)
     net = timm.create_model(MODEL, pretrained=False, num_classes=0)
