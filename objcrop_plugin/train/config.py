@@ -233,7 +233,7 @@ class TrainerConfig:
     deterministic: bool = False
     progress_bar: bool = True
     log_every_n_steps: int = 10
-    checkpoint_every_n_steps: int = 0  # 0: at the end of every epoch only
+    checkpoint_every_n_steps: int = 0  # also every n steps (0: at the end of every epoch only)
     resume: Literal["auto", "never"] = "auto"
     limit_train_batches: int | float | None = None
     gradient_clip_val: float | None = None
@@ -501,7 +501,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
     ``key=null`` sets ``None``; a missing intermediate mapping is created, so
     ``crop.params.top_k=5`` works on a recipe without ``crop.params``. ``crop=scene``,
-    ``method=byol`` and ``backbone=resnet18`` change only the type/name of an existing section.
+    ``method=byol`` and ``backbone=resnet18`` change only the type/name of an existing section;
+    ``crop.proposals.warmup_epochs=0`` on ``crop.proposals: online`` (or ``initial``) sets the
+    key in the mapping the mode stands for.
 
     Raises:
         RecipeError: an override without ``=``, or one that walks into a non-mapping.
@@ -524,6 +526,13 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
                 child = {}
             elif isinstance(child, str) and part in _SHORTHAND and i == 0:
                 child = {_SHORTHAND[part]: child}
+            elif isinstance(child, str) and parts[: i + 1] == ["crop", "proposals"]:
+                from .online import MODES  # `online` / `initial` stand for a mapping
+
+                if child not in MODES:
+                    raise RecipeError(f"override '{item}': crop.proposals is {child!r}, not "
+                                      f"a mode ({', '.join(MODES)}) or a mapping")
+                child = dict(MODES[child])
             elif not isinstance(child, Mapping):
                 raise RecipeError(
                     f"override '{item}': '{'.'.join(parts[: i + 1])}' is {child!r}, not a mapping"

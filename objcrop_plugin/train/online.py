@@ -7,11 +7,13 @@ Recipe::
       proposals: online          # or a mapping:
       # proposals: {method: heatmap, warmup_epochs: 20, every_epochs: 20,
       #             params: {scale: 2, max_side: 256}}
-      # (warmup_epochs, every_epochs default to a tenth of trainer.epochs, at least 1)
-      # proposals: initial       # {warmup_epochs: 0, every_epochs: trainer.epochs}: one
-      #                          # store from the initial weights, kept for the whole run
+      # (warmup_epochs, every_epochs default to a tenth of trainer.epochs, at least 1;
+      # every_epochs: 0 keeps the first refresh's store for the rest of the run)
+      # proposals: initial       # {warmup_epochs: 0, every_epochs: 0}: one store from the
+      #                          # initial weights, kept for the whole run
 
-(also as the override ``crop.proposals=online`` or ``crop.proposals=initial``). Each store keeps
+(also as the override ``crop.proposals=online`` or ``crop.proposals=initial``; a dotted override
+such as ``crop.proposals.warmup_epochs=0`` applies to the mapping a mode stands for). Each store keeps
 as many boxes per image as the views draw from: ``params.top_k`` defaults to the view recipe's
 ``crop.params.top_k`` when that is set. During the warm-up the views come from
 ``data.proposals`` when it is set, else from scene crops (each object view becomes its policy's
@@ -24,11 +26,15 @@ has one), in eval mode, computes proposals (``method``, a batched generator: ``h
 before the epoch-end checkpoint; the datasets open it from the next epoch on (each DataLoader
 worker maps the file named for the epoch of the item it makes; nothing is pickled).
 
-Exact resume: the stores made so far are in the checkpoint (their epochs and SHA-256); a run
-killed during a refresh resumes from the checkpoint before it, trains that epoch again and
-computes the refresh again from the same weights, and ends with the same weights as an
-uninterrupted run. A resumed run refuses a store that is missing or changed. With DDP, each rank
-computes every ``world_size``-th image, rank 0 merges the shards, and all ranks wait for it.
+Exact resume: the stores made so far and the schedule are in the checkpoint (their epochs and
+SHA-256); a run killed during a refresh resumes from the checkpoint before it, trains that epoch
+again and computes the refresh again from the same weights, and ends with the same weights as an
+uninterrupted run. A refresh that is due when a run resumes and was never made (the run ended
+there, and is now extended) is computed from the checkpoint's weights before training goes on.
+A resumed run refuses a store that is missing or changed, and a schedule (``trainer.epochs``
+changes the default one) that would have served the epochs already trained differently. With
+DDP, each rank computes every ``world_size``-th image, rank 0 merges the shards, and all ranks
+wait for it; the counts printed are the whole refresh's.
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["OnlineSchedule", "OnlineSettings", "parse_online", "refresh_proposals"]
+__all__ = ["OnlineRefreshError", "OnlineSchedule", "OnlineSettings", "parse_online",
+           "refresh_proposals"]
 
 #: generators that can run on the network being trained (they accept ``module=``)
 ONLINE_METHODS = ("heatmap", "token_cut")
@@ -63,11 +70,11 @@ class OnlineSettings:
     params: dict[str, Any] = field(default_factory=dict)
 
 
-#: ``crop.proposals`` as a string: the mapping it stands for, given ``trainer.epochs``.
+#: ``crop.proposals`` as a string: the mapping it stands for.
 #: ``initial``: one store from the initial weights, before the first epoch, for the whole run
-MODES: dict[str, Callable[[int], dict[str, Any]]] = {
-    "online": lambda epochs: {},
-    "initial": lambda epochs: {"warmup_epochs": 0, "every_epochs": max(1, epochs)},
+MODES: dict[str, dict[str, Any]] = {
+    "online": {},
+    "initial": {"warmup_epochs": 0, "every_epochs": 0},
 }
 
 
@@ -90,35 +97,44 @@ def parse_online(cfg: Any) -> OnlineSettings | None:
                 "or a mapping {method, warmup_epochs, every_epochs, params}; a fixed store "
                 "goes in data.proposals"
             )
-        value = MODES[value](int(cfg.trainer.epochs))
+        value = MODES[value]
     unknown = sorted(set(value) - set(_DEFAULTS))
     if unknown:
         raise RecipeError(f"crop.proposals: unknown key(s) {unknown}; known: "
                           f"{', '.join(_DEFAULTS)}")
     merged = {**_DEFAULTS, **value}
     tenth = max(1, round(int(cfg.trainer.epochs) / 10))
+    derived = merged["warmup_epochs"] is None
     for key in ("warmup_epochs", "every_epochs"):
         if merged[key] is None:
             merged[key] = tenth
     if merged["method"] not in ONLINE_METHODS:
         raise RecipeError(f"crop.proposals.method: {merged['method']!r} cannot run on the "
                           f"model being trained; use one of {', '.join(ONLINE_METHODS)}")
-    for key, low in (("warmup_epochs", 0), ("every_epochs", 1)):
+    for key in ("warmup_epochs", "every_epochs"):
         v = merged[key]
-        if not isinstance(v, int) or isinstance(v, bool) or v < low:
-            raise RecipeError(f"crop.proposals.{key} must be an integer >= {low}, got {v!r}")
-    if merged["warmup_epochs"] >= int(cfg.trainer.epochs) and cfg.trainer.max_steps < 1:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise RecipeError(f"crop.proposals.{key} must be an integer >= 0, got {v!r}"
+                              + (" (0: no refresh after the first)" if key == "every_epochs"
+                                 else " (0: the first store from the initial weights)"))
+    if merged["warmup_epochs"] >= int(cfg.trainer.epochs) >= 1:
+        why = " (its default: a tenth of trainer.epochs, at least 1)" if derived else ""
         raise RecipeError(
-            f"crop.proposals.warmup_epochs ({merged['warmup_epochs']}) must be below "
-            f"trainer.epochs ({cfg.trainer.epochs}): the first refresh comes after the warm-up"
+            f"crop.proposals.warmup_epochs ({merged['warmup_epochs']}{why}) must be below "
+            f"trainer.epochs ({cfg.trainer.epochs}): the first refresh comes after the "
+            "warm-up. Fix: crop.proposals=initial or crop.proposals.warmup_epochs=0 (boxes "
+            "from the initial weights), or more trainer.epochs"
         )
     if not isinstance(merged["params"], Mapping):
         raise RecipeError("crop.proposals.params must be a mapping of generator parameters")
     params = dict(merged["params"])
-    for bad in ("module", "checkpoint", "model", "prefix"):
+    for bad in ("module", "checkpoint", "model", "prefix", "model_kwargs"):
         if bad in params:
             raise RecipeError(f"crop.proposals.params.{bad}: online proposals use the backbone "
-                              "being trained; remove it")
+                              "being trained (backbone.name); remove it")
+    if "device" in params:
+        raise RecipeError("crop.proposals.params.device: online proposals run where the "
+                          "backbone trains (trainer.accelerator); remove it")
     if cfg.crop.type != "object_aware":
         raise RecipeError("crop.proposals: online proposals need crop.type: object_aware")
     # the store keeps the boxes that the views may draw from (the view recipe checks the value)
@@ -159,9 +175,12 @@ class OnlineSchedule:
     initial: str | None = None
 
     def refresh_epoch(self, epoch: int) -> int | None:
-        """The epoch of the newest refresh at or before ``epoch`` (``None``: warm-up)."""
+        """The epoch of the newest refresh at or before ``epoch`` (``None``: warm-up;
+        ``every_epochs`` 0: the first refresh serves every epoch after it)."""
         if epoch < self.warmup_epochs:
             return None
+        if self.every_epochs == 0:
+            return self.warmup_epochs
         return self.warmup_epochs + (epoch - self.warmup_epochs) // self.every_epochs * self.every_epochs
 
     def store_path(self, refresh: int) -> str:
@@ -197,11 +216,25 @@ def refresh_proposals(
     beside ``out``; after ``barrier()`` rank 0 merges them into ``out`` and removes the shards,
     then ``barrier()`` again, so every rank reads the same store afterwards.
 
+    Images the generator cannot read get no entry (training takes scene crops for them, or
+    skips them when it cannot read them either); with any, rank 0 lists them with the reason
+    in ``<out>.failures.tsv`` (removed when a refresh has none).
+
     Returns:
-        ``{"images", "boxes", "empty", "failures", "seconds"}`` (this rank's share when
-        sharded).
+        ``{"images", "boxes", "empty", "failures", "seconds", "failed"}``, over all ranks
+        (``failed``: ``(key, reason)`` of the first few failures).
+
+    Raises:
+        OnlineRefreshError: a decode worker died (killed, e.g. out of memory).
     """
-    from ..proposals.build import make_generator, merge_stores, propose_keys, shard_path
+    from ..files import atomic_write
+    from ..proposals.build import (
+        failures_path,
+        make_generator,
+        merge_stores,
+        propose_keys,
+        shard_path,
+    )
     from ..proposals.store import ProposalStore
 
     t0 = time.perf_counter()
@@ -211,12 +244,14 @@ def refresh_proposals(
     mine = keys[rank::world_size]
     target = shard_path(out, rank, world_size)
     stats = {"images": len(mine), "boxes": 0, "empty": 0, "failures": 0}
+    failed: list[tuple[str, str]] = []
 
     def records() -> Any:
         for chunk in propose_keys(generator, root, mine, workers=workers, chunk_size=256):
-            for _key, rec, _error in chunk:
-                if rec is None:  # unreadable now: no entry (the dataset skips such images)
+            for key, rec, error in chunk:
+                if rec is None:  # unreadable now: no entry
                     stats["failures"] += 1
+                    failed.append((key, error or "unknown error"))
                     continue
                 stats["boxes"] += len(rec.boxes)
                 stats["empty"] += len(rec.boxes) == 0
@@ -225,9 +260,20 @@ def refresh_proposals(
     # the refresh must not move the training's random streams (DataLoader seeds draw from
     # torch's global generator)
     with torch.random.fork_rng(devices=[]):
-        ProposalStore.write(target, records(), {"method": settings.method, "online": True,
-                                                "params": settings.params})
+        try:
+            ProposalStore.write(target, records(), {"method": settings.method, "online": True,
+                                                    "params": settings.params})
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            raise OnlineRefreshError(
+                f"the online refresh writing {out} lost a decode worker "
+                f"({str(exc).strip().rstrip('.')}). Fix: rerun "
+                "the same command (the run resumes from its last checkpoint and computes the "
+                "refresh again); if the machine ran out of memory, lower data.num_workers"
+            ) from None
     if world_size > 1:
+        stats, failed = _gathered(stats, failed)
         if barrier is not None:
             barrier()
         if rank == 0:
@@ -238,8 +284,66 @@ def refresh_proposals(
                     s.unlink()
         if barrier is not None:
             barrier()
+    if rank == 0:
+        listed = failures_path(out)
+        if failed:
+            atomic_write(listed, ("key\treason\n" + "".join(
+                f"{k}\t{r}\n" for k, r in sorted(failed))).encode())
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                listed.unlink()
     stats["seconds"] = time.perf_counter() - t0
+    stats["failed"] = sorted(failed)[:3]
     return stats
+
+
+class OnlineRefreshError(OSError):
+    """An online refresh could not finish (a decode worker died)."""
+
+
+def _gathered(stats: dict[str, int], failed: list[tuple[str, str]]
+              ) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Every rank's counts summed and failures joined (DDP; as is without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return stats, failed
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (stats, failed))
+    total = {k: sum(p[0][k] for p in parts) for k in stats}
+    return total, [f for p in parts for f in p[1]]
+
+
+def check_network(settings: OnlineSettings, network: torch.nn.Module, backbone: str) -> None:
+    """Refuse, before training, generator settings that cannot run on the backbone being
+    trained (a ViT-only generator on a CNN, a feature level it lacks).
+
+    Raises:
+        RecipeError: naming ``crop.proposals`` and ``backbone.name``.
+    """
+    from ..proposals.build import make_generator
+    from .config import RecipeError
+
+    try:
+        make_generator(settings.method, module=network, **settings.params)
+    except (TypeError, ValueError) as exc:
+        why = str(exc).split(" Fix:")[0].rstrip(". ")
+        other = ", or crop.proposals.method=heatmap" if settings.method != "heatmap" else ""
+        raise RecipeError(
+            f"crop.proposals: the {settings.method} generator cannot run on the backbone being "
+            f"trained ({backbone}): {why}. Fix: change crop.proposals.params or "
+            f"backbone.name{other}"
+        ) from None
+
+
+def data_epoch(trainer: Any) -> int:
+    """The epoch Lightning hands the sampler next: ``epoch_progress.current.processed``, which
+    can run ahead of ``current_epoch`` in a run resumed with ``max_steps``. At an epoch's start
+    it is that epoch; at its end (counted as processed before the end hooks) the next one."""
+    try:
+        return int(trainer.fit_loop.epoch_progress.current.processed)
+    except AttributeError:
+        return int(trainer.current_epoch)
 
 
 def _network(module: Any) -> torch.nn.Module:
@@ -251,29 +355,56 @@ def _network(module: Any) -> torch.nn.Module:
 def online_callback(cfg: Any, settings: OnlineSettings, schedule: OnlineSchedule, dataset: Any,
                     echo: Callable[[str], None] = print) -> Any:
     """The Lightning callback that refreshes the store before each refresh epoch (see the
-    module docstring); it must run before the dataset's ``set_epoch``."""
+    module docstring); it must run before the dataset's ``set_epoch``. Call its ``start``
+    before ``Trainer.fit``."""
     import pytorch_lightning as pl
+
+    from .config import RecipeError
 
     class OnlineProposals(pl.Callback):
         def __init__(self) -> None:
             self.made: dict[int, str] = {}  # refresh epoch -> the store's SHA-256
+            self.saved_schedule: tuple[int, int] | None = None  # (warm-up, every) of the run
+            self.due: int | None = None  # a refresh to make before training (re)starts
+            self.weights: dict[str, Any] | None = None  # ... from these (a checkpoint's)
             self.epoch_started = 0.0
             self.epoch_seconds: float | None = None
             self.refreshes: list[dict[str, Any]] = []
 
         def state_dict(self) -> dict[str, Any]:
-            return {"made": {str(k): v for k, v in self.made.items()}}
+            return {"made": {str(k): v for k, v in self.made.items()},
+                    "schedule": [schedule.warmup_epochs, schedule.every_epochs]}
 
         def load_state_dict(self, state: dict[str, Any]) -> None:
-            self.made = {int(k): v for k, v in state.get("made", {}).items()}
+            # Lightning restores the state after the setup hook, where a refresh due at the
+            # start may have been made: keep it
+            self.made = {**{int(k): v for k, v in state.get("made", {}).items()}, **self.made}
+            saved = state.get("schedule")
+            self.saved_schedule = None if saved is None else (int(saved[0]), int(saved[1]))
+
+        def start(self, epoch: int, max_epochs: int,
+                  weights: dict[str, Any] | None = None) -> None:
+            """Before ``fit``: check a resumed run (:meth:`check_resume`) and note the refresh
+            due before ``epoch`` that was never made (``warmup_epochs: 0``'s first store, or
+            the refresh after the last epoch of a run that is now extended), to be computed
+            from ``weights`` (the checkpoint's ``state_dict``; ``None``: the initial ones)."""
+            self.check_resume(epoch)
+            r = schedule.refresh_epoch(epoch)
+            trains = max_epochs < 0 or epoch < max_epochs
+            self.due = r if r == epoch and r not in self.made and trains else None
+            self.weights = weights if self.due is not None else None
 
         def setup(self, trainer: Any, module: Any, stage: str) -> None:
-            # warmup_epochs 0: the first store comes from the initial weights, before the
-            # DataLoader workers start (Lightning starts them before on_train_start); a resumed
-            # run has it in its checkpoint already
-            if stage == "fit" and schedule.warmup_epochs == 0 and 0 not in self.made:
-                _network(module).to(trainer.strategy.root_device)  # Lightning moves the rest
-                self._refresh(trainer, module, 0, schedule.store_path(0))
+            # before the DataLoader workers start (Lightning starts them in its strategy's
+            # setup, for the optimizer's step count) and before it restores a checkpoint's
+            # weights: a refresh due now loads them itself (Lightning loads the same again)
+            if stage != "fit" or self.due is None:
+                return
+            if self.weights is not None:
+                module.load_state_dict(self.weights)
+            _network(module).to(trainer.strategy.root_device)  # Lightning moves the rest
+            self._refresh(trainer, module, self.due, schedule.store_path(self.due))
+            self.due, self.weights = None, None
 
         def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
             self.epoch_started = time.perf_counter()
@@ -283,20 +414,46 @@ def online_callback(cfg: Any, settings: OnlineSettings, schedule: OnlineSchedule
             # runs checkpoint callbacks last): a run killed during a refresh resumes from the
             # checkpoint before it and computes the refresh again from the same weights
             self.epoch_seconds = time.perf_counter() - self.epoch_started
-            nxt = trainer.current_epoch + 1
-            if schedule.refresh_epoch(nxt) == nxt and nxt < (trainer.max_epochs or 0):
+            nxt = data_epoch(trainer)  # Lightning counted this epoch as processed already
+            if schedule.refresh_epoch(nxt) != nxt or self._have(nxt):
+                return
+            max_epochs = -1 if trainer.max_epochs is None else trainer.max_epochs
+            ends = (0 <= max_epochs <= nxt) or (0 < trainer.max_steps <= trainer.global_step)
+            if not ends:  # a refresh at a run's end is made if the run is extended
                 self._refresh(trainer, module, nxt, schedule.store_path(nxt))
 
-        def check_resume(self, epoch: int) -> None:
-            """A run resumed at ``epoch`` needs the store its checkpoint names (unchanged)."""
-            r = schedule.refresh_epoch(epoch)
-            if r is None:
-                return
+        def _have(self, r: int) -> bool:
+            """The store of refresh ``r`` is recorded and on disk, unchanged."""
             path = schedule.store_path(r)
-            recorded = self.made.get(r)
-            if recorded is None or not os.path.isfile(path) or file_sha256(path) != recorded:
-                from .config import RecipeError
+            return r in self.made and os.path.isfile(path) and file_sha256(path) == self.made[r]
 
+        def check_resume(self, epoch: int) -> None:
+            """A run resumed at ``epoch`` needs the schedule it trained with (for the epochs
+            trained) and the store its checkpoint names (unchanged)."""
+            old = self.saved_schedule
+            now = (schedule.warmup_epochs, schedule.every_epochs)
+            if old is not None and old != now:
+                before = OnlineSchedule(schedule.directory, *old)
+                if any(before.refresh_epoch(e) != schedule.refresh_epoch(e) for e in range(epoch)):
+                    raise RecipeError(
+                        f"crop.proposals: this run trained its first {epoch} epochs with a "
+                        f"warm-up of {old[0]} and a refresh every {old[1]} epochs; the recipe now "
+                        f"gives {now[0]} and {now[1]} (the defaults follow trainer.epochs). "
+                        f"Fix: crop.proposals.warmup_epochs={old[0]} "
+                        f"crop.proposals.every_epochs={old[1]} keeps the run's schedule, or "
+                        "start afresh (trainer.resume=never)"
+                    )
+            r = schedule.refresh_epoch(epoch)
+            if r is None or (r == epoch and r not in self.made):
+                return  # warm-up, or a refresh still to make (start)
+            path = schedule.store_path(r)
+            if r not in self.made:
+                raise RecipeError(
+                    f"resuming at epoch {epoch + 1} needs the online proposals made before "
+                    f"epoch {r + 1} ({path}), which this run's checkpoint does not record. Fix: "
+                    "start afresh (trainer.resume=never) or set trainer.out_dir to a new folder"
+                )
+            if not self._have(r):
                 raise RecipeError(
                     f"resuming at epoch {epoch + 1} needs the online proposals {path} that the "
                     "checkpoint was saved with, and the file is missing or changed. Fix: put "
@@ -313,8 +470,14 @@ def online_callback(cfg: Any, settings: OnlineSettings, schedule: OnlineSchedule
             self.made[r] = file_sha256(path)
             frac = (f" = {stats['seconds'] / self.epoch_seconds:.1%} of an epoch"
                     if self.epoch_seconds else "")
-            bad = (f", {stats['failures']} unreadable (no entry; training skips them too)"
-                   if stats["failures"] else "")
+            failed = stats.pop("failed")
+            bad = ""
+            if stats["failures"]:
+                first = "; ".join(f"{k}: {why}" for k, why in failed)
+                bad = (f", {stats['failures']} not proposed (no entry: training takes scene "
+                       f"crops for them, or skips them if it cannot read them either; "
+                       f"{first}{'; ...' if stats['failures'] > len(failed) else ''}; listed "
+                       f"in {path}.failures.tsv)")
             echo(f"  online proposals ({settings.method}) before epoch {r + 1}: "
                  f"{stats['images']} images, {stats['boxes']} boxes, {stats['empty']} without "
                  f"any{bad}, in {stats['seconds']:.1f}s{frac} -> {path}")

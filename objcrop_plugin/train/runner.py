@@ -235,9 +235,24 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def _resume_epoch(ckpt: dict[str, Any]) -> int:
-    """The epoch Lightning resumes a checkpoint in: what it passes to ``set_epoch``."""
+    """The epoch Lightning resumes a checkpoint in: what it passes to ``set_epoch``. A step
+    checkpoint taken on an epoch's last batch (before the epoch's end hooks) resumes in the
+    next epoch, as Lightning's fit loop counts it."""
     try:
-        return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+        loop = ckpt["loops"]["fit_loop"]
+        epochs = loop["epoch_progress"]
+        epoch = int(epochs["current"]["processed"])
+        batches = loop.get("epoch_loop.batch_progress") or {}
+        total, done = epochs["total"], batches.get("total") or {}
+        mid_epoch = (total["started"] == total["ready"]
+                     and total["processed"] == total["started"] - 1
+                     and total["completed"] == total["processed"])
+        on_batch_end = bool(done) and (done["started"] == done["ready"]
+                                       and done["processed"] == done["started"]
+                                       and done["completed"] == done["processed"] - 1)
+        if mid_epoch and on_batch_end and batches.get("is_last_batch"):
+            epoch += 1
+        return epoch
     except (KeyError, TypeError, ValueError):
         return int(ckpt.get("epoch", 0) or 0)
 
@@ -307,6 +322,17 @@ _RESUMABLE_CHANGES = {
 }
 
 
+def _proposals_source(value: Any) -> Any:
+    """``crop.proposals`` without its schedule: what the boxes are made with."""
+    from .online import MODES
+
+    if isinstance(value, str):
+        value = MODES.get(value, value)
+    if not isinstance(value, dict):
+        return value
+    return {"method": value.get("method", "heatmap"), "params": value.get("params") or {}}
+
+
 def _check_same_run(cfg: RecipeConfig, saved: Path) -> None:
     """Refuse to resume a checkpoint that was trained with a different recipe."""
     import yaml
@@ -328,6 +354,10 @@ def _check_same_run(cfg: RecipeConfig, saved: Path) -> None:
         saved_section = old.get(section) or {}
         for key, value in values.items():
             before = saved_section.get(key, defaults[section].get(key))
+            if (section, key) == ("crop", "proposals"):
+                # the online schedule may change where it serves the trained epochs alike
+                # (checked on resume by the online callback)
+                before, value = _proposals_source(before), _proposals_source(value)
             if (section, key) not in _RESUMABLE_CHANGES and before != value:
                 diffs.append(f"{section}.{key}")
     if diffs:
@@ -352,8 +382,10 @@ def _callbacks(
             self.t0 = time.perf_counter()
 
         def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
+            from .online import data_epoch
+
             loss = trainer.callback_metrics.get("train_loss_epoch")
-            echo(f"  [{cfg.name or cfg.method.name}] epoch {trainer.current_epoch + 1}/"
+            echo(f"  [{cfg.name or cfg.method.name}] epoch {data_epoch(trainer)}/"
                  f"{trainer.max_epochs} loss {float('nan') if loss is None else float(loss):.3f} "
                  f"({time.perf_counter() - self.t0:.0f}s)")
 
@@ -362,17 +394,19 @@ def _callbacks(
 
         def on_train_epoch_start(self, trainer: Any, module: Any) -> None:
             if hasattr(dataset, "set_epoch"):
-                dataset.set_epoch(trainer.current_epoch)
+                from .online import data_epoch
+
+                dataset.set_epoch(data_epoch(trainer))
 
     every = cfg.trainer.checkpoint_every_n_steps
-    ckpt = ModelCheckpoint(
+    ckpts = [ModelCheckpoint(
         dirpath=ckpt_dir, filename="last", save_last=False, save_top_k=1, monitor=None,
-        every_n_train_steps=every if every > 0 else None,
-        save_on_train_epoch_end=True, enable_version_counter=False,
-    )
+        save_on_train_epoch_end=True, enable_version_counter=False, **trigger,
+    ) for trigger in [{"every_n_epochs": 1}] + ([{"every_n_train_steps": every}] if every else [])]
     # the online refresh (at an epoch's end) runs after the epoch's log line and before the
-    # checkpoint (Lightning runs checkpoint callbacks last)
-    return [SetEpoch(), ckpt] + ([] if cfg.trainer.progress_bar else [EpochLog()]) + (
+    # epoch-end checkpoint (Lightning runs checkpoint callbacks last); a step checkpoint on an
+    # epoch's last batch comes before the refresh, which a run resumed from it makes first
+    return [SetEpoch(), *ckpts] + ([] if cfg.trainer.progress_bar else [EpochLog()]) + (
         [] if online is None else [online])
 
 
@@ -555,10 +589,11 @@ def train(
 
     online_cb = None
     if dataset.source.schedule is not None:
-        from .online import online_callback, parse_online
+        from .online import _network, check_network, online_callback, parse_online
 
-        online_cb = online_callback(cfg, parse_online(cfg), dataset.source.schedule, dataset,
-                                    echo)
+        settings = parse_online(cfg)
+        check_network(settings, _network(module), cfg.backbone.name)
+        online_cb = online_callback(cfg, settings, dataset.source.schedule, dataset, echo)
 
     devices: Any = t.devices
     if isinstance(devices, str) and devices.isdigit():
@@ -592,11 +627,12 @@ def train(
             ) from None
         epoch = _resume_epoch(picked[1]) if picked is not None else 0
         loader = build_loader(cfg, dataset, trainer.world_size, epoch)
-        if online_cb is not None and picked is not None:
-            saved = [v for k, v in (picked[1].get("callbacks") or {}).items()
-                     if "OnlineProposals" in str(k)]
-            online_cb.load_state_dict(saved[0] if saved else {})
-            online_cb.check_resume(epoch)
+        if online_cb is not None:
+            if picked is not None:
+                saved = [v for k, v in (picked[1].get("callbacks") or {}).items()
+                         if "OnlineProposals" in str(k)]
+                online_cb.load_state_dict(saved[0] if saved else {})
+            online_cb.start(epoch, t.epochs, None if picked is None else picked[1]["state_dict"])
         if resume:
             echo(f"resuming from {resume}")
         echo(

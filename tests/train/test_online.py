@@ -63,9 +63,19 @@ def test_recipe_key_override_and_errors(tmp_path, data):
     assert (s.warmup_epochs, s.every_epochs) == (20, 20)
     # initial: one store from the initial weights for the whole run (no refresh)
     s = parse_online(load_recipe(path, ["crop.proposals=initial", "trainer.epochs=200"]))
-    assert (s.method, s.warmup_epochs, s.every_epochs) == ("heatmap", 0, 200)
+    assert (s.method, s.warmup_epochs, s.every_epochs) == ("heatmap", 0, 0)
     schedule = OnlineSchedule("/o", s.warmup_epochs, s.every_epochs)
     assert {schedule.path_for(e) for e in range(200)} == {"/o/epoch-0000.objcrop"}
+    # one key of the mapping a mode stands for
+    s = parse_online(load_recipe(path, ["crop.proposals=online", "crop.proposals.warmup_epochs=0"]))
+    assert (s.warmup_epochs, s.every_epochs) == (0, 1)
+    s = parse_online(load_recipe(path, ["crop.proposals=initial",
+                                        "crop.proposals.params.max_side=64"]))
+    assert (s.warmup_epochs, s.every_epochs, s.params) == (0, 0, {"max_side": 64})
+    # every_epochs 0: the first refresh's store for the rest of the run
+    s = parse_online(load_recipe(path, ["crop.proposals={warmup_epochs: 2, every_epochs: 0}",
+                                        "trainer.epochs=10"]))
+    assert [OnlineSchedule("/o", 2, 0).refresh_epoch(e) for e in range(5)] == [None, None, 2, 2, 2]
     assert "top_k" not in s.params  # the generator's default, as the views' (10)
     # the store keeps as many boxes as the views draw from; an explicit value wins
     s = parse_online(load_recipe(path, ["crop.proposals=online", "crop.params.top_k=20"]))
@@ -77,16 +87,22 @@ def test_recipe_key_override_and_errors(tmp_path, data):
         "crop.proposals=fixed": "not a mode",
         "crop.proposals.every=3": "unknown key",
         "crop.proposals.method=bing": "cannot run on the model being trained",
-        "crop.proposals.every_epochs=0": "every_epochs must be an integer >= 1",
+        "crop.proposals.every_epochs=-1": "every_epochs must be an integer >= 0",
         "crop.proposals.warmup_epochs=-1": "warmup_epochs must be an integer >= 0",
         "crop.proposals.warmup_epochs=3": "must be below trainer.epochs",
         "crop.proposals.params.checkpoint=x.pth": "use the backbone being trained",
+        "crop.proposals.params.device=cuda": "trainer.accelerator",
         "crop.proposals.params.thresholds=[2]": "thresholds",
         "crop.proposals.params.level_of=2": "unknown parameter",
     }
     for override, message in cases.items():
         with pytest.raises(RecipeError, match=message):
             load_recipe(recipe(tmp_path, data), [override])
+    # the default warm-up (a tenth, at least 1) of a 1-epoch run: say so, and the fix
+    with pytest.raises(RecipeError, match=r"\(1 \(its default.*Fix: crop.proposals=initial"):
+        load_recipe(path, ["crop.proposals=online", "trainer.epochs=1"])
+    with pytest.raises(RecipeError, match="crop.proposals is 'fixed', not a mode"):
+        load_recipe(path, ["crop.proposals=fixed", "crop.proposals.warmup_epochs=0"])
 
 
 def test_schedule():
@@ -221,25 +237,33 @@ def test_an_unreadable_image_is_counted_not_fatal(tmp_path, data):
     res = train(cfg, echo=lines.append)
     assert [(r["images"], r["failures"]) for r in res["online_proposals"]] == [(25, 1), (25, 1)]
     refresh_lines = [x for x in lines if "online proposals" in x]
-    assert len(refresh_lines) == 2 and all("1 unreadable" in x for x in refresh_lines)
-    for store in (tmp_path / "run" / "proposals").iterdir():
+    assert len(refresh_lines) == 2
+    assert all("1 not proposed" in x and "images/zz_corrupt.jpg: " in x for x in refresh_lines)
+    for store in sorted((tmp_path / "run" / "proposals").glob("*.objcrop")):
         s = ProposalStore(store)
         assert len(s) == 24 and "images/zz_corrupt.jpg" not in s
+        listed = Path(f"{store}.failures.tsv").read_text().splitlines()
+        assert listed[0] == "key\treason" and listed[1].startswith("images/zz_corrupt.jpg\t")
     rows = (tmp_path / "run" / "bad_images.tsv").read_text().splitlines()[1:]
     assert [r.split("\t")[0] for r in rows] == ["images/zz_corrupt.jpg"]
 
 
-def test_kill_9_during_a_refresh_resumes_to_the_same_weights(tmp_path, data, kill_and_resume):
+@pytest.mark.parametrize("every_n_steps", [0, 3])
+def test_kill_9_during_a_refresh_resumes_to_the_same_weights(tmp_path, data, kill_and_resume,
+                                                             every_n_steps):
     """The refresh at the end of epoch 2 runs at 8x (seconds, while an epoch takes a fraction
     of one): the kill lands in it; the rerun resumes from epoch 1's checkpoint, trains epoch 2
-    again, refreshes from the same weights and ends as an uninterrupted run."""
+    again, refreshes from the same weights and ends as an uninterrupted run. With a step
+    checkpoint on each epoch's last batch (3 steps an epoch), taken before the refresh, the
+    rerun resumes in epoch 3 and makes the refresh from that checkpoint's weights first."""
     online = {**ONLINE, "params": {"scale": 8, "max_side": 96}}
-    path = recipe(tmp_path, data, data={"num_workers": 1}, trainer={"epochs": 4},
-                  crop={"proposals": online})
+    path = recipe(tmp_path, data, data={"num_workers": 1}, crop={"proposals": online},
+                  trainer={"epochs": 4, "checkpoint_every_n_steps": every_n_steps})
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "objcrop_plugin.cli", "train", str(path)]
     done, res = kill_and_resume(cmd, out, tmp_path / "ref", kill_when="epoch 2/4 loss")
-    assert "resuming from" in done.stdout and "epoch 2/4" in done.stdout  # epoch 2 again
+    assert "resuming from" in done.stdout
+    assert ("epoch 2/4" in done.stdout) == (every_n_steps == 0)  # epoch 2 again, or not
     assert "online proposals (heatmap) before epoch 3" in done.stdout
     assert res["epochs"] == 4
     a = torch.load(tmp_path / "ref" / "backbone.pth", weights_only=True)
@@ -250,6 +274,55 @@ def test_kill_9_during_a_refresh_resumes_to_the_same_weights(tmp_path, data, kil
     for name in ("epoch-0001.objcrop", "epoch-0002.objcrop", "epoch-0003.objcrop"):
         assert (out / "proposals" / name).read_bytes() == (
             tmp_path / "ref" / "proposals" / name).read_bytes()
+
+
+def test_a_finished_run_reruns_and_extends(tmp_path, data):
+    """Rerunning a finished run trains nothing and asks for no store; extending it computes
+    the refresh its last epoch skipped, from the checkpoint's weights, before going on. A run
+    whose default schedule changes with trainer.epochs is refused where the trained epochs
+    would have been served otherwise, with the override that keeps it."""
+    path = recipe(tmp_path, data, crop={"proposals": "online"}, trainer={"epochs": 2})
+    first = train(load_recipe(path), echo=lambda s: None)  # warm-up 1, every 1 (a tenth)
+    assert [r["epoch"] for r in first["online_proposals"]] == [1]
+    again = train(load_recipe(path), echo=lambda s: None)
+    assert again["resumed_from"] and again["online_proposals"] == [] and again["steps"] == 6
+    with pytest.raises(RecipeError, match=r"first 2 epochs with a warm-up of 1 and a refresh "
+                       r"every 1 epochs; the recipe now gives 3 and 3.*Fix: crop.proposals."
+                       r"warmup_epochs=1 crop.proposals.every_epochs=1"):
+        train(load_recipe(path, ["trainer.epochs=30"]), echo=lambda s: None)
+    lines: list[str] = []
+    more = train(load_recipe(path, ["trainer.epochs=3", "crop.proposals.warmup_epochs=1",
+                                    "crop.proposals.every_epochs=1"]), echo=lines.append)
+    assert [r["epoch"] for r in more["online_proposals"]] == [2]
+    assert any("before epoch 3: 24 images" in x for x in lines) and more["steps"] == 9
+    assert more["fallbacks"]["missing"] == 0
+    stores = sorted(p.name for p in (tmp_path / "run" / "proposals").glob("*.objcrop"))
+    assert stores == ["epoch-0001.objcrop", "epoch-0002.objcrop"]
+    # `initial`: one store, never refreshed, however long the run becomes
+    out = str(tmp_path / "initial")
+    train(load_recipe(path, ["crop.proposals=initial", f"trainer.out_dir={out}"]),
+          echo=lambda s: None)
+    longer = train(load_recipe(path, ["crop.proposals=initial", f"trainer.out_dir={out}",
+                                      "trainer.epochs=3"]), echo=lambda s: None)
+    assert longer["online_proposals"] == [] and longer["steps"] == 9
+
+
+def test_generator_and_backbone_checked_before_training(tmp_path, data):
+    path = recipe(tmp_path, data, crop={"proposals": {**ONLINE, "method": "token_cut",
+                                                      "params": {}}})
+    with pytest.raises(RecipeError, match=r"token_cut generator cannot run on the backbone "
+                       r"being trained \(test_efficientnet\).*Fix: change crop.proposals.params "
+                       r"or backbone.name, or crop.proposals.method=heatmap"):
+        train(load_recipe(path), echo=lambda s: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_without_an_epoch_limit_refreshes(tmp_path, data):
+    """trainer.epochs -1 with max_steps: the refreshes follow the schedule; none is made after
+    the last step."""
+    res = train(load_recipe(recipe(tmp_path, data, trainer={"epochs": -1, "max_steps": 6})),
+                echo=lambda s: None)
+    assert [r["epoch"] for r in res["online_proposals"]] == [1] and res["steps"] == 6
 
 
 @pytest.mark.parametrize("warmup", [1, 0])
@@ -269,7 +342,7 @@ def test_ddp_ranks_share_one_merged_store(tmp_path, data, warmup):
     store = ProposalStore(tmp_path / "run" / "proposals" / f"epoch-000{warmup}.objcrop")
     assert len(store) == 24
     res = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert res["online_proposals"][0]["images"] == 12  # rank 0's share
+    assert res["online_proposals"][0]["images"] == 24  # both ranks' shares
 
 
 def test_fast_jitter_kernel_from_the_recipe(tmp_path, data):
