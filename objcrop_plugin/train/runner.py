@@ -314,9 +314,10 @@ def _pick_checkpoint(
     )
 
 
-#: keys that may change between a run and its resumption
+#: keys that may change between a run and its resumption (``trainer.out_dir``: the folder the
+#: checkpoint was found in, spelled otherwise or moved)
 _RESUMABLE_CHANGES = {
-    ("trainer", "epochs"), ("trainer", "max_steps"), ("trainer", "resume"),
+    ("trainer", "out_dir"), ("trainer", "epochs"), ("trainer", "max_steps"), ("trainer", "resume"),
     ("trainer", "progress_bar"), ("trainer", "log_every_n_steps"), ("data", "num_workers"),
     ("data", "persistent_workers"), ("data", "max_failure_rate"), ("data", "labels"), ("eval",), ("name",),
 }

@@ -126,6 +126,12 @@ def test_resuming_a_different_recipe_is_refused(tmp_path, data):
     # more epochs is a continuation, not a different run
     res = train(load_recipe(path, ["trainer.epochs=2"]), echo=lambda s: None)
     assert res["resumed_from"] and res["epochs"] == 2
+    # so is the same folder spelled otherwise, or moved
+    moved = tmp_path / "moved"
+    (tmp_path / "run").rename(moved)
+    res = train(load_recipe(path, ["trainer.epochs=2", f"trainer.out_dir={moved}/."]),
+                echo=lambda s: None)
+    assert res["resumed_from"] and res["epochs"] == 2
 
 
 def test_cli_errors_name_the_key_and_the_fix(tmp_path, data):
