@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import runpy
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 from .errors import INSTALL_HINT, INSTALL_STEPS, SoloConfigError, SoloNotFoundError
 from .patch import STATE, install, uninstall
 
-__all__ = ["USAGE", "find_solo_root", "main", "split_args"]
+__all__ = ["USAGE", "end_of_run_line", "find_solo_root", "main", "split_args"]
 
 USAGE = """\
 usage: objcrop-solo [--solo-root DIR] --config-path DIR --config-name NAME.yaml [key=value ...]
@@ -123,19 +122,59 @@ def split_args(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return solo_root, out
 
 
+def end_of_run_line() -> str | None:
+    """What the run's object-aware crops did: samples, how many were cut from proposals, the
+    scene-crop fallbacks by cause, and the unreadable images skipped (with an example)."""
+    planner, dataset = STATE.planner, STATE.dataset
+    parts = []
+    if planner is not None:
+        counter = planner.recipe.fallbacks
+        counts, fallbacks = counter.as_dict(), counter.fallbacks
+        samples = counts["samples"]
+        if samples:
+            parts.append(
+                f"{samples} samples, {samples - fallbacks} cropped from proposals, {fallbacks} "
+                f"fell back to scene crops (no entry: {counts['missing']}, no usable box: "
+                f"{counts['unusable']}, stored size of another aspect: {counts['mismatched']})"
+            )
+    bad = getattr(dataset, "bad", None)
+    if bad is not None and bad.count:
+        indices = bad.indices()
+        example = ""
+        if indices:
+            try:
+                example = f", e.g. {dataset.item(indices[0])[0]}"
+            except Exception:  # noqa: BLE001 - the count matters more than the example
+                example = ""
+        noun = "image" if bad.count == 1 else "images"
+        parts.append(f"{bad.count} unreadable {noun} skipped{example} (data.max_failure_rate "
+                     f"{bad.max_failure_rate:g})")
+    return f"objcrop: {'; '.join(parts)}" if parts else None
+
+
 def _report_fallbacks() -> None:
-    planner = STATE.planner
-    if planner is None:
-        return
-    counts = planner.recipe.fallbacks.as_dict()
-    fallbacks = planner.recipe.fallbacks.fallbacks
-    if counts["samples"]:
-        print(
-            f"objcrop: {counts['samples']} samples cropped from proposals, {fallbacks} fell back "
-            f"to scene crops (no entry: {counts['missing']}, no usable box: "
-            f"{counts['unusable']}, stored size of another aspect: {counts['mismatched']})",
-            file=sys.stderr,
-        )
+    line = end_of_run_line()
+    if line:
+        print(line, file=sys.stderr)
+    if STATE.error:
+        print(f"objcrop-solo: error: {STATE.error}", file=sys.stderr)
+
+
+def _run_as_main(script: Path) -> None:
+    """Run ``script`` as ``__main__`` (as ``runpy.run_path`` does, but leaving ``sys.argv[0]``
+    as set: Lightning starts further DDP ranks from it)."""
+    import types
+
+    code = compile(script.read_bytes(), str(script), "exec")
+    module = types.ModuleType("__main__")
+    module.__file__ = str(script)
+    saved = sys.modules.get("__main__")
+    sys.modules["__main__"] = module
+    try:
+        exec(code, module.__dict__)
+    finally:
+        if saved is not None:
+            sys.modules["__main__"] = saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,10 +192,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     script = root / "main_pretrain.py"
     saved_argv = sys.argv
-    sys.argv = [str(script), *hydra_args]
+    # further DDP ranks are started as `python sys.argv[0] ARGS`: the plugin's own entry, so
+    # they install it too (rank_entry.py); hydra finds its recipe from main_pretrain's file
+    sys.argv = [str(Path(__file__).with_name("rank_entry.py")), *hydra_args]
+    os.environ["OBJCROP_SOLO_ROOT"] = str(root)
     STATE.cli = True
     try:
-        runpy.run_path(str(script), run_name="__main__")
+        _run_as_main(script)
     finally:
         sys.argv = saved_argv
         STATE.cli = False

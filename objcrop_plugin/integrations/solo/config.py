@@ -23,6 +23,7 @@ Recipe keys (all optional; an entry without ``crop`` keeps solo-learn's RandomRe
       proposals_root: null           # another folder the keys are relative to (optional)
       sampling: per_image            # or per_box: one sample per stored box (released code)
       max_boxes_per_image: null      # per_box: at most the m best boxes of each image
+      max_failure_rate: 0.01         # fraction of unreadable images skipped before the run stops
     crop:                            # optional recipe-wide settings
       engine: cpu                    # cpu (DataLoader workers) or gpu (after transfer)
       top_k: 10
@@ -42,7 +43,9 @@ box; images without boxes are not sampled.
 
 from __future__ import annotations
 
+import difflib
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -54,7 +57,7 @@ from ...proposals.store import ProposalStore, StoreFormatError
 from ...registry import RegistryError, load_policy
 from .errors import SoloConfigError
 
-__all__ = ["EntryCrop", "ObjectAwareConfig", "as_plain", "parse_object_aware", "select"]
+__all__ = ["DEFAULT_MAX_FAILURE_RATE", "EntryCrop", "ObjectAwareConfig", "as_plain", "parse_object_aware", "select"]
 
 log = logging.getLogger("objcrop_plugin")
 
@@ -66,6 +69,11 @@ _ENGINES = ("cpu", "gpu")
 _SAMPLINGS = ("per_image", "per_box")
 _SOLO_CROP_NAMES = ("rrc", "random_resized_crop")
 _SHORT_NAME = "object_aware"
+#: the keys of a solo-learn augmentations entry (``solo.args.pretrain`` and its pipelines)
+_SOLO_ENTRY_KEYS = ("rrc", "random_resized_crop", "color_jitter", "grayscale", "gaussian_blur",
+                    "solarization", "equalization", "horizontal_flip", "crop_size", "num_crops")
+#: ``data.max_failure_rate`` when the recipe has none (as ``objcrop train``)
+DEFAULT_MAX_FAILURE_RATE = 0.01
 
 
 @dataclass(frozen=True)
@@ -115,6 +123,8 @@ class ObjectAwareConfig:
             (one item per stored box, its object-aware views cut from that box).
         max_boxes_per_image: ``data.max_boxes_per_image``: per-box sampling takes at most the
             ``m`` best boxes of each image (``None``: all).
+        max_failure_rate: ``data.max_failure_rate``: the fraction of unreadable images that are
+            skipped (each replaced by the next readable one) before the run stops.
     """
 
     entries: list[EntryCrop]
@@ -131,6 +141,7 @@ class ObjectAwareConfig:
     canvas: int | None = None
     sampling: str = "per_image"
     max_boxes_per_image: int | None = None
+    max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
 
     @property
     def enabled(self) -> bool:
@@ -351,6 +362,10 @@ def parse_object_aware(cfg: Any, check_paths: bool = True) -> ObjectAwareConfig:
             found.append((f"{where}.crop", settings))
         entries.append(EntryCrop(i, policy, crop_size, num_crops, crop_size != first_size))
 
+    for where in _crop_like_keys(augmentations):
+        log.warning("objcrop: %s is not a key of a solo-learn augmentations entry; did you mean "
+                    "'crop'? The entry keeps solo-learn's own crop", where)
+
     data = cfg.get("data") if isinstance(cfg.get("data"), Mapping) else {}
     dataset = str(data.get("dataset", ""))
     data_format = str(data.get("format") or "image_folder")
@@ -362,14 +377,7 @@ def parse_object_aware(cfg: Any, check_paths: bool = True) -> ObjectAwareConfig:
     engine = str(top.get("engine", "cpu")).lower()
     if engine not in _ENGINES:
         raise SoloConfigError(f"crop.engine: expected one of {', '.join(_ENGINES)}, got {engine!r}")
-    try:
-        choice = ProposalChoice(
-            top_k=settings.get("top_k", 10),
-            min_area=settings.get("min_area", 0.0),
-            max_area=settings.get("max_area", 1.0),
-        )
-    except (TypeError, ValueError) as exc:
-        raise SoloConfigError(f"crop (proposal choice): {exc}") from None
+    choice = _choice(settings, found)
     plan = ObjectAwareConfig(
         entries=entries,
         dataset=dataset,
@@ -382,7 +390,8 @@ def parse_object_aware(cfg: Any, check_paths: bool = True) -> ObjectAwareConfig:
         proposal_per_view=_bool(settings.get("proposal_per_view", False), "crop.proposal_per_view"),
         strict=_bool(settings.get("strict", False), "crop.strict"),
         engine=engine,
-        canvas=None if top.get("canvas") is None else int(top["canvas"]),
+        canvas=_canvas(top.get("canvas"), entries),
+        max_failure_rate=_failure_rate(data),
         **_sampling(data),
     )
     if not plan.enabled:
@@ -393,13 +402,113 @@ def parse_object_aware(cfg: Any, check_paths: bool = True) -> ObjectAwareConfig:
                 "(augmentations=object_aware.yaml), or data.sampling=per_image"
             )
         if plan.proposals is not None:
+            typo = _crop_like_keys(augmentations)
+            hint = (f" ({typo[0]}: did you mean 'crop'?)" if typo else "")
             log.warning(
                 "objcrop: data.proposals is set but no augmentations entry has 'crop: "
-                "object_aware': solo-learn's own crops are used"
+                "object_aware'%s: solo-learn's own crops are used", hint
             )
         return plan
     _check_runnable(plan, check_paths)
     return plan
+
+
+def _crop_like_keys(augmentations: Sequence[Any]) -> list[str]:
+    """``augmentations[i].KEY`` for each entry key that looks like a misspelt ``crop``."""
+    found = []
+    for i, entry in enumerate(augmentations):
+        if not isinstance(entry, Mapping):
+            continue
+        for key in entry:
+            k = str(key)
+            if k == "crop" or k in _SOLO_ENTRY_KEYS:
+                continue
+            if k.lower() == "crop" or difflib.get_close_matches(k.lower(), ["crop"], cutoff=0.75):
+                found.append(f"augmentations[{i}].{k}")
+    return found
+
+
+def _number(value: Any) -> Any:
+    """``value`` as an int or float where it is one (a numeric string too), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _integer(value: Any, where: str, minimum: int, what: str) -> int:
+    """``value`` as an integer ``>= minimum`` (an integral float or a digit string is one)."""
+    number = _number(value)
+    if not isinstance(number, int) or number < minimum:
+        raise SoloConfigError(f"{where}: expected {what}, got {value!r}")
+    return number
+
+
+def _area(value: Any, where: str) -> float:
+    """``value`` as a fraction of the image area (a number >= 0)."""
+    number = _number(value)
+    if number is None or number < 0:
+        raise SoloConfigError(
+            f"{where}: expected a fraction of the image area (a number from 0 to 1), got {value!r}"
+        )
+    return float(number)
+
+
+def _choice(settings: Mapping[str, Any], found: list[tuple[str, dict[str, Any]]]) -> ProposalChoice:
+    """The proposal choice, each setting checked under the key it was given as."""
+
+    def where(key: str) -> str:
+        origin = next((w for w, s in reversed(found) if key in s), "crop")
+        return f"{origin}.{key}"
+
+    top_k = _integer(settings.get("top_k", 10), where("top_k"), 1, "an integer >= 1")
+    min_area = _area(settings.get("min_area", 0.0), where("min_area"))
+    max_area = _area(settings.get("max_area", 1.0), where("max_area"))
+    if min_area > max_area:
+        raise SoloConfigError(
+            f"{where('min_area')}={min_area!r} is above {where('max_area')}={max_area!r}: no "
+            "proposal could be drawn. Fix: min_area <= max_area (fractions of the image area)"
+        )
+    try:
+        return ProposalChoice(top_k=top_k, min_area=min_area, max_area=max_area)
+    except (TypeError, ValueError) as exc:  # pragma: no cover - checked above
+        raise SoloConfigError(f"crop (proposal choice): {exc}") from None
+
+
+def _canvas(value: Any, entries: Sequence[EntryCrop]) -> int | None:
+    """``crop.canvas``: ``None`` or an integer side no smaller than the largest view."""
+    if value is None:
+        return None
+    largest = max(e.crop_size for e in entries)
+    side = _integer(value, "crop.canvas", 1, "an integer side in pixels (or null: twice the "
+                    f"largest crop_size, {2 * largest})")
+    if side < largest:
+        raise SoloConfigError(
+            f"crop.canvas: {side} px is smaller than the largest crop_size ({largest}), so every "
+            f"view would be upsampled. Fix: crop.canvas >= {largest}, or null (twice the "
+            "largest crop_size)"
+        )
+    return side
+
+
+def _failure_rate(data: Mapping[str, Any]) -> float:
+    """``data.max_failure_rate``, checked (default 1%)."""
+    rate = data.get("max_failure_rate")
+    if rate is None:
+        return DEFAULT_MAX_FAILURE_RATE
+    number = _number(rate)
+    if number is None or not 0 <= number <= 1:
+        raise SoloConfigError(
+            "data.max_failure_rate: expected the fraction of unreadable images skipped before "
+            f"the run stops, from 0 to 1 (e.g. 0.05), got {rate!r}"
+        )
+    return float(number)
 
 
 def _sampling(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -460,7 +569,13 @@ def _check_runnable(plan: ObjectAwareConfig, check_paths: bool) -> None:
         return
     if not check_paths:
         return
-    if not plan.proposals.is_file():
+    if plan.proposals.is_dir():
+        raise SoloConfigError(
+            f"data.proposals: {plan.proposals} is a folder, not a proposal store file (did you "
+            "pass the image folder, data.train_path?). Fix: data.proposals=STORE.objcrop, the "
+            f"file `objcrop proposals build {plan.train_path} --out STORE.objcrop` writes"
+        )
+    if not plan.proposals.exists():
         raise SoloConfigError(
             f"data.proposals: {plan.proposals} does not exist. Fix: build it with `objcrop "
             f"proposals build {plan.train_path} --out {plan.proposals}`, or correct the path "

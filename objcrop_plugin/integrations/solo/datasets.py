@@ -20,9 +20,41 @@ from ...stats import BadImages
 from .errors import SoloConfigError
 from .transform import ObjectAwareTransform
 
-__all__ = ["IndexedDataset", "ObjectAwareSoloDataset", "check_keys", "unwrap_solo_dataset"]
+__all__ = ["IndexedDataset", "ObjectAwareSoloDataset", "SoloBadImages", "check_keys",
+           "unwrap_solo_dataset"]
 
 log = logging.getLogger("objcrop_plugin")
+
+
+class SoloBadImages(BadImages):
+    """:class:`~objcrop_plugin.stats.BadImages` whose error names the solo-learn recipe key,
+    ``data.max_failure_rate``. Shared with DataLoader workers as its base class is."""
+
+    def message(self, example: str | None = None, listed_in: object = None) -> str:
+        total = f"{self.n} images" if self.n is not None else "the images seen"
+        text = (
+            f"{self.count} of {total} could not be read, more than data.max_failure_rate="
+            f"{self.max_failure_rate:g} ({self.max_failure_rate:.2%}) allows"
+        )
+        if example:
+            text += f"; e.g. {example}"
+        if listed_in:
+            text += f"; the list is in {listed_in}"
+        return text + (
+            ". Fix: remove or replace the files (`objcrop check DATA.TRAIN_PATH` lists them "
+            "all), or raise data.max_failure_rate (++data.max_failure_rate=0.05 if the recipe "
+            "lacks the key)"
+        )
+
+    def __reduce__(self):
+        rebuild, args = super().__reduce__()
+        return (_solo_bad, (rebuild, args))
+
+
+def _solo_bad(rebuild: Any, args: tuple) -> SoloBadImages:
+    bad = rebuild(*args)
+    bad.__class__ = SoloBadImages
+    return bad
 
 
 class IndexedDataset(torch.utils.data.Dataset):
@@ -69,7 +101,8 @@ class ObjectAwareSoloDataset(IndexedDataset):
     (:func:`~objcrop_plugin.engine.datasets.first_readable`): item ``index`` is made from the
     next readable image with item ``index``'s random stream (and keeps ``index``), logged with
     its file and counted in ``dataset.bad`` across workers; above ``max_failure_rate`` of the
-    images :class:`~objcrop_plugin.stats.TooManyBadImagesError` stops the run.
+    images (``data.max_failure_rate``) :class:`~objcrop_plugin.stats.TooManyBadImagesError`
+    stops the run.
 
     Per-box sampling (``sampling="per_box"``, the recipe's ``data.sampling``): item ``index``
     is one stored box of one image (:class:`~objcrop_plugin.engine.datasets.BoxIndex`: images
@@ -82,7 +115,8 @@ class ObjectAwareSoloDataset(IndexedDataset):
         dataset: solo-learn's dataset (unwrapped from its index factory).
         transform: the object-aware transform.
         key_root: the folder store keys are relative to (``data.train_path`` by default).
-        max_failure_rate: the fraction of unreadable images tolerated (default 1%).
+        max_failure_rate: the fraction of unreadable images tolerated (default 1%; the
+            recipe's ``data.max_failure_rate``).
         sampling: ``"per_image"`` (solo-learn's items) or ``"per_box"``.
         max_boxes_per_image: per-box sampling: at most this many boxes of each image.
     """
@@ -99,7 +133,7 @@ class ObjectAwareSoloDataset(IndexedDataset):
         super().__init__(dataset)
         self.transform = transform
         self.key_root = os.path.abspath(os.fspath(key_root))
-        self.bad = BadImages(len(dataset), max_failure_rate)
+        self.bad = SoloBadImages(len(dataset), max_failure_rate)
         self.boxes = self._box_index(transform.store, sampling, max_boxes_per_image)
 
     def _box_index(self, store: ProposalStore | None, sampling: str, max_boxes: int | None) -> Any:

@@ -18,9 +18,8 @@ import torch
 
 from ..._random import sample_rng
 from ...policies import ScenePolicy
-from ...stats import BadImages
 from .config import ObjectAwareConfig, as_plain
-from .datasets import IndexedDataset, ObjectAwareSoloDataset
+from .datasets import IndexedDataset, ObjectAwareSoloDataset, SoloBadImages
 from .errors import SoloConfigError
 from .transform import SlotPlanner
 
@@ -178,7 +177,7 @@ class ObjectAwareCanvasDataset(ObjectAwareSoloDataset):
         self.scenes = gpu.scenes
         self.canvas = gpu.canvas
         self.key_root = os.path.abspath(os.fspath(key_root))
-        self.bad = BadImages(len(dataset), max_failure_rate)
+        self.bad = SoloBadImages(len(dataset), max_failure_rate)
         self.boxes = self._box_index(self.planner.store, sampling, max_boxes_per_image)
 
     def __getitem__(self, index: int) -> dict[str, Any]:  # type: ignore[override]

@@ -13,6 +13,11 @@ undoes them):
   to :class:`~.transform.ObjectAwareTransform`. Items keep solo-learn's format
   ``(index, [views], target)``.
 - ``solo.methods.base.BaseMethod._BACKBONES["timm"]``: :func:`~.backbone.timm_backbone`.
+- ``solo.utils.auto_resumer.AutoResumer.SHOULD_MATCH`` gains ``objcrop_identity``, a hash of
+  the crop setup that the ``parse_cfg`` wrapper adds to the recipe (:func:`run_identity`), so
+  auto-resume never continues a run with other crops, proposals or sampling.
+- ``lightning.pytorch.Trainer.fit``: in ``objcrop-solo``, too many unreadable images end the
+  run with one line naming ``data.max_failure_rate``, not a traceback.
 - with ``crop.engine: gpu`` only, ``solo.methods.METHODS[method]``: a subclass of the method
   whose ``on_after_batch_transfer`` cuts and augments the views on the device
   (:func:`~.gpu.gpu_method`); the dataset then yields canvases.
@@ -23,8 +28,11 @@ solo-learn's versions; :func:`import_solo` puts timm's own back.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import json
+import logging
 import os
 import sys
 import warnings
@@ -32,6 +40,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...proposals.store import MAGIC as STORE_MAGIC
+from ...stats import TooManyBadImagesError
 from .backbone import check_backbone, restore_timm_registry, timm_backbone
 from .config import ObjectAwareConfig, as_plain, parse_object_aware
 from .datasets import IndexedDataset, ObjectAwareSoloDataset, check_keys, unwrap_solo_dataset
@@ -39,7 +49,8 @@ from .errors import INSTALL_HINT, INSTALL_STEPS, SoloConfigError, SoloNotFoundEr
 from .gpu import GPUViews, ObjectAwareCanvasDataset, gpu_method, gpu_views
 from .transform import ObjectAwareTransform, SlotPlanner
 
-__all__ = ["STATE", "fix_solo_quirks", "import_solo", "install", "uninstall"]
+__all__ = ["IDENTITY_KEY", "STATE", "fix_solo_quirks", "import_solo", "install", "run_identity",
+           "uninstall"]
 
 
 @dataclass
@@ -49,8 +60,10 @@ class RunState:
     config: ObjectAwareConfig | None = None
     planner: SlotPlanner | None = None
     gpu: GPUViews | None = None
+    dataset: ObjectAwareSoloDataset | None = None  # its ``bad`` images, for the end-of-run line
     undo: list[Callable[[], None]] = field(default_factory=list)
     cli: bool = False  # report recipe errors as one line and exit 2, not a hydra traceback
+    error: str | None = None  # why the run stopped (printed last by ``objcrop-solo``)
 
 
 STATE = RunState()
@@ -78,8 +91,13 @@ def fix_solo_quirks(cfg: Any) -> None:
       CPU accelerator refuses a list. On CPU an int or list becomes a string (``"1"``); on a
       GPU an int ``n`` becomes the list of the first ``n`` devices.
     - ``strategy``: solo-learn defaults it to ``None``, which Lightning 2 refuses; ``auto``.
+
+    ``accelerator: auto`` (or none) is what Lightning will pick: a GPU where CUDA (or Apple's
+    MPS) is available, else the CPU.
     """
     accelerator = str(cfg.get("accelerator") or "auto").lower()
+    if accelerator == "auto":
+        accelerator = "gpu" if _has_gpu() else "cpu"
     devices = as_plain(cfg.get("devices"))
     if accelerator == "cpu":
         if devices is None or isinstance(devices, int):
@@ -90,6 +108,166 @@ def fix_solo_quirks(cfg: Any) -> None:
         cfg["devices"] = list(range(devices))
     if "strategy" in cfg and cfg.get("strategy") is None:
         cfg["strategy"] = "auto"
+
+
+def _has_gpu() -> bool:
+    """Whether Lightning's ``accelerator: auto`` would pick a GPU (CUDA or MPS)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+#: the recipe key holding the run's crop-setup hash; solo-learn's auto-resume must match it
+IDENTITY_KEY = "objcrop_identity"
+_LOGGER = "objcrop_plugin"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (as :data:`logging.lastResort` does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setLevel(logging.WARNING)
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def _handled(logger: logging.Logger, level: int) -> bool:
+    """Whether a record of ``level`` from ``logger`` reaches a handler."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if any(h.level <= level for h in current.handlers):
+            return True
+        if not current.propagate:
+            return False
+        current = current.parent  # type: ignore[assignment]
+    return False
+
+
+def enable_objcrop_warnings() -> Callable[[], None]:
+    """Let objcrop's warnings through the logging hydra configured for the run.
+
+    solo-learn's recipes (and ours) say ``override hydra/job_logging: disabled``: the root
+    logger at ERROR, and every logger that existed (``objcrop_plugin``'s among them) disabled.
+    objcrop's warnings (images without proposals, unreadable images skipped, fallbacks) are the
+    only place some of this is reported, so the ``objcrop_plugin`` loggers are re-enabled at
+    WARNING and, where no handler would take their records, given one that writes to stderr.
+
+    Returns:
+        a function that puts the loggers back as they were.
+    """
+    loggers = [logging.getLogger(_LOGGER)] + [
+        logger for name, logger in list(logging.root.manager.loggerDict.items())
+        if name.startswith(_LOGGER + ".") and isinstance(logger, logging.Logger)
+    ]
+    saved = [(lg, lg.disabled, lg.level, lg.propagate) for lg in loggers]
+    root = loggers[0]
+    for lg in loggers:
+        lg.disabled = False
+    if root.getEffectiveLevel() > logging.WARNING:
+        root.setLevel(logging.WARNING)
+    handler = None
+    if not _handled(root, logging.WARNING):
+        handler = _StderrHandler()
+        root.addHandler(handler)
+        root.propagate = False
+
+    def undo() -> None:
+        if handler is not None:
+            root.removeHandler(handler)
+        for lg, disabled, level, propagate in saved:
+            lg.disabled, lg.propagate = disabled, propagate
+            lg.setLevel(level)
+
+    return undo
+
+
+def _store_fingerprint(path: str) -> str:
+    """``SIZE:CRC`` of a proposal store: its size and its header's CRC-32 (the header holds
+    every section's CRC-32, so it changes with any box); ``SIZE:MTIME`` for another file."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(24)
+            if len(head) == 24 and head[:8] == STORE_MAGIC:
+                return f"{size}:{int.from_bytes(head[16:20], 'little'):08x}"
+            return f"{size}:{os.fstat(f.fileno()).st_mtime_ns}"
+    except OSError:
+        return "unreadable"
+
+
+def run_identity(cfg: Any) -> tuple[str, str]:
+    """``(hash, what it covers)``: the run's crop setup, for solo-learn's auto-resume.
+
+    solo-learn's ``AutoResumer`` resumes the newest checkpoint whose ``name``, backbone,
+    method, dataset, epochs and optimizer match: a scene baseline and an object-aware run of
+    the same recipe, or two runs on different proposal stores, would resume each other (and
+    the second would train nothing). The hash covers what it does not compare: every
+    ``augmentations`` entry (``crop`` included), the top-level ``crop`` node,
+    ``data.train_path``, ``data.proposals`` (its absolute path and the store's size and header
+    CRC-32, which changes when the store is rebuilt with other boxes), ``data.proposals_root``,
+    ``data.sampling`` and ``data.max_boxes_per_image``.
+    """
+    plain = {k: as_plain(cfg.get(k)) for k in ("augmentations", "crop", "data")}
+    data = plain["data"] if isinstance(plain["data"], Mapping) else {}
+
+    def absolute(value: Any) -> str | None:
+        return os.path.abspath(os.path.expanduser(os.fspath(value))) if value else None
+
+    proposals = absolute(data.get("proposals"))
+    setup = {
+        "augmentations": plain["augmentations"],
+        "crop": plain["crop"],
+        "train_path": absolute(data.get("train_path")),
+        "proposals": proposals,
+        "store": _store_fingerprint(proposals) if proposals else None,
+        "proposals_root": absolute(data.get("proposals_root")),
+        "sampling": data.get("sampling") or "per_image",
+        "max_boxes_per_image": data.get("max_boxes_per_image"),
+    }
+    blob = json.dumps(setup, sort_keys=True, default=str).encode()
+    digest = hashlib.sha256(blob).hexdigest()[:12]
+    crops = [("solo" if not isinstance(e, Mapping) or not e.get("crop") else "object-aware")
+             for e in plain["augmentations"] or []]
+    store = (f"{os.path.basename(proposals)} [{setup['store']}]" if proposals else "none")
+    what = (f"augmentations ({', '.join(crops)} crops), crop, data.train_path, "
+            f"data.proposals {store}, data.sampling {setup['sampling']}")
+    return digest, what
+
+
+def _resumer_matches(key: str) -> bool:
+    try:
+        from solo.utils.auto_resumer import AutoResumer
+    except ImportError:
+        return False
+    return key in getattr(AutoResumer, "SHOULD_MATCH", ())
+
+
+def _set_identity(cfg: Any) -> None:
+    """Record the run's crop setup in the recipe, where solo-learn's auto-resume compares it."""
+    digest, what = run_identity(cfg)
+    cfg[IDENTITY_KEY] = digest
+    auto = cfg.get("auto_resume")
+    enabled = bool(auto.get("enabled", False)) if auto is not None else False
+    if not enabled or cfg.get("resume_from_checkpoint") is not None:
+        return
+    if _resumer_matches(IDENTITY_KEY):
+        how = f"{IDENTITY_KEY}={digest}"
+    else:  # a solo-learn whose AutoResumer compares other keys: the name it always compares
+        cfg["name"] = f"{cfg.get('name')}-oc{digest[:8]}"
+        how = f"name={cfg['name']}"
+    print(f"objcrop-solo: auto_resume resumes only a run with the same crop setup: {how} "
+          f"({what})", file=sys.stderr)
 
 
 def import_solo(root: str | os.PathLike[str] | None = None) -> Any:
@@ -128,6 +306,7 @@ def import_solo(root: str | os.PathLike[str] | None = None) -> Any:
 
 def _wrap_parse_cfg(original: Callable, backbones: Mapping[str, Any]) -> Callable:
     def parse_cfg(cfg: Any) -> Any:
+        STATE.undo.append(enable_objcrop_warnings())  # hydra has configured logging by now
         fix_solo_quirks(cfg)
         plan = parse_object_aware(cfg)
         check_backbone(cfg, backbones)
@@ -135,6 +314,7 @@ def _wrap_parse_cfg(original: Callable, backbones: Mapping[str, Any]) -> Callabl
         cfg = original(cfg)
         if cfg.get("strategy") is None:
             cfg.strategy = "auto"
+        _set_identity(cfg)
         STATE.config, STATE.gpu = plan, views
         if views is not None:
             _install_gpu_method(cfg, views)
@@ -171,7 +351,8 @@ def _wrap_prepare_datasets(original: Callable) -> Callable:
                 "augmentations: solo-learn's transform does not have one NCropAugmentation per "
                 f"entry (got {transform!r}); this solo-learn version is not supported"
             )
-        sampling = {"sampling": plan.sampling, "max_boxes_per_image": plan.max_boxes_per_image}
+        sampling = {"sampling": plan.sampling, "max_boxes_per_image": plan.max_boxes_per_image,
+                    "max_failure_rate": plan.max_failure_rate}
         if STATE.gpu is not None:
             out = ObjectAwareCanvasDataset(base, STATE.gpu, plan.key_root, **sampling)
             planner = STATE.gpu.planner
@@ -181,7 +362,7 @@ def _wrap_prepare_datasets(original: Callable) -> Callable:
             planner = out.transform.planner
         if planner.store is not None and plan.needs_proposals:
             check_keys(out, planner.store, plan.strict)
-        STATE.planner = planner
+        STATE.planner, STATE.dataset = planner, out
         return out
 
     prepare_datasets.__doc__ = f"objcrop-plugin: {original.__name__} with object-aware views."
@@ -240,7 +421,67 @@ def install(root: str | os.PathLike[str] | None = None) -> Callable[[], None]:
             backbones.pop("timm", None)
 
     STATE.undo.append(undo)
+    _install_resumer_key()
+    _install_fit_report()
     return uninstall
+
+
+def _install_resumer_key() -> None:
+    """Add :data:`IDENTITY_KEY` to what solo-learn's auto-resume compares (undone by
+    :func:`uninstall`; a checkpoint without the key, older or made without objcrop-solo, is
+    not resumed)."""
+    try:
+        from solo.utils.auto_resumer import AutoResumer
+    except ImportError:  # pragma: no cover - solo-learn without auto-resume
+        return
+    original = getattr(AutoResumer, "SHOULD_MATCH", None)
+    if not isinstance(original, (list, tuple)) or IDENTITY_KEY in original:
+        return
+    AutoResumer.SHOULD_MATCH = [*original, IDENTITY_KEY]
+
+    def undo() -> None:
+        AutoResumer.SHOULD_MATCH = original
+
+    STATE.undo.append(undo)
+
+
+def bad_images_message(exc: BaseException) -> str:
+    """The one-line reason of a :class:`TooManyBadImagesError`, also when a DataLoader worker
+    raised it (torch re-raises it with the worker's traceback in the message)."""
+    text = str(exc)
+    marker = f"{TooManyBadImagesError.__name__}: "
+    if marker in text:
+        text = text.rsplit(marker, 1)[1]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _install_fit_report() -> None:
+    """In ``objcrop-solo``, ``Trainer.fit`` stopped by too many unreadable images ends the run
+    with one line (exit status 1) instead of hydra's traceback."""
+    try:
+        from lightning.pytorch import Trainer
+    except ImportError:  # pragma: no cover - solo-learn needs lightning
+        return
+    original = Trainer.fit
+
+    def fit(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return original(self, *args, **kwargs)
+        except TooManyBadImagesError as exc:
+            if not STATE.cli:
+                raise
+            STATE.error = bad_images_message(exc)
+            raise SystemExit(1) from None
+
+    fit.__wrapped__ = original  # type: ignore[attr-defined]
+    fit.__doc__ = original.__doc__
+    Trainer.fit = fit
+
+    def undo() -> None:
+        Trainer.fit = original
+
+    STATE.undo.append(undo)
 
 
 def uninstall() -> None:
@@ -250,3 +491,5 @@ def uninstall() -> None:
     STATE.config = None
     STATE.planner = None
     STATE.gpu = None
+    STATE.dataset = None
+    STATE.error = None

@@ -273,3 +273,49 @@ def compose_recipe(name: str, *overrides: str):
     with initialize_config_dir(config_dir=str(RECIPES), version_base="1.2"):
         return compose(config_name=name, overrides=list(overrides))
     del hydra
+
+
+# Runs objcrop-solo's main several times in one fresh interpreter (solo-learn, Lightning and
+# torch are imported once), each run's output after a marker line on stdout and stderr.
+RUNS = textwrap.dedent(
+    """
+    import json, sys
+    from objcrop_plugin.solo import main
+
+    rcs = []
+    for n, overrides in enumerate(json.loads(sys.argv[1])):
+        for stream in (sys.stdout, sys.stderr):
+            print(f"=== objcrop-test run {n} ===", file=stream, flush=True)
+        try:
+            rc = main([*sys.argv[2:], *overrides])
+        except SystemExit as exc:
+            rc = exc.code
+        sys.stdout.flush()
+        sys.stderr.flush()
+        rcs.append(rc)
+    print("RCS " + json.dumps(rcs), flush=True)
+    """
+)
+
+
+def run_main_several(tmp_path: Path, recipe_dir: Path, recipe: str,
+                     runs: list[list[str]]) -> list[dict]:
+    """``[{"rc", "stdout", "stderr"}]``, one per run of ``objcrop-solo`` with ``runs[i]``'s
+    overrides (see :data:`RUNS`), all in one subprocess started in ``tmp_path``."""
+    import json
+
+    script = tmp_path / "runs.py"
+    script.write_text(RUNS)
+    proc = subprocess.run(
+        [sys.executable, str(script), json.dumps(runs), "--config-path", str(recipe_dir),
+         "--config-name", recipe],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    tail = proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert proc.returncode == 0 and "RCS " in proc.stdout, tail
+    rcs = json.loads(proc.stdout.rsplit("RCS ", 1)[1])
+    outs = [proc.stdout.split(f"=== objcrop-test run {n} ===\n")[1].split("=== objcrop-test")[0]
+            for n in range(len(runs))]
+    errs = [proc.stderr.split(f"=== objcrop-test run {n} ===\n")[1].split("=== objcrop-test")[0]
+            for n in range(len(runs))]
+    return [{"rc": rc, "stdout": o, "stderr": e} for rc, o, e in zip(rcs, outs, errs)]

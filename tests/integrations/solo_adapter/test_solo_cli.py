@@ -91,8 +91,28 @@ def test_shipped_demo_recipe_runs_with_the_console_script(solo_root, tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
-    assert "8 samples cropped from proposals, 0 fell back" in proc.stderr
+    assert "8 samples, 8 cropped from proposals, 0 fell back" in proc.stderr
     assert demo.proposals_path.is_file()
+
+
+def test_every_ddp_rank_runs_with_the_plugin(solo_root, tmp_path):
+    """Lightning starts further DDP ranks as `python sys.argv[0] ARGS`: each must install the
+    plugin (its crops, its timm backbone), not run solo-learn's script without it."""
+    from objcrop_plugin.data.synthetic import write_dataset
+
+    write_dataset(tmp_path / "datasets" / "objcrop-demo", n_images=8, size=(128, 96))
+    command = shutil.which("objcrop-solo")
+    command = [command] if command else [sys.executable, "-m", "objcrop_plugin.solo"]
+    proc = subprocess.run(
+        [*command, "--config-path", str(RECIPES), "--config-name", "demo_cpu.yaml",
+         "++max_steps=1", "optimizer.batch_size=2", "data.num_workers=0",
+         "checkpoint.enabled=False", "backbone.kwargs.model_name=test_resnet",
+         "++enable_progress_bar=False", "++devices=2", "++strategy=ddp"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    # one line per rank: both cropped from the proposals
+    assert proc.stderr.count("cropped from proposals, 0 fell back") == 2, proc.stderr[-3000:]
 
 
 def test_two_rounds_heatmap_boxes_from_a_solo_checkpoint(solo_root, tmp_path):
@@ -125,7 +145,7 @@ def test_two_rounds_heatmap_boxes_from_a_solo_checkpoint(solo_root, tmp_path):
                              "checkpoint.enabled=False"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-6000:]
-    assert "8 samples cropped from proposals, 0 fell back" in second.stderr
+    assert "8 samples, 8 cropped from proposals, 0 fell back" in second.stderr
 
 
 ERRORS = textwrap.dedent(
@@ -187,3 +207,89 @@ def test_one_public_import_path_for_python_and_the_console_script():
     assert all(getattr(public, name) is getattr(package, name) for name in surface)
     scripts = importlib.metadata.entry_points(group="console_scripts", name="objcrop-solo")
     assert [ep.value for ep in scripts] == ["objcrop_plugin.solo:main"]
+
+
+def test_auto_resume_never_continues_a_run_with_other_crops(solo_root, scenes, tmp_path):
+    """Finding 1: with auto_resume (every paper recipe), the scene baseline and the
+    object-aware run of the same recipe no longer resume each other (the second trained
+    nothing); the same setup run again still resumes."""
+    import yaml
+    from solo_testing import make_entry, run_main_several
+
+    data = {"dataset": "custom", "train_path": str(scenes / "flat"), "no_labels": True,
+            "proposals": str(scenes / "flat.objcrop")}
+    recipes = tmp_path / "recipes"
+    recipe = write_recipe(recipes, "simclr", OBJ_OBJ_DILATE, data,
+                          checkpoint={"enabled": True, "dir": "ckpt", "frequency": 1},
+                          auto_resume={"enabled": True, "max_hours": 36})
+    (recipes / "augmentations" / "scene.yaml").write_text(
+        yaml.safe_dump([make_entry(None), make_entry(None)]))
+    baseline, object_aware, again = run_main_several(
+        tmp_path, recipes, recipe, [["augmentations=scene.yaml"], [], []])
+    for run in (baseline, object_aware, again):
+        assert run["rc"] == 0, run["stderr"][-4000:]
+    assert "Resuming from previous checkpoint" not in baseline["stdout"]
+    assert "Resuming from previous checkpoint" not in object_aware["stdout"], object_aware["stdout"]
+    assert len(list((tmp_path / "ckpt" / "simclr").glob("*/*.ckpt"))) == 2  # both trained
+    assert "objcrop: 8 samples, 8 cropped from proposals, 0 fell back" in object_aware["stderr"]
+    for run in (baseline, object_aware, again):  # each says which identity it resumes by
+        identity = [ln for ln in run["stderr"].splitlines() if "auto_resume resumes only" in ln]
+        assert len(identity) == 1 and "objcrop_identity=" in identity[0], run["stderr"][-2000:]
+    # the object-aware setup run again resumes the object-aware run, not the baseline
+    assert "Resuming from previous checkpoint" in again["stdout"]
+    resumed = again["stdout"].split("matches specifications:", 1)[1].split("'")[1]
+    args = json.loads((tmp_path / os.path.dirname(resumed) / "args.json").read_text())
+    assert args["augmentations"][0]["crop"] == "object_aware"
+
+
+def test_bad_and_unlisted_images_are_reported_and_the_failure_rate_is_a_recipe_key(
+    solo_root, scenes, tmp_path
+):
+    """Findings 2, 3, 4 and 7 through main_pretrain.py, under `hydra/job_logging: disabled`:
+    the warnings for images without proposals and for an unreadable image reach stderr (from a
+    DataLoader worker too); the end-of-run line says how many samples were cropped from
+    proposals and which image was skipped; `++data.max_failure_rate` is honoured, and above it
+    the run ends with one line naming that key (no traceback, exit status 1);
+    `accelerator=auto` runs on a machine without a GPU."""
+    import re
+
+    from solo_testing import run_main_several, scene_image
+
+    folder = tmp_path / "flat"
+    shutil.copytree(scenes / "flat", folder)
+    for i in range(4):  # not in the store: scene crops
+        scene_image(i).save(folder / f"new_{i}.png")
+    data = (scenes / "flat" / "003.png").read_bytes()
+    (folder / "003.png").write_bytes(data[: len(data) // 3])  # truncated
+    recipe = write_recipe(
+        tmp_path / "recipes", "simclr", OBJ_OBJ_DILATE,
+        {"dataset": "custom", "train_path": str(folder), "no_labels": True,
+         "proposals": str(scenes / "flat.objcrop"), "num_workers": 1},
+    )
+    tolerated, stopped = run_main_several(
+        tmp_path, tmp_path / "recipes", recipe,
+        [["accelerator=auto", "++data.max_failure_rate=0.2", "max_steps=-1"],
+         ["max_steps=-1"]])
+
+    err = tolerated["stderr"]
+    assert tolerated["rc"] == 0, err[-4000:]
+    assert "objcrop: 33.3% of the images checked have no proposals" in err
+    assert re.search(r"objcrop: skipping unreadable image \S*003\.png", err), err[-3000:]
+    line = [ln for ln in err.splitlines() if ln.startswith("objcrop: 12 samples")]
+    assert len(line) == 1, err[-3000:]
+    found = re.fullmatch(
+        r"objcrop: 12 samples, (\d+) cropped from proposals, (\d+) fell back to scene crops "
+        r"\(no entry: (\d+), no usable box: 0, stored size of another aspect: 0\); 1 unreadable "
+        r"image skipped, e.g. (\S+) \(data.max_failure_rate 0.2\)", line[0])
+    assert found, line[0]
+    cropped, fell_back, missing, example = found.groups()
+    assert int(cropped) + int(fell_back) == 12 and int(fell_back) == int(missing) in (4, 5)
+    assert example == str(folder / "003.png")
+
+    err = stopped["stderr"]
+    assert stopped["rc"] == 1, err[-4000:]
+    assert "Traceback" not in err, err[-4000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("objcrop-solo: error: 1 of 12 images could not be read, more than "
+                           "data.max_failure_rate=0.01 (1.00%) allows; e.g. "), last
+    assert "003.png" in last and "raise data.max_failure_rate" in last

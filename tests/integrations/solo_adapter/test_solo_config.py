@@ -125,3 +125,80 @@ def test_shipped_augmentation_groups():
     assert not scene.enabled
     demo = parse_object_aware(compose_recipe("demo_cpu.yaml"), check_paths=False)
     assert [e.crop_size for e in demo.entries] == [64, 64]
+
+
+@pytest.mark.parametrize(
+    ("crop", "message"),
+    [
+        ({"canvas": "abc"}, r"^crop\.canvas: expected an integer side in pixels.*got 'abc'$"),
+        ({"canvas": 12.5}, r"^crop\.canvas: expected an integer side"),
+        ({"canvas": 32}, r"^crop\.canvas: 32 px is smaller than the largest crop_size \(64\)"),
+        ({"top_k": "ten"}, r"^crop\.top_k: expected an integer >= 1, got 'ten'$"),
+        ({"top_k": 2.5}, r"^crop\.top_k: expected an integer >= 1, got 2\.5$"),
+        ({"top_k": 0}, r"^crop\.top_k: expected an integer >= 1, got 0$"),
+        ({"min_area": "small"}, r"^crop\.min_area: expected a fraction of the image area"),
+        ({"max_area": "big"}, r"^crop\.max_area: expected a fraction of the image area"),
+        ({"min_area": 0.5, "max_area": 0.2}, r"^crop\.min_area=0\.5 is above crop\.max_area=0\.2"),
+    ],
+)
+def test_crop_settings_errors_name_the_key(scenes, crop, message):
+    """Finding 5: a non-integer crop.canvas / crop.top_k (or a bad min/max_area) is one line
+    naming the key, not a ValueError from int()."""
+    cfg = make_cfg([make_entry("object_aware"), make_entry("object_dilated")],
+                   proposals=str(scenes / "train.objcrop"))
+    cfg["crop"] = {"engine": "gpu", **crop} if "canvas" in crop else crop
+    with pytest.raises(SoloConfigError, match=message) as info:
+        parse_object_aware(cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_crop_settings_in_an_entry_are_named_there(scenes):
+    cfg = make_cfg([make_entry({"policy": "object", "top_k": "ten"})],
+                   proposals=str(scenes / "train.objcrop"))
+    with pytest.raises(SoloConfigError, match=r"^augmentations\[0\]\.crop\.top_k: expected an integer"):
+        parse_object_aware(cfg)
+    cfg["crop"] = {"top_k": "3", "canvas": 128}  # numeric strings (from a shell) are numbers
+    cfg["augmentations"][0]["crop"] = "object_aware"
+    plan = parse_object_aware(cfg)
+    assert plan.choice.top_k == 3 and plan.canvas == 128
+
+
+def test_proposals_pointing_at_a_folder_says_so(scenes):
+    """Finding 6: data.proposals naming a folder is 'a folder, not a store file', not 'does not
+    exist' with a build command that would write over that folder."""
+    cfg = make_cfg([make_entry("object_aware")], proposals=str(scenes / "flat"))
+    with pytest.raises(SoloConfigError) as info:
+        parse_object_aware(cfg)
+    message = str(info.value)
+    assert message.startswith(f"data.proposals: {scenes / 'flat'} is a folder, not a proposal "
+                              "store file")
+    assert "data.train_path" in message and "does not exist" not in message
+
+
+def test_max_failure_rate_is_a_checked_recipe_key(scenes):
+    """Finding 3: data.max_failure_rate is read (default 1%, as objcrop train) and checked."""
+    store = str(scenes / "train.objcrop")
+    entries = [make_entry("object_aware")]
+    assert parse_object_aware(make_cfg(entries, proposals=store)).max_failure_rate == 0.01
+    assert parse_object_aware(make_cfg(entries, proposals=store,
+                                       max_failure_rate=0.2)).max_failure_rate == 0.2
+    assert parse_object_aware(make_cfg(entries, proposals=store,
+                                       max_failure_rate=0)).max_failure_rate == 0.0
+    for bad in (1.5, -0.1, "lots", True):
+        with pytest.raises(SoloConfigError, match=r"^data\.max_failure_rate: expected .* from 0 "
+                                                  r"to 1 \(e\.g\. 0\.05\), got"):
+            parse_object_aware(make_cfg(entries, proposals=store, max_failure_rate=bad))
+
+
+def test_misspelt_crop_key_is_warned_about(scenes, caplog):
+    """A 'crops:' (or 'Crop:') entry key would silently keep solo-learn's crops."""
+    entry = make_entry(None)
+    entry["crops"] = "object_aware"
+    cfg = make_cfg([entry, make_entry(None)], proposals=str(scenes / "train.objcrop"))
+    with caplog.at_level("WARNING", logger="objcrop_plugin"):
+        plan = parse_object_aware(cfg)
+    assert not plan.enabled
+    text = caplog.text
+    assert "augmentations[0].crops is not a key of a solo-learn augmentations entry" in text
+    assert "no augmentations entry has 'crop: object_aware' (augmentations[0].crops: did you " \
+           "mean 'crop'?)" in text

@@ -136,3 +136,144 @@ def test_adapter_imports_without_solo_and_says_how_to_install():
     assert out.returncode == 0, out.stderr
     assert "NOT-FOUND: " + INSTALL_HINT in out.stdout
     assert "git clone https://github.com/vturrisi/solo-learn" in out.stdout
+
+
+@pytest.mark.parametrize("accelerator", ["auto", None, "AUTO"])
+def test_auto_accelerator_without_a_gpu_is_the_cpu(monkeypatch, accelerator):
+    """Finding 4: `accelerator: auto` (or none) on a CPU-only machine is treated as `cpu`:
+    `devices: 1` becomes "1", not [0] (which Lightning's CPU accelerator refuses)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if getattr(torch.backends, "mps", None) is not None:
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    cfg = {"devices": 1} if accelerator is None else {"accelerator": accelerator, "devices": 1}
+    fix_solo_quirks(cfg)
+    assert cfg["devices"] == "1"
+    cfg = {"accelerator": accelerator, "devices": [0, 1]}
+    fix_solo_quirks(cfg)
+    assert cfg["devices"] == "2"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = {"accelerator": accelerator, "devices": 2}
+    fix_solo_quirks(cfg)
+    assert cfg["devices"] == [0, 1]
+
+
+def test_run_identity_tells_crop_setups_apart(scenes, tmp_path):
+    """Finding 1: the hash auto-resume compares differs between a scene baseline and an
+    object-aware run, between proposal stores, between sampling modes, and when a store is
+    rebuilt in place; it is stable for the same setup."""
+    import shutil
+
+    from objcrop_plugin.integrations.solo.patch import run_identity
+    from objcrop_plugin.proposals import ProposalStore
+
+    store = tmp_path / "p.objcrop"
+    shutil.copy(scenes / "flat.objcrop", store)
+    scene = [make_entry(None), make_entry(None)]
+
+    def cfg(augmentations, **data):
+        return {"augmentations": augmentations, "crop": {"top_k": 10},
+                "data": {"dataset": "custom", "train_path": str(scenes / "flat"),
+                         "proposals": str(store), **data}}
+
+    base = run_identity(cfg(OBJ_OBJ_DILATE))[0]
+    assert base == run_identity(cfg(OBJ_OBJ_DILATE))[0] and len(base) == 12
+    others = {
+        run_identity(cfg(scene))[0],
+        run_identity(cfg(OBJ_OBJ_DILATE, proposals=str(scenes / "flat.objcrop")))[0],
+        run_identity(cfg(OBJ_OBJ_DILATE, sampling="per_box"))[0],
+        run_identity({**cfg(OBJ_OBJ_DILATE), "crop": {"top_k": 3}})[0],
+    }
+    assert len(others) == 4 and base not in others
+    digest, what = run_identity(cfg(scene))
+    assert "solo, solo crops" in what and "p.objcrop" in what and "per_image" in what
+    # the same path rebuilt with other boxes (the same size on disk) is another setup
+    size = store.stat().st_size
+    with ProposalStore(store) as s:
+        records = [(k, s[k].boxes + 1, s[k].scores, s[k].image_size) for k in s.keys()]  # noqa: SIM118
+    ProposalStore.write(store, records)
+    assert store.stat().st_size == size
+    assert run_identity(cfg(OBJ_OBJ_DILATE))[0] != base
+
+
+def test_objcrop_warnings_get_through_hydras_disabled_logging(capsys):
+    """Finding 2: under `hydra/job_logging: disabled` (root at ERROR, existing loggers
+    disabled) objcrop's warnings are re-enabled and reach stderr; undone afterwards."""
+    import logging
+    import logging.config
+
+    from objcrop_plugin.integrations.solo.patch import enable_objcrop_warnings
+
+    logger = logging.getLogger("objcrop_plugin")
+    root = logging.getLogger()
+    saved_root = (root.level, list(root.handlers))
+    saved = (logger.disabled, logger.level, logger.propagate, list(logger.handlers))
+    try:
+        logging.config.dictConfig({"version": 1, "root": {"level": "ERROR"},
+                                   "disable_existing_loggers": True})  # hydra's "disabled"
+        logger.warning("objcrop: lost")
+        assert "lost" not in capsys.readouterr().err
+        undo = enable_objcrop_warnings()
+        logger.warning("objcrop: %.1f%% of the images checked have no proposals", 11.1)
+        logger.info("objcrop: not at INFO")
+        err = capsys.readouterr().err
+        assert "objcrop: 11.1% of the images checked have no proposals" in err
+        assert "not at INFO" not in err
+        undo()
+        assert logger.disabled and not logger.handlers
+    finally:
+        root.setLevel(saved_root[0])
+        root.handlers[:] = saved_root[1]
+        logger.disabled, logger.level, logger.propagate = saved[:3]
+        logger.handlers[:] = saved[3]
+
+
+def test_end_of_run_line_counts_proposal_crops_fallbacks_and_bad_images(monkeypatch):
+    """Findings 7 and 2: "N samples, N-F cropped from proposals, F fell back ..." and the
+    unreadable images skipped, with an example file."""
+    from types import SimpleNamespace
+
+    from objcrop_plugin.integrations.solo.cli import end_of_run_line
+    from objcrop_plugin.integrations.solo.datasets import SoloBadImages
+    from objcrop_plugin.integrations.solo.patch import STATE
+    from objcrop_plugin.stats import FallbackCounter
+
+    counter = FallbackCounter({"samples": 32, "missing": 3, "unusable": 1})
+    bad = SoloBadImages(32, 0.2)
+    bad.record(5, "flat/img_005.jpg", "truncated")
+    dataset = SimpleNamespace(bad=bad, item=lambda i: (f"/data/flat/img_{i:03d}.jpg", -1))
+    monkeypatch.setattr(STATE, "planner", SimpleNamespace(recipe=SimpleNamespace(fallbacks=counter)))
+    monkeypatch.setattr(STATE, "dataset", dataset)
+    assert end_of_run_line() == (
+        "objcrop: 32 samples, 28 cropped from proposals, 4 fell back to scene crops (no entry: "
+        "3, no usable box: 1, stored size of another aspect: 0); 1 unreadable image skipped, "
+        "e.g. /data/flat/img_005.jpg (data.max_failure_rate 0.2)"
+    )
+    monkeypatch.setattr(STATE, "dataset", None)
+    assert end_of_run_line().endswith("stored size of another aspect: 0)")
+
+
+def test_too_many_bad_images_names_the_solo_key_in_one_line():
+    """Finding 3: the error names data.max_failure_rate (not objcrop train's key), survives
+    pickling to DataLoader workers, and is one line also when a worker raised it."""
+    import pickle
+
+    from objcrop_plugin.integrations.solo.datasets import SoloBadImages
+    from objcrop_plugin.integrations.solo.patch import bad_images_message
+    from objcrop_plugin.stats import TooManyBadImagesError
+
+    bad = pickle.loads(pickle.dumps(SoloBadImages(8, 0.01)))
+    assert isinstance(bad, SoloBadImages)
+    with pytest.raises(TooManyBadImagesError) as info:
+        bad.record(0, "flat/000.png", "truncated")
+    message = str(info.value)
+    assert message.startswith("1 of 8 images could not be read, more than data.max_failure_rate"
+                              "=0.01 (1.00%) allows; e.g. flat/000.png (truncated)")
+    assert "++data.max_failure_rate=" in message and "objcrop train" not in message
+    # torch re-raises a worker's exception with the worker's traceback in the message
+    reraised = TooManyBadImagesError(
+        "Caught TooManyBadImagesError in DataLoader worker process 0.\nOriginal Traceback (most "
+        "recent call last):\n  File \"x.py\", line 1, in f\n    g()\n"
+        f"objcrop_plugin.stats.TooManyBadImagesError: {message}\n")
+    assert bad_images_message(reraised) == message == bad_images_message(info.value)
