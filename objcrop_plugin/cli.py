@@ -183,9 +183,11 @@ def cmd_policies(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from .proposals.importer_base import import_to_store, make_importer
 
-    _check_store_out(args, [args.src])
+    params = _parse_params(args.param)
+    # an option naming a file or folder (images_json=, images_root=...) is an input too
+    _check_store_out(args, [args.src, *_param_paths(params)])
     try:
-        importer = make_importer(args.source, args.src, **_parse_params(args.param))
+        importer = make_importer(args.source, args.src, **params)
     except TypeError as exc:  # an option the importer does not take
         raise ValueError(str(exc)) from None
     n = import_to_store(importer, args.out)
@@ -219,8 +221,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _check_store_out(args: argparse.Namespace, inputs: list, out: str | None = None) -> None:
     """``--out`` of a command writing a store (and its failures list): see check_output."""
     from .files import check_output
-    from .proposals.build import FAILURES_KIND, failures_path
-    from .proposals.store import STORE_KIND
+    from .proposals.store import FAILURES_KIND, STORE_KIND, failures_path
 
     out = out or args.out
     check_output(out, STORE_KIND, inputs, args.force)
@@ -240,6 +241,25 @@ def _parse_params(items: list[str] | None) -> dict:
     return params
 
 
+def _param_paths(params: dict) -> list[Path]:
+    """The values of ``--param`` options that name an existing file or folder (inputs that
+    ``--out`` must never replace)."""
+    found: list[Path] = []
+    values = list(params.values())
+    while values:
+        v = values.pop()
+        if isinstance(v, (list, tuple)):
+            values.extend(v)
+        elif isinstance(v, dict):
+            values.extend(v.values())
+        elif isinstance(v, str) and v:
+            p = Path(v).expanduser()
+            with contextlib.suppress(OSError, ValueError):
+                if p.exists():
+                    found.append(p)
+    return found
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from .proposals.build import build_store, resolve_shard, shard_path
 
@@ -256,7 +276,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         if getattr(args, opt) is not None:
             params[key] = str(getattr(args, opt)) if opt == "checkpoint" else getattr(args, opt)
     shard = resolve_shard(args.shard)
-    _check_store_out(args, [args.images_dir], str(shard_path(args.out, *shard)))
+    # what the generator reads is an input too: the checkpoint, the BING model folder (from
+    # --bing-model, a --param, or $OBJCROP_BING_MODEL)
+    inputs = [args.images_dir, *_param_paths(params)]
+    if args.method.startswith("bing") and "model_dir" not in params:
+        inputs += _param_paths({"env": os.environ.get("OBJCROP_BING_MODEL", "")})
+    _check_store_out(args, inputs, str(shard_path(args.out, *shard)))
     summary = build_store(
         args.images_dir, args.out, method=args.method, params=params, workers=args.workers,
         shard=shard, chunk_size=args.chunk_size, max_pixels=args.max_pixels,
@@ -312,14 +337,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_proposals_eval(args: argparse.Namespace) -> int:
-    from .proposals.evaluate import format_recall, recall
-    from .proposals.importers import CocoImporter
+    from .proposals.evaluate import format_recall, open_ground_truth, recall
     from .proposals.store import ProposalStore
 
-    if str(args.gt).endswith(".json"):
-        gt = CocoImporter(args.gt, images_json=args.gt_images_json, key_prefix=args.key_prefix)
-    else:
-        gt = ProposalStore(args.gt)
+    # recognised by content: a store, JSON Lines, or COCO (whatever the file is called)
+    gt = open_ground_truth(args.gt, images_json=args.gt_images_json, key_prefix=args.key_prefix)
     result = recall(ProposalStore(args.store), gt, tuple(args.iou), tuple(args.k))
     print(json.dumps(result, indent=2) if args.json else format_recall(result))
     return 0
@@ -329,7 +351,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .proposals.build import merge_stores
 
     _check_store_out(args, args.stores)
-    n = merge_stores(args.out, args.stores)
+    n = merge_stores(args.out, args.stores, allow_partial=args.allow_partial,
+                     allow_mixed=args.allow_mixed)
     print(f"wrote {args.out} ({n} images from {len(args.stores)} stores)")
     return 0
 
@@ -587,10 +610,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit 3 above this fraction of failed images, 0-1 (default 0.01)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_build)
-    p = prop.add_parser("merge", help="join shard stores into one")
+    p = prop.add_parser(
+        "merge", help="join shard stores into one",
+        description="Join stores into one. Shards must all come from one build (same method, "
+        "parameters and image list) and be complete (shards 0..N-1 of --shard i/N).",
+    )
     p.add_argument("stores", nargs="+")
     p.add_argument("--out", "-o", required=True, help="the store to write")
     _add_force_arg(p)
+    p.add_argument("--allow-partial", action="store_true",
+                   help="merge an incomplete set of shards (the store's metadata says which)")
+    p.add_argument("--allow-mixed", action="store_true",
+                   help="join stores of different builds (other methods or parameters)")
     p.set_defaults(func=cmd_merge)
     p = prop.add_parser("import-coco", help="COCO annotations or detection results -> store")
     p.add_argument("annotations", help="COCO annotations JSON, or a detection results JSON list")
@@ -619,9 +650,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stats)
     p = prop.add_parser("eval", help="recall of a store against ground-truth boxes")
     p.add_argument("store")
-    p.add_argument("--gt", required=True, help="COCO annotations JSON or a store of ground truth")
-    p.add_argument("--gt-images-json")
-    p.add_argument("--key-prefix", default="")
+    p.add_argument("--gt", required=True, help="ground truth: COCO annotations JSON, a store, "
+                   "or JSON Lines (recognised by content)")
+    p.add_argument("--gt-images-json", help="COCO ground truth only: the images table for a "
+                   "results list")
+    p.add_argument("--key-prefix", default="", help="COCO ground truth only: prepended to "
+                   "file_name")
     p.add_argument("--iou", type=float, nargs="+", default=[0.5, 0.7])
     p.add_argument("--k", type=int, nargs="+", default=[1, 10, 100])
     p.add_argument("--json", action="store_true")

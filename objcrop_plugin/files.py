@@ -243,10 +243,30 @@ def _holder(lock: Path) -> dict:
 def _locked_error(lock: Path, what: str, holder: dict) -> OutputLockedError:
     who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, since "
            f"{holder.get('since', '?')}") if holder else "another process"
+    pid = holder.get("pid")
+    if holder.get("host") == _HOST and isinstance(pid, int) and not _pid_alive(pid):
+        who += (f" (pid {pid} is gone, but a process it started still holds the lock: "
+                "stop that process first)")
     return OutputLockedError(
         f"{what} is being written by {who} (lock file {lock}). Fix: wait for that run to end, "
         f"or write to another path; if that process is gone, delete {lock}."
     )
+
+
+#: lock file descriptors this process holds: closed in a forked child (a DataLoader or Pool
+#: worker), so the lock goes with its holder and never outlives it in an orphaned child
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in list(_HELD_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
 
 
 @contextlib.contextmanager
@@ -256,7 +276,9 @@ def output_lock(target: str | os.PathLike[str]) -> Iterator[Path]:
     The lock file names the holder's pid and host. A second holder is refused at once with
     :class:`OutputLockedError`. A lock left by a dead process is taken over: with ``fcntl``
     (POSIX) the kernel drops a dead holder's lock on any host that shares the lock; without it,
-    a lock naming a dead pid on this host is taken over. The lock file is removed on release.
+    a lock naming a dead pid on this host is taken over. Processes forked while the lock is
+    held (worker pools, DataLoader workers) do not keep it: a child left behind by a killed
+    holder cannot block the next run. The lock file is removed on release, by the holder only.
 
     Yields:
         the lock file's path.
@@ -306,14 +328,18 @@ def output_lock(target: str | os.PathLike[str]) -> Iterator[Path]:
         if same:
             break
         os.close(fd)
+    _HELD_LOCK_FDS.add(fd)
+    owner = os.getpid()
     try:
         os.ftruncate(fd, 0)
         os.write(fd, info.encode())
         yield lock
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock)
-        os.close(fd)
+        if os.getpid() == owner:  # not in a forked child leaving the block
+            _HELD_LOCK_FDS.discard(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+            os.close(fd)
 
 
 def normalize_key(key: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> str:

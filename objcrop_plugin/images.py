@@ -33,6 +33,7 @@ __all__ = [
     "load_rgb",
     "open_image",
     "opened_from",
+    "png_significant_bits",
     "read_image",
     "scan_images",
     "to_rgb",
@@ -137,36 +138,77 @@ def open_image(path: str | os.PathLike[str]) -> OpenedImage:
     return opened_from(img, path)
 
 
-def _sixteen_bit_to_l(img: Image.Image) -> Image.Image:
+#: bit depths an integer image's values are assumed to fill (the smallest that holds them)
+_CONTAINER_BITS = (8, 10, 12, 14, 16)
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_significant_bits(path: str | os.PathLike[str]) -> int | None:
+    """The significant bits of a grayscale PNG's samples from its ``sBIT`` chunk, or ``None``.
+
+    A 12-bit sensor image saved as a 16-bit PNG may say so in ``sBIT`` (PIL does not read that
+    chunk). Only the chunks before the image data are read; an unreadable file, a file that is
+    not a PNG, or one without ``sBIT`` gives ``None``.
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != _PNG_SIGNATURE:
+                return None
+            for _ in range(256):  # sBIT must come before PLTE and IDAT
+                head = f.read(8)
+                if len(head) < 8:
+                    return None
+                length, kind = int.from_bytes(head[:4], "big"), head[4:]
+                if kind == b"sBIT":
+                    data = f.read(length)
+                    bits = data[0] if data else 0
+                    return bits if 1 <= bits <= 16 else None
+                if kind in (b"IDAT", b"PLTE", b"IEND"):
+                    return None
+                f.seek(length + 4, os.SEEK_CUR)  # the data and its CRC
+    except OSError:
+        return None
+    return None
+
+
+def _sixteen_bit_to_l(img: Image.Image, significant_bits: int | None = None) -> Image.Image:
     arr = np.asarray(img)
     if arr.dtype.kind == "f":
         hi = float(np.nanmax(arr)) if arr.size else 1.0
         scale = 255.0 if hi <= 1.0 else 255.0 / max(hi, 1e-12) if hi > 255 else 1.0
-        arr8 = np.clip(np.nan_to_num(arr) * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.clip(np.nan_to_num(arr) * scale, 0, 255).astype(np.uint8))
+    arr = np.clip(arr.astype(np.int64), 0, None)
+    hi = int(arr.max()) if arr.size else 0
+    if significant_bits is not None and hi < 1 << significant_bits:
+        bits = significant_bits
+    elif hi > 65535:  # 32-bit data: no container depth to assume, use its own range
+        return Image.fromarray((arr * (255.0 / hi)).astype(np.uint8))
     else:
-        arr = arr.astype(np.int64)
-        hi = int(arr.max()) if arr.size else 0
-        if img.mode.startswith("I;16") or 255 < hi <= 65535:
-            arr8 = (np.clip(arr, 0, 65535) >> 8).astype(np.uint8)
-        elif hi > 65535:
-            arr8 = (np.clip(arr, 0, None) * (255.0 / hi)).astype(np.uint8)
-        else:
-            arr8 = np.clip(arr, 0, 255).astype(np.uint8)
-    return Image.fromarray(arr8)
+        bits = next(b for b in _CONTAINER_BITS if hi < 1 << b)
+    top = (1 << bits) - 1
+    return Image.fromarray(((arr * 255 + top // 2) // top).astype(np.uint8))  # rounded
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image, significant_bits: int | None = None) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB.
 
-    16- and 32-bit integer images (``I;16``, ``I``) map their full range to 8 bits (PIL's own
-    conversion would clip them to white); float images (``F``) map [0, 1] or [0, max]. Modes
-    with alpha drop it, as torchvision's and lightly's loaders do; palette and CMYK images are
-    converted by PIL.
+    Integer images of more than 8 bits (``I;16`` and the other 16-bit modes, ``I``) are
+    scaled from their bit depth ``b`` to 8 bits, ``v8 = round(v * 255 / (2**b - 1))``
+    (negative values are 0). ``b`` is ``significant_bits`` when given (a PNG's ``sBIT``
+    chunk, which :func:`load_rgb` reads) and the values fit in it; otherwise the smallest of
+    8, 10, 12, 14 and 16 bits that holds the image's largest value. So 8-bit data saved in a
+    16-bit file is kept as is (as PIL's own conversion does), 12-bit sensor data maps 4095 to
+    255, and full-range 16-bit data is divided by 257 (as OpenCV's ``imread`` does, up to
+    rounding). Values above 16 bits (32-bit ``I``) are scaled by the image's own maximum.
+    Float images (``F``) map [0, 1], or [0, max] when the maximum is above 255. Modes with
+    alpha drop it, as torchvision's and lightly's loaders do; palette and CMYK images are
+    converted by PIL. Every decode of the package (training views, proposal builds,
+    evaluation, pictures) goes through this function, so boxes and pixels agree.
     """
     if img.mode == "RGB":
         return img
     if img.mode.startswith("I") or img.mode == "F":
-        img = _sixteen_bit_to_l(img)
+        img = _sixteen_bit_to_l(img, significant_bits)
     return img.convert("RGB")
 
 
@@ -209,8 +251,12 @@ def load_rgb(opened: OpenedImage, reduce: int = 1) -> Image.Image:
             w, h = img.size
             # PIL picks the largest DCT scale s with w // request >= s: request floor(w / r)
             img.draft(None, (max(1, w // reduce), max(1, h // reduce)))
+        # the file PIL read (opened.path may be a dataset key, relative to another folder)
+        source = getattr(img, "filename", "")
+        bits = (png_significant_bits(source)
+                if source and img.format == "PNG" and img.mode.startswith("I") else None)
         img.load()
-        img = to_rgb(img)
+        img = to_rgb(img, bits)
     except Exception as exc:
         raise ImageDecodeError(
             f"{opened.path}: cannot decode ({type(exc).__name__}: {exc}). "

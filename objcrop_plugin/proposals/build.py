@@ -17,12 +17,15 @@ build only ever resumes chunks made with its own settings (``restart=True`` star
 Sharding across machines: ``shard=(i, n)`` takes every n-th key starting at i; the index and
 count come from ``--shard i/N``, or from ``RANK``/``WORLD_SIZE`` (torchrun) or
 ``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT`` (SLURM arrays). :func:`merge_stores` joins
-the shard stores into one.
+the shard stores into one. Each shard's metadata carries its ``shard`` ``[i, N]`` and a
+``settings`` digest (method, parameters, the folder's image list, pixel limit), so a merge
+refuses shards of different builds and an incomplete set.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -30,6 +33,7 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,17 +43,26 @@ from typing import Any
 import numpy as np
 import torch.utils.data as torch_data
 
-from ..files import OutputKind, atomic_write, output_lock
-from ..images import draft_factor, list_images, load_rgb, open_image
+from ..files import atomic_write, output_lock
+from ..images import draft_factor, list_images, load_rgb, open_image, write_bad_list
 from ..registry import load_proposal_source
 from .generators import ProposalGenerator
-from .store import ProposalRecord, ProposalStore, ProposalStoreWriter, _record_from
+from .store import (
+    FAILURES_KIND,
+    ProposalRecord,
+    ProposalStore,
+    ProposalStoreWriter,
+    _record_from,
+    failures_path,
+    remove_stale_failures,
+)
 
 __all__ = [
     "FAILURES_KIND",
     "BuildInterrupted",
     "BuildSummary",
     "build_store",
+    "failures_path",
     "make_generator",
     "merge_stores",
     "resolve_shard",
@@ -60,9 +73,6 @@ log = logging.getLogger("objcrop_plugin")
 
 #: images above this many pixels are failures, not decoded (PIL's own bomb limit is 89.5 M)
 DEFAULT_MAX_PIXELS = 89_478_485
-
-#: what a build or merge may replace beside the store: its own failures list
-FAILURES_KIND = OutputKind("failures list", lambda head: head.startswith(b"key\treason\n"))
 
 
 class BuildInterrupted(KeyboardInterrupt):
@@ -170,10 +180,6 @@ class BuildSummary:
         if self.failures:
             lines.append(f"failures listed in: {failures_path(self.out)}")
         return "\n".join(lines)
-
-
-def failures_path(out: Path) -> Path:
-    return out.with_name(out.name + ".failures.tsv")
 
 
 def _parts_dir(out: Path) -> Path:
@@ -295,10 +301,27 @@ def _as_is(item: Any) -> Any:
     return item
 
 
-def _one_thread_worker(_: int) -> None:
+def _die_with(parent: int) -> None:
+    """End this (forked) worker when ``parent`` dies, even by SIGKILL (Linux): a DataLoader
+    worker whose parent is gone otherwise blocks forever writing into its result queue."""
+    # only a forked worker (a spawned or forkserver one has another parent: left alone)
+    if not sys.platform.startswith("linux") or os.getppid() != parent:
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died between the check and prctl
+        os._exit(1)
+
+
+def _one_thread_worker(parent: int, _: int) -> None:
     import torch
 
     torch.set_num_threads(1)
+    _die_with(parent)
 
 
 def propose_keys(
@@ -325,7 +348,8 @@ def propose_keys(
     chunk = len(keys) if not chunk_size else int(chunk_size)
     loader = torch.utils.data.DataLoader(
         _Decoded(root, keys, generator.max_side, max_pixels), batch_size=None, collate_fn=_as_is,
-        num_workers=workers, worker_init_fn=_one_thread_worker if workers else None,
+        num_workers=workers,
+        worker_init_fn=functools.partial(_one_thread_worker, os.getpid()) if workers else None,
         prefetch_factor=4 if workers else None,
     )
     pending: list[tuple[str, np.ndarray | None, tuple[int, int], str | None]] = []
@@ -529,6 +553,12 @@ def build_store(
     parts = _parts_dir(out)
     manifest = _manifest(method, params, generator, root, keys, chunk_size, shard, max_pixels)
     settings = _settings_digest(manifest)
+    # what every shard of one build shares (not the shard, folder path or chunking)
+    build_settings = _settings_digest({
+        "method": method, "params": params, "top_k": manifest["top_k"],
+        "max_side": manifest["max_side"], "max_pixels": max_pixels,
+        "images_sha256": hashlib.sha256("\n".join(all_keys).encode("utf-8")).hexdigest(),
+    })
     batched = getattr(generator, "batched", False)
     if not batched:
         del generator  # worker processes make their own
@@ -600,15 +630,18 @@ def build_store(
                     summary.empty += len(rec.boxes) == 0
                     yield rec
 
-        meta = {"method": method, "params": params, "generator": "objcrop_plugin"}
+        meta = {"method": method, "params": params, "generator": "objcrop_plugin",
+                "settings": build_settings}
+        if shard[1] > 1:  # merge checks that it has every shard of one build
+            meta["shard"] = list(shard)
         with ProposalStoreWriter(out, meta) as writer:
             for rec in records():
                 writer.add_record(rec)
         summary.images = len(keys)
         fail_file = failures_path(out)
         if summary.failures:
-            body = "key\treason\n" + "".join(f"{k}\t{r}\n" for k, r in summary.failures)
-            atomic_write(fail_file, [body.encode("utf-8")])
+            # tabs, line breaks and backslashes in a key are escaped: one row per image
+            write_bad_list(fail_file, summary.failures, ("key", "reason"))
         else:
             with contextlib.suppress(FileNotFoundError):
                 fail_file.unlink()
@@ -617,15 +650,112 @@ def build_store(
     return summary
 
 
-def merge_stores(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]]) -> int:
+def _shard_of(store: ProposalStore) -> tuple[int, int] | None:
+    shard = store.meta.get("shard")
+    if (isinstance(shard, list) and len(shard) == 2 and all(isinstance(v, int) for v in shard)
+            and 0 <= shard[0] < shard[1]):
+        return shard[0], shard[1]
+    return None
+
+
+def _build_of(store: ProposalStore) -> tuple[Any, ...] | None:
+    """What a store built by a generator was built with (``None``: an imported store)."""
+    meta = store.meta
+    if "method" not in meta:
+        return None
+    return meta.get("method"), json.dumps(meta.get("params"), sort_keys=True), \
+        meta.get("settings")
+
+
+def _check_merge(stores: Sequence[ProposalStore], allow_partial: bool,
+                 allow_mixed: bool) -> dict[str, Any]:
+    """Refuse shards of different builds, a shard given twice, or an incomplete set of shards.
+
+    Returns extra metadata for the merged store (which shards a partial merge holds).
+    """
+    if allow_mixed:
+        return {}
+    builds = [(s, b) for s in stores if (b := _build_of(s)) is not None]
+    for s, b in builds[1:]:
+        s0, b0 = builds[0]
+        if b[:2] != b0[:2]:
+            what = f"method {b0[0]!r} with params {b0[1]} vs method {b[0]!r} with params {b[1]}"
+        elif None not in (b[2], b0[2]) and b[2] != b0[2]:  # older stores have no digest
+            what = ("the same method and params, but another image list, top_k/max_side or "
+                    "--max-pixels")
+        else:
+            continue
+        raise ValueError(
+            f"{s0.path} and {s.path} come from different builds ({what}); merging them would "
+            "make one store of two kinds of proposals. Fix: merge the shards of one build "
+            "only, rebuild the odd one with the same command, or pass --allow-mixed to join "
+            "them anyway."
+        )
+    shards = [(s, _shard_of(s)) for s in stores]
+    first = next(((s, sh) for s, sh in shards if sh is not None), None)
+    if first is None:
+        return {}
+    for s, sh in shards:
+        if sh is not None and sh[1] == first[1][1]:
+            continue
+        this = "is not a shard" if sh is None else f"is shard {sh[0]} of {sh[1]}"
+        raise ValueError(
+            f"{s.path} {this}, but {first[0].path} is shard {first[1][0]} of {first[1][1]}: "
+            "they are not shards of one build. Fix: merge the shards of one build only (or "
+            "pass --allow-mixed)."
+        )
+    n = first[1][1]
+    owner: dict[int, ProposalStore] = {}
+    for s, sh in shards:
+        if sh is None:
+            continue
+        if sh[0] in owner:
+            raise ValueError(
+                f"shard {sh[0]} of {sh[1]} is given twice ({owner[sh[0]].path} and {s.path}). "
+                "Fix: merge each shard once."
+            )
+        owner[sh[0]] = s
+    missing = [i for i in range(n) if i not in owner]
+    if missing and not allow_partial:
+        names = ", ".join(str(i) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
+        raise ValueError(
+            f"incomplete set of shards: {len(missing)} of {n} missing (shard {names}); the "
+            "merged store would silently lack their images. Fix: build the missing shards "
+            "(--shard i/N) and merge all of them, or pass --allow-partial to merge these only."
+        )
+    return {"partial_shards": {"merged": sorted(owner), "of": n}} if missing else {}
+
+
+def merge_stores(
+    out: str | os.PathLike[str],
+    inputs: Sequence[str | os.PathLike[str]],
+    allow_partial: bool = False,
+    allow_mixed: bool = False,
+) -> int:
     """Join stores (e.g. the shards of a build) into one, keys sorted; returns the image count.
 
+    Shards carry their index, count and a digest of their build's settings in their metadata.
+    Merging shards checks that they come from one build and that every shard ``0..N-1`` is
+    there; stores made by builds with another method or parameters are refused too. The
+    shards' failure lists are joined into ``<out>.failures.tsv`` (an earlier one is removed
+    when they have none).
+
+    Args:
+        out: the merged store.
+        inputs: the stores to join.
+        allow_partial: merge an incomplete set of shards (the merged metadata says which
+            shards it holds, under ``partial_shards``).
+        allow_mixed: join stores of different builds (the merged metadata is then
+            ``{"merged_from": [...]}``).
+
     Raises:
-        ValueError: a key in more than one input (the message names both files).
+        ValueError: a key in more than one input (the message names both files), shards of
+            different builds, a shard given twice, or missing shards.
     """
     if not inputs:
         raise ValueError("merge needs at least one input store")
     stores = [ProposalStore(p) for p in inputs]
+    extra = _check_merge(stores, allow_partial, allow_mixed)
     owner: dict[str, int] = {}
     for si, store in enumerate(stores):
         for key in store:
@@ -637,6 +767,7 @@ def merge_stores(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike
             owner[key] = si
     metas = [{k: v for k, v in s.meta.items() if k != "shard"} for s in stores]
     meta = metas[0] if all(m == metas[0] for m in metas) else {"merged_from": [str(p) for p in inputs]}
+    meta = {**meta, **extra}
 
     def records() -> Iterator[ProposalRecord]:
         for key in sorted(owner):
@@ -649,8 +780,13 @@ def merge_stores(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike
     for p in inputs:
         f = failures_path(Path(p))
         if f.exists():
-            failures += f.read_text(encoding="utf-8").splitlines()[1:]
+            # rows end in "\n" only (fields are escaped): not splitlines(), which also
+            # splits at \r, \x1c or \u2028 inside a key
+            text = f.read_bytes().decode("utf-8")  # no newline translation of a \r
+            failures += [row for row in text.split("\n")[1:] if row]
     if failures:
         body = "key\treason\n" + "".join(line + "\n" for line in sorted(failures))
         atomic_write(failures_path(Path(out)), [body.encode("utf-8")])
+    else:
+        remove_stale_failures(out)
     return len(owner)

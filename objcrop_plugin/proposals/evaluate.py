@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -32,7 +33,7 @@ import numpy as np
 from .. import boxes as box_ops
 from .store import ProposalRecord, ProposalStore
 
-__all__ = ["format_recall", "format_stats", "proposal_stats", "recall"]
+__all__ = ["format_recall", "format_stats", "open_ground_truth", "proposal_stats", "recall"]
 
 #: COCO's size buckets by box area in pixels^2: small < 32^2 <= medium < 96^2 <= large.
 SIZE_EDGES = (32.0**2, 96.0**2)
@@ -185,6 +186,66 @@ def format_stats(stats: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _first_line(path: str | os.PathLike[str], limit: int = 1 << 20) -> bytes:
+    """The file's first line without a UTF-8 BOM, or up to ``limit`` bytes of it."""
+    with open(path, "rb") as f:
+        head = f.read(limit)
+    head = head[3:] if head.startswith(b"\xef\xbb\xbf") else head
+    return head.split(b"\n", 1)[0]
+
+
+def open_ground_truth(
+    path: str | os.PathLike[str],
+    images_json: str | os.PathLike[str] | None = None,
+    key_prefix: str = "",
+) -> Any:
+    """Ground-truth boxes for :func:`recall`, from a file recognised by its content.
+
+    - a proposal store (its magic bytes): a :class:`ProposalStore`;
+    - JSON Lines proposals (the first line is a JSON object with ``key`` and ``boxes``): a
+      :class:`~objcrop_plugin.proposals.jsonl.JsonLinesImporter`;
+    - anything else: a COCO annotations file, or a COCO results list with ``images_json``
+      (:class:`~objcrop_plugin.proposals.importers.CocoImporter`, which explains a file that is
+      neither).
+
+    ``images_json`` and ``key_prefix`` apply to COCO files only; with a store or JSON Lines
+    they are refused rather than silently ignored.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: an option that does not apply, or a file of no known kind.
+    """
+    from .importers import CocoImporter
+    from .jsonl import JsonLinesImporter
+    from .store import MAGIC
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ground-truth file not found: {path}")
+    line = _first_line(path)
+    kind = "COCO"
+    if line.startswith(MAGIC):
+        kind = "proposal store"
+    elif line.lstrip().startswith(b"{"):
+        try:
+            obj = json.loads(line)
+        except ValueError:  # a COCO file spread over lines, or one longer than the limit
+            obj = None
+        if isinstance(obj, dict) and "key" in obj and "boxes" in obj:
+            kind = "JSON Lines"
+    if kind != "COCO":
+        unused = [name for name, value in (("--gt-images-json", images_json),
+                                           ("--key-prefix", key_prefix)) if value]
+        if unused:
+            what = "a proposal store" if kind == "proposal store" else "a JSON Lines file"
+            verb = "apply" if len(unused) > 1 else "applies"
+            raise ValueError(
+                f"{path} is {what}, with keys of its own: {' and '.join(unused)} {verb} to "
+                "COCO ground truth only. Fix: leave them out."
+            )
+        return ProposalStore(path) if kind == "proposal store" else JsonLinesImporter(path)
+    return CocoImporter(path, images_json=images_json, key_prefix=key_prefix)
+
+
 def recall(
     store: Any,
     gt: Any,
@@ -195,9 +256,12 @@ def recall(
 
     A ground-truth box is recalled at ``(t, k)`` when one of its image's ``k`` best proposals
     (by score, highest first; proposals without a score keep their stored order, after the
-    scored ones) has IoU ``>= t`` with it. Proposals stored at another image size are rescaled
-    to the ground truth's size first. An image of ``gt`` that the store lacks counts as a miss
-    for each of its boxes (and is reported).
+    scored ones) has IoU ``>= t`` with it. Proposals stored at another image size of the same
+    aspect ratio are rescaled to the ground truth's size first. An image of ``gt`` that the
+    store lacks, or holds at another aspect ratio (another image, or a transposed size: the
+    EXIF orientation applied on one side only; see
+    :func:`~objcrop_plugin.boxes.size_mismatch`), counts as a miss for each of its boxes
+    (and is reported).
 
     Args:
         store: the proposals: a :class:`~objcrop_plugin.proposals.store.ProposalStore` (or a
@@ -210,7 +274,9 @@ def recall(
 
     Returns:
         A dict: ``images`` (of ``gt``), ``images_without_gt`` (gt images with no box; they do
-        not count), ``missing_images`` and ``missing_keys`` (the first 20), ``gt_boxes``,
+        not count), ``missing_images`` and ``missing_keys`` (the first 20),
+        ``mismatched_images`` (stored at another aspect ratio; ``transposed_images`` of them
+        with width and height swapped) and ``mismatched_keys`` (the first 20), ``gt_boxes``,
         ``gt_boxes_by_size`` (``small, medium, large``), ``recall[t][k]`` and
         ``recall_by_size[size][t][k]`` (``None`` for a bucket without boxes), and the
         ``iou_thresholds`` and ``ks`` used (``k`` ``None`` is the key ``"all"``).
@@ -235,8 +301,9 @@ def recall(
     n_t, n_k = len(ths), len(k_keys)
     hits = np.zeros((n_t, len(SIZE_NAMES), n_k), dtype=np.int64)
     totals = np.zeros(len(SIZE_NAMES), dtype=np.int64)
-    images = without_gt = missing = 0
+    images = without_gt = missing = mismatched = transposed = 0
     missing_keys: list[str] = []
+    mismatched_keys: list[str] = []
     for rec in _records_of(gt):
         images += 1
         g = box_ops.as_boxes(rec.boxes)
@@ -252,6 +319,13 @@ def recall(
                 missing_keys.append(rec.key)
             continue
         if tuple(props.image_size) != tuple(rec.image_size):
+            why = box_ops.size_mismatch(props.image_size, rec.image_size)
+            if why is not None:  # another image, or EXIF applied on one side only
+                mismatched += 1
+                if len(mismatched_keys) < 20:
+                    mismatched_keys.append(rec.key)
+                transposed += why == "transposed"
+                continue
             props = props.rescaled(rec.image_size)
         order = np.argsort(-np.asarray(props.scores, dtype=np.float64), kind="stable")
         p = box_ops.as_boxes(props.boxes)[order[:kmax]]
@@ -279,6 +353,9 @@ def recall(
         "images_without_gt": without_gt,
         "missing_images": missing,
         "missing_keys": missing_keys,
+        "mismatched_images": mismatched,
+        "transposed_images": transposed,
+        "mismatched_keys": mismatched_keys,
         "gt_boxes": total,
         "gt_boxes_by_size": {name: int(totals[i]) for i, name in enumerate(SIZE_NAMES)},
         "recall": table(all_hits, total),
@@ -300,6 +377,14 @@ def format_recall(result: dict[str, Any]) -> str:
         lines.append(
             f"{result['missing_images']} images are missing from the store and count as misses "
             f"(first: {', '.join(result['missing_keys'][:3])})"
+        )
+    if result.get("mismatched_images"):
+        n, t = result["mismatched_images"], result.get("transposed_images", 0)
+        lines.append(
+            f"{n} images are stored at another aspect ratio than the ground truth's"
+            + (f" ({t} transposed: EXIF orientation applied on one side only?)" if t else "")
+            + f" and count as misses (first: {', '.join(result['mismatched_keys'][:3])}); "
+            "rebuild their proposals or check the ground truth's sizes"
         )
     lines += ["", head, "-" * len(head)]
     rows = [("all", result["gt_boxes"], result["recall"])] + [

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from .. import boxes as box_ops
+from ..images import to_rgb
 
 __all__ = ["BatchedProposalGenerator", "ProposalGenerator", "postprocess", "resolve_device",
            "working_resize"]
@@ -78,7 +79,7 @@ def working_resize(image: np.ndarray | Image.Image, max_side: int) -> np.ndarray
     """``(h, w, 3)`` uint8 RGB, shrunk (never enlarged) so its longest side is ``max_side``."""
     pil = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
     if pil.mode != "RGB":
-        pil = pil.convert("RGB")
+        pil = to_rgb(pil)  # the package's one conversion (16-bit data scaled, not clipped)
     w, h = pil.size
     scale = max_side / max(w, h)
     if scale < 1.0:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ..registry import RegistryError, list_proposal_sources, load_proposal_source
-from .store import ProposalRecord, ProposalStoreWriter, _as_record
+from .store import ProposalRecord, ProposalStoreWriter, _as_record, remove_stale_failures
 
 __all__ = ["ProposalImporter", "import_to_store", "make_importer"]
 
@@ -107,7 +107,15 @@ def import_to_store(importer: Any, out_path: PathLike, meta: dict[str, Any] | No
     merged = {**(src_meta if isinstance(src_meta, dict) else {}), **(meta or {})}
     with ProposalStoreWriter(out_path, merged) as writer:
         for item in importer.records():
-            writer.add_record(_as_record(item))
+            rec = _as_record(item)
+            try:
+                writer.add_record(rec)
+            except ValueError:  # a repeated key: name the input, not the store being written
+                raise ValueError(
+                    f"{getattr(importer, 'path', importer)}: key '{rec.key}' is listed twice "
+                    f"(keys are compared normalised); {out_path} was not written. Fix: one "
+                    "entry per image."
+                ) from None
         if not len(writer):
             missing = getattr(importer, "missing", None)
             why = (f"all {len(missing)} images it lists are missing" if missing
@@ -117,6 +125,7 @@ def import_to_store(importer: Any, out_path: PathLike, meta: dict[str, Any] | No
                 "was not written."
             )
         count = len(writer)
+    remove_stale_failures(out_path)  # a build's list beside an earlier store of this name
     missing = getattr(importer, "missing", None)
     if missing:
         log.info("%s: %d images skipped as missing", out_path, len(missing))

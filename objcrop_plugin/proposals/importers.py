@@ -45,7 +45,7 @@ import numpy as np
 
 from .importer_base import ProposalImporter, import_to_store
 from .jsonl import ProposalFileError
-from .store import ProposalRecord, _record_from
+from .store import _MAX_SIDE, ProposalRecord, _record_from, normalize_key
 
 __all__ = ["CocoImporter", "OpenImagesImporter", "coco_labels", "import_to_store"]
 
@@ -58,6 +58,34 @@ PathLike = str | os.PathLike[str]
 # --------------------------------------------------------------------------------------------
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_id(v: Any) -> bool:
+    """A COCO id: an integer or a string (not a bool, float, list or object)."""
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
+def _is_side(v: Any) -> bool:
+    """An image side in pixels: a positive integral number that fits the store (int32)."""
+    return (_is_number(v) and math.isfinite(v) and v == int(v) and 0 < v <= _MAX_SIDE)
+
+
+def _short(v: Any, limit: int = 60) -> str:
+    """``repr(v)``, cut to ``limit`` characters for a one-line message."""
+    text = repr(v)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _crowd(v: Any) -> bool | None:
+    """A COCO ``iscrowd`` flag: 0 or 1 as a number, a JSON bool or a string ("0", "1");
+    ``None`` for anything else."""
+    if isinstance(v, str):
+        return {"0": False, "1": True}.get(v.strip())
+    if isinstance(v, bool):
+        return v
+    if _is_number(v) and v in (0, 1):
+        return bool(v)
+    return None
 
 
 def _peek(path: Path) -> str:
@@ -115,7 +143,7 @@ class _CocoImages:
         self.index: dict[Any, int] = {}
         self.file_names: list[str] = []
         self.sizes: list[tuple[int, int]] = []
-        seen_names: dict[str, Any] = {}
+        seen_names: dict[str, tuple[str, Any]] = {}
         for i, img in enumerate(images):
             where = f"images[{i}]"
             if not isinstance(img, dict):
@@ -130,28 +158,36 @@ class _CocoImages:
                     "image needs id, file_name, width and height."
                 )
             iid, name, w, h = img["id"], img["file_name"], img["width"], img["height"]
+            if not _is_id(iid):
+                raise ProposalFileError(
+                    f"{path}: {where} has id {_short(iid)}; an image id must be an integer or a "
+                    "string. Fix: give every image a unique integer id."
+                )
             if not isinstance(name, str) or not name:
                 raise ProposalFileError(
-                    f"{path}: {where} (id {iid!r}) has file_name {name!r}; it must be a "
+                    f"{path}: {where} (id {iid!r}) has file_name {_short(name)}; it must be a "
                     "non-empty string (the image's path relative to its folder)."
                 )
-            if not (_is_number(w) and _is_number(h) and w == int(w) and h == int(h) and w > 0
-                    and h > 0):
+            if not (_is_side(w) and _is_side(h)):
                 raise ProposalFileError(
-                    f"{path}: {where} (id {iid!r}, {name}) has width/height {w!r}/{h!r}; "
-                    "they must be positive integers (pixels)."
+                    f"{path}: {where} (id {iid!r}, {name}) has width/height "
+                    f"{_short(w)}/{_short(h)}; they must be positive integers (pixels) of at "
+                    f"most {_MAX_SIDE}."
                 )
             if iid in self.index:
                 raise ProposalFileError(
                     f"{path}: {where}: image id {iid!r} is listed twice. Fix: image ids must be "
                     "unique."
                 )
-            if name in seen_names:
+            norm = normalize_key(name)  # "./a.jpg" and "a.jpg" are one key in a store
+            if norm in seen_names:
+                first_name, first_id = seen_names[norm]
+                same = f"'{name}'" if name == first_name else f"'{name}' (as '{first_name}')"
                 raise ProposalFileError(
-                    f"{path}: {where}: file_name '{name}' is listed twice (ids "
-                    f"{seen_names[name]!r} and {iid!r}). Fix: one entry per image file."
+                    f"{path}: {where}: file_name {same} is listed twice (ids "
+                    f"{first_id!r} and {iid!r}). Fix: one entry per image file."
                 )
-            seen_names[name] = iid
+            seen_names[norm] = (name, iid)
             self.index[iid] = len(self.file_names)
             self.file_names.append(name)
             self.sizes.append((int(w), int(h)))
@@ -210,10 +246,10 @@ def _coco_annotations(
                 + (" and score" if results else "")
                 + "."
             ) from None
-        j = index.get(iid)
+        j = index.get(iid) if _is_id(iid) else None
         if j is None:
             raise ProposalFileError(
-                f"{path}: {where} (id {a.get('id')!r}) refers to image_id {iid!r}, which "
+                f"{path}: {where} (id {a.get('id')!r}) refers to image_id {_short(iid)}, which "
                 f"{images_path} does not list. Fix: "
                 + ("pass images_json= the annotations file of the split these results were "
                    "computed on." if results or images_path != path else
@@ -232,7 +268,13 @@ def _coco_annotations(
                 f"{path}: {where} (image_id {iid!r}) lacks 'score'. Fix: a COCO results file "
                 "lists {image_id, bbox, score, category_id} per detection."
             )
-        crowd[i] = bool(a.get("iscrowd", 0))
+        flag = _crowd(a.get("iscrowd", 0))
+        if flag is None:
+            raise ProposalFileError(
+                f"{path}: {where} (id {a.get('id')!r}, image_id {iid!r}) has iscrowd "
+                f"{_short(a.get('iscrowd'))}; it must be 0 or 1. Fix: repair the annotation."
+            )
+        crowd[i] = flag
         cats[i] = a.get("category_id")
     try:
         raw = np.asarray(bbox)
@@ -405,7 +447,11 @@ class CocoImporter(ProposalImporter):
                 self.missing.append(key)
                 continue
             a, b = offsets[j], offsets[j + 1]
-            yield _record_from(key, boxes[a:b], scores[a:b], images.sizes[j])
+            try:
+                rec = _record_from(key, boxes[a:b], scores[a:b], images.sizes[j])
+            except ValueError as exc:
+                raise ProposalFileError(f"{images.path}: images[{j}] ({name}): {exc}") from None
+            yield rec
         if self.missing:
             log.warning(
                 "%s: %d of %d images are not in %s and were skipped (first: %s)",

@@ -33,17 +33,62 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: what ``objcrop proposals export --out`` may replace: a JSON Lines proposals file
-JSONL_KIND = OutputKind("JSON Lines proposals file", lambda head: head.lstrip().startswith(b'{"key"'))
+_EXPORT_FIELDS = ["key", "width", "height", "boxes", "scores"]
+
+
+def is_objcrop_export(head: bytes) -> bool:
+    """Whether ``head`` (a file's first bytes) starts with a line :func:`export_jsonl` wrote.
+
+    objcrop writes compact JSON (no spaces), the fields in the order key, width, height,
+    boxes, scores, and every coordinate as a float: the first line must read back and
+    re-serialise to the same bytes. A hand-written file or another tool's (spaces after the
+    separators, another field order, integer coordinates, a first line longer than ``head``)
+    is not recognised, so ``export`` replaces it only with ``--force``.
+    """
+    line, newline, _ = head.partition(b"\n")
+    if not newline:
+        return False
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return False
+    if not isinstance(obj, dict) or list(obj) != _EXPORT_FIELDS:
+        return False
+    boxes = obj["boxes"]
+    if not (isinstance(boxes, list) and all(
+            isinstance(b, list) and all(isinstance(v, float) for v in b) for b in boxes)):
+        return False
+    try:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode() == line
+    except ValueError:  # NaN or Infinity: objcrop writes strict JSON
+        return False
+
+
+#: what ``objcrop proposals export --out`` may replace: a JSON Lines file objcrop exported
+JSONL_KIND = OutputKind("JSON Lines file", is_objcrop_export, head_bytes=1 << 20)
 
 
 class ProposalFileError(ValueError):
     """A line of a proposals file that cannot be read; the message names the file and line."""
 
 
+class _NonStrict(ValueError):
+    pass
+
+
+def _no_constant(name: str) -> Any:
+    raise _NonStrict(name)
+
+
 def read_jsonl(path: str | os.PathLike[str]) -> Iterator[ProposalRecord]:
-    """Yield the records of a JSON Lines proposals file (UTF-8), checking every line."""
+    """Yield the records of a JSON Lines proposals file (UTF-8), checking every line.
+
+    Strict JSON (a bare ``NaN`` or ``Infinity`` is an error), integer ``width``/``height``,
+    and each key once (after :func:`~objcrop_plugin.files.normalize_key`); an error names the
+    file and line.
+    """
     path = Path(path)
+    seen: dict[str, int] = {}  # normalised key -> line
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -56,9 +101,14 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[ProposalRecord]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, parse_constant=_no_constant)
             except json.JSONDecodeError as exc:
                 raise ProposalFileError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            except _NonStrict as exc:
+                raise ProposalFileError(
+                    f"{path}:{lineno}: {exc.args[0]} is not a JSON number (strict JSON has no "
+                    "NaN or Infinity). Fix: leave out the box, or write null for a missing score."
+                ) from None
             if not isinstance(obj, dict):
                 raise ProposalFileError(f"{path}:{lineno}: expected a JSON object per line")
             missing = [k for k in ("key", "width", "height", "boxes") if k not in obj]
@@ -68,9 +118,17 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[ProposalRecord]:
                     "height, boxes and optionally scores"
                 )
             try:
-                yield _as_record(obj)
+                rec = _as_record(obj)
             except (ValueError, TypeError) as exc:
                 raise ProposalFileError(f"{path}:{lineno}: {exc}") from None
+            if rec.key in seen:
+                as_ = "" if rec.key == obj["key"] else f" (normalised '{rec.key}')"
+                raise ProposalFileError(
+                    f"{path}:{lineno}: key '{obj['key']}'{as_} repeats line {seen[rec.key]}. "
+                    "Fix: one line per image."
+                )
+            seen[rec.key] = lineno
+            yield rec
 
 
 def import_jsonl(

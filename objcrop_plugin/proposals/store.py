@@ -39,6 +39,7 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 import struct
 import sys
 import zlib
@@ -72,6 +73,31 @@ _MAX_SIDE = 2**31 - 1  # sizes are stored as int32
 
 #: what the store-writing commands (proposals build, import, merge) may replace with --out
 STORE_KIND = OutputKind("proposal store", lambda head: head.startswith(MAGIC))
+
+#: what a build or merge may replace beside the store: its own failures list
+FAILURES_KIND = OutputKind("failures list", lambda head: head.startswith(b"key\treason\n"))
+
+
+def failures_path(out: str | os.PathLike[str]) -> Path:
+    """The failures list beside a store: ``<out>.failures.tsv``."""
+    out = Path(out)
+    return out.with_name(out.name + ".failures.tsv")
+
+
+def remove_stale_failures(out: str | os.PathLike[str]) -> None:
+    """Remove ``<out>.failures.tsv`` when it is a failures list objcrop wrote (one left by an
+    earlier build of ``out`` would describe another store); leave any other file alone."""
+    path = failures_path(out)
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):  # a link, FIFO or folder: not ours
+            return
+        with open(path, "rb") as f:
+            ours = FAILURES_KIND.matches(f.read(FAILURES_KIND.head_bytes))
+        if ours:
+            path.unlink()
+    except OSError:  # absent, or not ours to read
+        pass
+
 
 # every section a store has: (dtype, shape as a function of n_images N and n_boxes M)
 _SECTIONS: dict[str, tuple[str, Any]] = {
@@ -170,6 +196,17 @@ def _as_record(item: Any) -> ProposalRecord:
     return _record_from(key, boxes, scores, size)
 
 
+def _side(v: Any) -> int:
+    """An image side: an integer, or an integral float (not a bool, a string or 10.7)."""
+    if isinstance(v, (bool, np.bool_)):
+        raise TypeError(v)
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
+        return int(v)
+    raise TypeError(v)
+
+
 def _record_from(key: Any, boxes: Any, scores: Any, image_size: Any) -> ProposalRecord:
     if not isinstance(key, str) or not key:
         raise ValueError(f"a proposal key must be a non-empty string, got {key!r}")
@@ -185,7 +222,7 @@ def _record_from(key: Any, boxes: Any, scores: Any, image_size: Any) -> Proposal
         if s.shape[0] != b.shape[0]:
             raise ValueError(f"{key}: {b.shape[0]} boxes but {s.shape[0]} scores")
     try:
-        w, h = (int(v) for v in image_size)
+        w, h = (_side(v) for v in image_size)
     except Exception:
         raise ValueError(
             f"{key}: image size must be (width, height) integers, got {image_size!r}"

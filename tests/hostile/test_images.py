@@ -445,3 +445,80 @@ def test_view_engine_scene_recipe_ignores_sizes(tmp_path):
     engine = ViewEngine("scene_scene", photometrics="none", size=16)
     windows = engine.windows((W, H), None, np.random.default_rng(0))
     assert len(windows) == 2
+
+
+# ------------------------------------------------------------ 16-bit images: bit depth
+
+def gray_scene() -> np.ndarray:
+    """The scene in 8-bit gray with every value 0..255 present (a gradient in the corner)."""
+    arr = np.asarray(scene().convert("L")).copy()
+    arr[:16, :16] = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    return arr
+
+
+def decoded(path: Path) -> np.ndarray:
+    from objcrop_plugin.images import load_rgb
+
+    return np.asarray(load_rgb(open_image(path)))
+
+
+@pytest.mark.parametrize(("factor", "bits"), [(1, 8), (4, 10), (16, 12), (257, 16)])
+def test_a_16_bit_png_is_scaled_from_the_bit_depth_its_values_fill(tmp_path, factor, bits):
+    """8-bit data in a 16-bit PNG stays as it is (PIL's own conversion does so too), 10- and
+    12-bit sensor data map their top value to 255, full-range data divides by 257."""
+    gray = gray_scene().astype(np.uint16)
+    top = (1 << bits) - 1
+    data = np.minimum(gray * factor, top)
+    Image.fromarray(data).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    rgb = decoded(tmp_path / "deep.png")
+    expect = np.floor(data.astype(np.float64) * 255 / top + 0.5).astype(np.uint8)
+    assert (rgb == expect[..., None]).all()
+    assert rgb.max() >= 254  # never black or dim
+    if factor in (1, 257):  # the same pixels as the 8-bit image
+        Image.fromarray(gray_scene()).save(tmp_path / "l8.png")
+        assert (rgb == decoded(tmp_path / "l8.png")).all()
+
+
+def test_the_png_sbit_chunk_sets_the_bit_depth(tmp_path):
+    from PIL import PngImagePlugin
+
+    from objcrop_plugin.images import png_significant_bits
+
+    data = np.full((8, 8), 1000, np.uint16)  # a dark 12-bit image: its values fit 10 bits
+    info = PngImagePlugin.PngInfo()
+    info.add(b"sBIT", bytes([12]))
+    Image.fromarray(data).save(tmp_path / "sbit.png", pnginfo=info)
+    Image.fromarray(data).save(tmp_path / "plain.png")
+    assert png_significant_bits(tmp_path / "sbit.png") == 12
+    assert png_significant_bits(tmp_path / "plain.png") is None
+    assert decoded(tmp_path / "sbit.png").max() == round(1000 * 255 / 4095)  # 62: dark
+    assert decoded(tmp_path / "plain.png").max() == round(1000 * 255 / 1023)  # 249
+    (tmp_path / "x.jpg").write_bytes(b"not a png")
+    assert png_significant_bits(tmp_path / "x.jpg") is None
+
+
+def test_proposals_and_training_views_decode_a_16_bit_png_alike(tmp_path):
+    """The proposal build and the view engines use the one conversion: a 16-bit PNG holding
+    8-bit values gets the boxes of its 8-bit twin, and the same pixels on both paths."""
+    pytest.importorskip("cv2")
+    from objcrop_plugin.images import decode_planned, load_rgb
+    from objcrop_plugin.proposals.build import build_store, decode_working
+    from objcrop_plugin.proposals.generators import working_resize
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    gray = gray_scene()
+    Image.fromarray(gray.astype(np.uint16)).save(root / "i16.png")
+    Image.fromarray(gray).save(root / "l8.png")
+    build_store(root, tmp_path / "p.objcrop", "graph_segments", workers=1, progress=False)
+    store = ProposalStore(tmp_path / "p.objcrop")
+    assert len(store["i16.png"].boxes) > 0
+    np.testing.assert_array_equal(store["i16.png"].boxes, store["l8.png"].boxes)
+    path = root / "i16.png"
+    view_pixels, size, _ = decode_planned(path, lambda s: (None, [(0, 0, *s)], [s[::-1]]))
+    np.testing.assert_array_equal(np.asarray(view_pixels), np.asarray(load_rgb(open_image(path))))
+    work, _ = decode_working(root, "i16.png", max_side=64)
+    np.testing.assert_array_equal(work, working_resize(Image.open(root / "l8.png"), 64))
+    # a 16-bit image handed to a generator directly is scaled, not clipped to white
+    np.testing.assert_array_equal(working_resize(Image.open(path), 64), work)

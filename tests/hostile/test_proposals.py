@@ -140,6 +140,83 @@ def test_import_export_merge_never_replace_their_own_input(tmp_path, capsys):
         assert snapshot(tmp_path) == before, argv
 
 
+def test_out_never_replaces_what_an_option_names_even_forced(tmp_path, capsys, monkeypatch):
+    """Inputs named by importer options (--param images_json=, images_root=) and by generator
+    options (--checkpoint, --bing-model, $OBJCROP_BING_MODEL, a --param path) are inputs too."""
+    root = images(tmp_path / "imgs", n=2)
+    ann = tmp_path / "instances.json"
+    ann.write_text(json.dumps({"images": [{"id": 1, "file_name": "000000.jpg", "width": 64,
+                                           "height": 48}], "annotations": []}))
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([{"image_id": 1, "bbox": [1, 1, 5, 5], "score": 0.9}]))
+    oi = tmp_path / "oi.csv"
+    oi.write_text("ImageID,XMin,XMax,YMin,YMax\n000000,0.1,0.5,0.2,0.6\n")
+    ckpt = tmp_path / "mine.pth"
+    ckpt.write_bytes(b"PK\x03\x04 a trained checkpoint")
+    bing = tmp_path / "bing"
+    bing.mkdir()
+    (bing / "ObjNessB2W8MAXBGR.idx.yml.gz").write_bytes(b"\x1f\x8b model")
+    build = ["proposals", "build", str(root), "--workers", "1", "--no-progress"]
+    cases = [
+        (["proposals", "import", str(dets), "--source", "coco", "--param",
+          f"images_json={ann}", "--out", str(ann)], ann, ann),
+        (["proposals", "import", str(oi), "--source", "openimages", "--param",
+          f"images_root={root}", "--out", str(root / "000001.jpg")], root / "000001.jpg", root),
+        ([*build, "--method", "heatmap", "--model", "resnet18", "--checkpoint", str(ckpt),
+          "--out", str(ckpt)], ckpt, ckpt),
+        ([*build, "--method", "heatmap", "--param", f"checkpoint={ckpt}", "--out", str(ckpt)],
+         ckpt, ckpt),
+        ([*build, "--method", "bing", "--bing-model", str(bing), "--out",
+          str(bing / "ObjNessB2W8MAXBGR.idx.yml.gz")], bing / "ObjNessB2W8MAXBGR.idx.yml.gz", bing),
+    ]
+    before = snapshot(tmp_path)
+    for argv, out, inp in cases:
+        for force in ([], ["--force"]):
+            assert main([*argv, *force]) == 2, argv
+            err = err_of(capsys)
+            assert err.count("\n") == 1 and str(out) in err and str(inp) in err, err
+            assert "input of this command" in err or "a folder this command reads" in err, err
+            assert snapshot(tmp_path) == before, argv
+    monkeypatch.setenv("OBJCROP_BING_MODEL", str(bing))
+    out = bing / "ObjNessB2W8MAXBGR.idx.yml.gz"
+    assert main([*build, "--method", "bing", "--out", str(out), "--force"]) == 2
+    err = err_of(capsys)
+    assert str(out) in err and str(bing) in err and snapshot(tmp_path) == before
+
+
+def test_export_replaces_a_hand_written_jsonl_file_only_with_force(tmp_path, capsys):
+    s = store(tmp_path / "s.objcrop")
+    mine = tmp_path / "my_boxes.jsonl"  # the README's example line, as a person writes it
+    mine.write_text('{"key": "mine/1.jpg", "width": 640, "height": 480, "boxes": '
+                    '[[12.0, 30.5, 200.0, 310.0]], "scores": [0.93]}\n')
+    before = snapshot(tmp_path)
+    assert main(["proposals", "export", str(s), "--out", str(mine)]) == 2
+    err = err_of(capsys)
+    assert str(mine) in err and "--force" in err and "not a JSON Lines file written by objcrop" in err
+    assert snapshot(tmp_path) == before
+    assert main(["proposals", "export", str(s), "--out", str(mine), "--force"]) == 0
+    assert json.loads(mine.read_text().splitlines()[0])["key"] == "0.jpg"
+    # once it is objcrop's export, the next export replaces it without --force
+    assert main(["proposals", "export", str(s), "--out", str(mine)]) == 0
+
+
+def test_merge_and_import_remove_a_stale_failures_list(tmp_path, capsys):
+    out = tmp_path / "out.objcrop"
+    stale = tmp_path / "out.objcrop.failures.tsv"
+    a, b = store(tmp_path / "a.objcrop", 1), tmp_path / "b.objcrop"
+    ProposalStore.write(b, [("z.jpg", [[1, 1, 5, 5]], [0.5], (10, 8))])
+    src = jsonl(tmp_path / "in.jsonl", REC)
+    for argv in (["proposals", "merge", str(a), str(b), "--out", str(out)],
+                 ["proposals", "import", str(src), "--out", str(out)]):
+        stale.write_text("key\treason\nzero.jpg\tImageDecodeError: an earlier build\n")
+        assert main(argv) == 0, argv
+        assert not stale.exists(), argv
+    # a shard's own failures still follow it into the merged store's list
+    (tmp_path / "b.objcrop.failures.tsv").write_text("key\treason\ny.jpg\tbroken\n")
+    assert main(["proposals", "merge", str(a), str(b), "--out", str(out)]) == 0
+    assert stale.read_text() == "key\treason\ny.jpg\tbroken\n"
+
+
 def test_a_store_replaces_a_store_and_an_export_an_export(tmp_path, capsys):
     src = jsonl(tmp_path / "in.jsonl", REC)
     out, exp = tmp_path / "s.objcrop", tmp_path / "o.jsonl"
@@ -249,6 +326,33 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     assert main(["proposals", "build", str(root), "--out", str(out), "--workers", "1",
                  "--no-progress"]) == 0
     assert len(ProposalStore(out)) == 3 and not lock.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
+def test_a_child_left_by_a_killed_holder_does_not_keep_the_lock(tmp_path):
+    """kill -9 of a build whose DataLoader workers (forked) live on must not block the rerun."""
+    out = tmp_path / "p.objcrop"
+    script = (
+        "import os, sys, time\n"
+        "from objcrop_plugin.files import output_lock\n"
+        "with output_lock(sys.argv[1]):\n"
+        "    child = os.fork()\n"
+        "    if child == 0:\n"
+        "        time.sleep(60)\n"
+        "        os._exit(0)\n"
+        "    print(child, flush=True)\n"
+        "    os.kill(os.getpid(), 9)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script, str(out)], stdout=subprocess.PIPE)
+    child = int(holder.stdout.readline())
+    try:
+        assert holder.wait(timeout=60) == -signal.SIGKILL
+        os.kill(child, 0)  # the orphan is still alive
+        with output_lock(out) as lock:
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+        assert not lock.exists()
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def _interrupted_build(root: Path, out: Path, monkeypatch, method: str = METHOD) -> None:
@@ -574,3 +678,23 @@ def test_importing_an_empty_jsonl_file_is_refused(tmp_path, capsys, content):
     err = err_of(capsys)
     assert str(src) in err and "nothing to import" in err
     assert snapshot(tmp_path) == before
+
+
+@needs_cv2
+def test_failures_lists_keep_one_row_per_image_whatever_its_name(tmp_path, capsys):
+    root = images(tmp_path / "imgs", n=2)
+    odd = ["bad\nname.jpg", "tab\tname.jpg", "cr\rname.jpg", "sep\u2028name.jpg"]
+    for name in odd:
+        (root / name).write_bytes(b"")  # unreadable: a failure row each
+    for i in range(2):
+        assert main(["proposals", "build", str(root), "--out", str(tmp_path / "s.objcrop"),
+                     "--shard", f"{i}/2", "--workers", "1", "--no-progress",
+                     "--max-failure-rate", "1"]) == 0
+    merged = tmp_path / "m.objcrop"
+    assert main(["proposals", "merge", *(str(build.shard_path(tmp_path / "s.objcrop", i, 2))
+                                         for i in range(2)), "--out", str(merged)]) == 0
+    rows = build.failures_path(merged).read_bytes().decode().split("\n")
+    assert rows[0] == "key\treason" and rows[-1] == "" and len(rows) == 2 + len(odd)
+    keys = sorted(row.split("\t")[0] for row in rows[1:-1])
+    assert keys == sorted(["bad\\nname.jpg", "tab\\tname.jpg", "cr\rname.jpg",
+                           "sep\u2028name.jpg"])

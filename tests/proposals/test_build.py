@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -144,8 +145,111 @@ def test_shards_merge_into_the_unsharded_store(tmp_path, monkeypatch):
     merged = tmp_path / "merged.objcrop"
     assert cli_main(["proposals", "merge", *map(str, shards), "--out", str(merged)]) == 0
     assert merged.read_bytes() == full.read_bytes()
-    with pytest.raises(ValueError, match="in both"):
+    with pytest.raises(ValueError, match="shard 0 of 2 is given twice"):
         merge_stores(tmp_path / "dup.objcrop", [shards[0], shards[0]])
+
+
+def test_merge_refuses_an_incomplete_set_or_shards_of_other_builds(tmp_path, capsys):
+    root = make_folder(tmp_path / "imgs", 6)
+    out = tmp_path / "sh.objcrop"
+    for i in range(3):
+        build_store(root, out, METHOD, shard=(i, 3), progress=False)
+    sh = [shard_path(out, i, 3) for i in range(3)]
+    assert ProposalStore(sh[1]).meta["shard"] == [1, 3]
+    merged = tmp_path / "m.objcrop"
+    # two of three shards: refused, naming the missing one
+    assert cli_main(["proposals", "merge", str(sh[0]), str(sh[1]), "--out", str(merged)]) == 2
+    err = capsys.readouterr().err
+    assert "1 of 3 missing (shard 2)" in err and "--allow-partial" in err
+    assert not merged.exists()
+    # ... unless asked for, and then the store says it is partial
+    assert cli_main(["proposals", "merge", str(sh[0]), str(sh[1]), "--out", str(merged),
+                     "--allow-partial"]) == 0
+    meta = ProposalStore(merged).meta
+    assert meta["partial_shards"] == {"merged": [0, 1], "of": 3} and "shard" not in meta
+    # a shard of a build with other parameters, or split in another number of parts
+    other = tmp_path / "other.objcrop"
+    build_store(root, other, METHOD, params={"top_k": 3}, shard=(2, 3), progress=False)
+    with pytest.raises(ValueError, match=r"different builds \(method 'graph_segments' with "
+                       r'params \{\} vs method .graph_segments. with params \{"top_k": 3\}'):
+        merge_stores(merged, [sh[0], sh[1], shard_path(other, 2, 3)])
+    build_store(root, other, METHOD, shard=(1, 2), progress=False)
+    with pytest.raises(ValueError, match=r"is shard 1 of 2, but .* is shard 0 of 3"):
+        merge_stores(merged, [sh[0], shard_path(other, 1, 2), sh[2]])
+    # the same shard twice (an empty shard would slip past the duplicate-key check)
+    with pytest.raises(ValueError, match="shard 2 of 3 is given twice"):
+        merge_stores(merged, [sh[0], sh[1], sh[2], sh[2]])
+    # the same method and parameters over another image list is another build too
+    scene(99).save(root / "new.jpg")
+    late = tmp_path / "late.objcrop"
+    build_store(root, late, METHOD, shard=(2, 3), progress=False)
+    with pytest.raises(ValueError, match="same method and params, but another image list"):
+        merge_stores(merged, [sh[0], sh[1], shard_path(late, 2, 3)])
+    # --allow-mixed joins stores of other builds (the metadata says so)
+    assert cli_main(["proposals", "merge", str(sh[0]), str(sh[1]),
+                     str(shard_path(other, 2, 3)), "--out", str(merged), "--allow-mixed"]) == 0
+    assert "merged_from" in ProposalStore(merged).meta and len(ProposalStore(merged)) == 6
+    # the complete set of one build still merges into what a single build writes
+    assert merge_stores(merged, sh) == 6
+    full = tmp_path / "full.objcrop"
+    (root / "new.jpg").unlink()
+    build_store(root, full, METHOD, progress=False)
+    assert merged.read_bytes() == full.read_bytes()
+
+
+def test_stores_without_shard_metadata_still_merge(tmp_path):
+    # imports, and stores of earlier versions, carry no shard index: joined as before
+    a, b, out = tmp_path / "a.objcrop", tmp_path / "b.objcrop", tmp_path / "m.objcrop"
+    ProposalStore.write(a, [("a.jpg", [[1, 1, 5, 5]], [0.5], (10, 8))], {"source": "coco"})
+    ProposalStore.write(b, [("b.jpg", [[1, 1, 5, 5]], [0.5], (10, 8))], {"source": "jsonl"})
+    assert merge_stores(out, [a, b]) == 2
+    assert ProposalStore(out).meta == {"merged_from": [str(a), str(b)]}
+    meta = {"method": "heatmap", "online": True, "params": {}}  # an online refresh's ranks
+    ProposalStore.write(a, [("a.jpg", [[1, 1, 5, 5]], [0.5], (10, 8))], meta)
+    ProposalStore.write(b, [("b.jpg", [[1, 1, 5, 5]], [0.5], (10, 8))], meta)
+    assert merge_stores(out, [a, b]) == 2 and ProposalStore(out).meta == meta
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie is gone
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_decode_workers_end_with_a_killed_build(tmp_path):
+    """kill -9 of a batched build must not leave its DataLoader workers blocked forever."""
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(24):
+        scene(i, size=(256, 256)).save(root / f"{i:03d}.png")  # big items fill the pipe
+    script = (
+        "import os, sys, numpy as np\n"
+        "from objcrop_plugin.proposals.build import propose_keys\n"
+        "class G:\n"
+        "    max_side = 256\n"
+        "    def propose_working(self, images, sizes):\n"
+        "        return [(np.zeros((0, 4), np.float32), np.zeros(0, np.float32))] * len(images)\n"
+        "keys = sorted(os.listdir(sys.argv[1]))\n"
+        "for chunk in propose_keys(G(), sys.argv[1], keys, workers=2, chunk_size=2):\n"
+        "    me = os.getpid()\n"
+        "    print(open(f'/proc/{me}/task/{me}/children').read(), flush=True)\n"
+        "    os.kill(me, 9)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(root)], stdout=subprocess.PIPE)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert proc.wait(timeout=120) == -signal.SIGKILL and len(workers) == 2
+    try:
+        deadline = time.monotonic() + 15
+        while not all(_gone(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(_gone(p) for p in workers), "orphaned decode workers still alive"
+    finally:
+        for p in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
 
 
 def test_shard_spec_errors_and_slurm():

@@ -149,14 +149,18 @@ def test_recall_without_scores_uses_the_stored_order(tmp_path):
     assert recall(mixed, gt, ks=(1, 2))["recall"][0.5] == {1: 0.0, 2: 1.0}
 
 
-def test_recall_rescales_proposals_to_the_ground_truth_size(tmp_path):
+def test_recall_rescales_proposals_of_the_same_aspect_only(tmp_path):
     gt = _store(tmp_path, "gt", [("a.jpg", [[0, 0, 10, 10]], None, (100, 100)),
                                  ("b.jpg", [[20, 40, 60, 80]], None, (100, 100))])
-    # the same boxes, stored for the image at half size and at (50 wide, 200 high)
+    # the same boxes, stored for the image at half size and at (50 wide, 200 high): the
+    # second is another image (or a mismatch) to every other part of the package, so no
+    # stretching onto the ground truth; it counts as a miss and is reported
     props = _store(tmp_path, "p", [("a.jpg", [[0, 0, 5, 5]], [1.0], (50, 50)),
                                    ("b.jpg", [[10, 80, 30, 160]], [1.0], (50, 200))])
     r = recall(props, gt, iou_thresholds=(0.99,), ks=(1,))
-    assert r["recall"][0.99][1] == 1.0
+    assert r["recall"][0.99][1] == 0.5
+    assert r["mismatched_images"] == 1 and r["mismatched_keys"] == ["b.jpg"]
+    assert r["transposed_images"] == 0
 
 
 def test_recall_size_bucket_edges(tmp_path):
@@ -191,3 +195,48 @@ def test_recall_counts_an_iou_equal_to_the_threshold(tmp_path):
     assert recall(props, gt, iou_thresholds=(0.5, 0.51), ks=(1,))["recall"] == {
         0.5: {1: 1.0}, 0.51: {1: 0.0}
     }
+
+
+def test_recall_reports_transposed_sizes_and_format_says_so(tmp_path):
+    # the store's own box, but the ground truth gives the size before the EXIF rotation
+    gt = _store(tmp_path, "gt", [("exif6.jpg", [[10, 20, 50, 90]], None, (600, 400))])
+    props = _store(tmp_path, "p", [("exif6.jpg", [[10, 20, 50, 90]], [1.0], (400, 600))])
+    r = recall(props, gt, iou_thresholds=(0.5,), ks=(1,))
+    assert r["recall"][0.5][1] == 0.0
+    assert (r["mismatched_images"], r["transposed_images"], r["mismatched_keys"]) == (
+        1, 1, ["exif6.jpg"])
+    text = format_recall(r)
+    assert "1 images are stored at another aspect ratio" in text and "1 transposed" in text
+    assert "exif6.jpg" in text
+
+
+def test_eval_recognises_the_ground_truth_by_content(tmp_path, capsys):
+    from objcrop_plugin.cli import main
+
+    props = _store(tmp_path, "p", [("a.jpg", [[10, 10, 60, 60]], [1.0], (100, 100))]).path
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 100}],
+            "annotations": [{"id": 1, "image_id": 1, "bbox": [10, 10, 50, 50],
+                             "category_id": 1}],
+            "categories": [{"id": 1, "name": "x"}]}
+    upper = tmp_path / "GT.JSON"
+    upper.write_text(json.dumps(coco, indent=1))  # spread over lines, upper-case suffix
+    plain = tmp_path / "gt_annotations"  # no suffix at all
+    plain.write_text(json.dumps(coco))
+    lines = tmp_path / "gt.jsonl"
+    lines.write_text('{"key": "a.jpg", "width": 100, "height": 100, "boxes": [[10, 10, 60, 60]]}\n')
+    gt_store = _store(tmp_path, "gt", [("a.jpg", [[10, 10, 60, 60]], None, (100, 100))]).path
+    for gt in (upper, plain, lines, gt_store):
+        assert main(["proposals", "eval", str(props), "--gt", str(gt), "--json"]) == 0, gt
+        result = json.loads(capsys.readouterr().out)
+        assert result["gt_boxes"] == 1 and result["recall"]["0.5"]["1"] == 1.0, gt
+    # COCO-only options are refused where they would be ignored
+    for gt in (lines, gt_store):
+        assert main(["proposals", "eval", str(props), "--gt", str(gt), "--key-prefix", "nope/",
+                     "--gt-images-json", str(upper)]) == 2
+        err = capsys.readouterr().err
+        assert str(gt) in err and "--gt-images-json and --key-prefix apply to COCO" in err
+    # a file of no known kind: COCO's own message names it
+    junk = tmp_path / "gt.txt"
+    junk.write_text("key,boxes\n")
+    assert main(["proposals", "eval", str(props), "--gt", str(junk)]) == 2
+    assert f"{junk}: not a COCO JSON file" in capsys.readouterr().err

@@ -188,6 +188,82 @@ def test_coco_errors_name_the_file_and_entry(tmp_path, data, where, why):
     assert "Fix" in msg or "must" in msg
 
 
+def _one_image(**fields):
+    return _coco(images=[{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48, **fields}],
+                 annotations=[])
+
+
+@pytest.mark.parametrize(
+    ("data", "where", "why"),
+    [
+        # Python's json writes these as bare Infinity / NaN, which json.load reads back
+        (_one_image(width=float("inf")), "images[0] (id 1, a.jpg)", "width/height inf/48"),
+        (_one_image(height=float("nan")), "images[0] (id 1, a.jpg)", "width/height 64/nan"),
+        (_one_image(width=3e9), "images[0] (id 1, a.jpg)", "at most 2147483647"),
+        (_one_image(width=10.5), "images[0] (id 1, a.jpg)", "positive integers"),
+        (_one_image(id=[1]), "images[0]", "has id [1]; an image id must be an integer"),
+        (_one_image(id={"a": 1}), "images[0]", "an image id must be an integer or a string"),
+        (_one_image(id=1.5), "images[0]", "an image id must be an integer or a string"),
+        (_coco(images=[{"id": 1, "file_name": "a.jpg", "width": 3, "height": 4}],
+               annotations=[{"id": 8, "image_id": [1], "bbox": [1, 2, 3, 4]}]),
+         "annotations[0] (id 8)", "image_id [1]"),
+    ],
+)
+def test_coco_sizes_and_ids_of_the_wrong_type_are_one_line_errors(tmp_path, data, where, why,
+                                                                   capsys):
+    from objcrop_plugin.cli import main
+
+    path = _write(tmp_path / "ann.json", data)
+    with pytest.raises(ValueError) as info:
+        list(CocoImporter(path).records())
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: ") and where in msg and why in msg, msg
+    # the command: exit 2, one line naming the file and the entry, no traceback, no store
+    out = tmp_path / "out.objcrop"
+    assert main(["proposals", "import-coco", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("objcrop: error: ") and err.count("\n") == 1 and where in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("flag", "kept"), [("0", True), ("1", False), (" 1 ", False), (0, True),
+                                            (1, False), (False, True), (True, False),
+                                            (0.0, True)])
+def test_coco_iscrowd_as_a_string_or_number_is_read_as_its_value(tmp_path, flag, kept):
+    ann = {"id": 5, "image_id": 1, "bbox": [2, 4, 10, 20], "category_id": 1, "iscrowd": flag}
+    path = _write(tmp_path / "ann.json", _coco(
+        images=[{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}], annotations=[ann]))
+    (rec,) = CocoImporter(path).records()
+    assert len(rec.boxes) == (1 if kept else 0)
+    (rec,) = CocoImporter(path, include_crowd=True).records()
+    assert rec.boxes.tolist() == [[2, 4, 12, 24]]
+    assert coco_labels(path, include_crowd=False)[1].sum() == (1 if kept else 0)
+
+
+@pytest.mark.parametrize("flag", ["yes", "true", "", 2, -1, 0.5, None, [0], {"v": 0}])
+def test_coco_iscrowd_of_another_value_names_the_file_and_annotation(tmp_path, flag):
+    ann = {"id": 5, "image_id": 1, "bbox": [2, 4, 10, 20], "category_id": 1, "iscrowd": flag}
+    path = _write(tmp_path / "ann.json", _coco(
+        images=[{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48}],
+        annotations=[{**ann, "id": 4, "iscrowd": 0}, ann]))
+    with pytest.raises(ValueError) as info:
+        list(CocoImporter(path).records())
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: annotations[1] (id 5, image_id 1) has iscrowd "), msg
+    assert "it must be 0 or 1" in msg
+
+
+def test_coco_file_names_that_normalise_to_one_key_name_both_entries(tmp_path):
+    path = _write(tmp_path / "ann.json", _coco(annotations=[], images=[
+        {"id": 1, "file_name": "a.jpg", "width": 64, "height": 48},
+        {"id": 2, "file_name": "./a.jpg", "width": 64, "height": 48}]))
+    with pytest.raises(ValueError) as info:
+        list(CocoImporter(path).records())
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: images[1]: file_name './a.jpg' (as 'a.jpg') is listed "
+                          "twice (ids 1 and 2)"), msg
+
+
 def test_coco_results_errors_name_the_results_file(tmp_path):
     ann = _write(tmp_path / "ann.json", _coco())
     res = _write(tmp_path / "dets.json", [{"image_id": 7, "bbox": [0, 0, 1, 1], "score": 1},

@@ -11,6 +11,7 @@ from objcrop_plugin.proposals.jsonl import (
     ProposalFileError,
     export_jsonl,
     import_jsonl,
+    is_objcrop_export,
     read_jsonl,
 )
 from objcrop_plugin.proposals.store import ProposalStore
@@ -116,6 +117,23 @@ GOOD = '{"key": "ok%d.jpg", "width": 10, "height": 8, "boxes": [[1, 2, 5, 6]], "
         ),
         ('{"key": "x.jpg", "width": -10, "height": 8, "boxes": []}', "positive"),
         ('{"key": "x.jpg", "width": "wide", "height": 8, "boxes": []}', "width, height"),
+        # strict JSON, integer sizes, one line per image
+        ('{"key": "x.jpg", "width": 10, "height": 8, "boxes": [[1, 2, 3, NaN]]}',
+         "NaN is not a JSON number"),
+        ('{"key": "x.jpg", "width": 10, "height": 8, "boxes": [[1, 2, 3, 4]], '
+         '"scores": [Infinity]}', "Infinity is not a JSON number"),
+        ('{"key": "x.jpg", "width": 10, "height": 8, "boxes": [[-Infinity, 2, 3, 4]]}',
+         "-Infinity is not a JSON number"),
+        ('{"key": "x.jpg", "width": 10.7, "height": 8, "boxes": []}',
+         r"integers, got \(10.7, 8\)"),
+        ('{"key": "x.jpg", "width": 10, "height": "12", "boxes": []}',
+         r"integers, got \(10, '12'\)"),
+        ('{"key": "x.jpg", "width": true, "height": 1, "boxes": []}',
+         r"integers, got \(True, 1\)"),
+        ('{"key": "./ok1.jpg", "width": 10, "height": 8, "boxes": []}',
+         r"key '\./ok1\.jpg' \(normalised 'ok1\.jpg'\) repeats line 1"),
+        ('{"key": "ok2.jpg", "width": 10, "height": 8, "boxes": []}',
+         "key 'ok2.jpg' repeats line 3"),
     ],
 )
 def test_bad_line_names_file_and_line(tmp_path, bad, why):
@@ -128,3 +146,35 @@ def test_bad_line_names_file_and_line(tmp_path, bad, why):
     with pytest.raises(ProposalFileError):
         import_jsonl(jl, store)
     assert not store.exists()  # nothing half-imported
+
+
+def test_integral_float_sizes_are_read_as_integers(tmp_path):
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"key": "a.jpg", "width": 10.0, "height": 8, "boxes": []}\n')
+    (rec,) = read_jsonl(jl)
+    assert rec.image_size == (10, 8) and isinstance(rec.image_size[0], int)
+
+
+def test_only_objcrop_exports_are_recognised_as_its_own_output(tmp_path):
+    store = _store(tmp_path, n=3)
+    ProposalStore.write(tmp_path / "odd.objcrop", [
+        ("caf\u00e9/\u732b.jpg", [[1, 2, 3, 4]], None, (10, 8)),  # non-ASCII key, no scores
+        ("b.jpg", [], [], (10, 8)),
+    ])
+    for source in (store, ProposalStore(tmp_path / "odd.objcrop")):
+        out = tmp_path / "out.jsonl"
+        export_jsonl(source, out)
+        assert is_objcrop_export(out.read_bytes()), out.read_text()[:200]
+    # the README's own example line, as a person writes it, and other tools' files
+    for line in [
+        '{"key": "mine/1.jpg", "width": 640, "height": 480, "boxes": [[12.0, 30.5, 200.0, '
+        '310.0]], "scores": [0.93]}',
+        '{"key":"a.jpg","width":10,"height":8,"boxes":[[1,2,5,6]],"scores":[0.5]}',
+        '{"key":"a.jpg","height":8,"width":10,"boxes":[[1.0,2.0,5.0,6.0]],"scores":[0.5]}',
+        '{"key":"a.jpg","width":10,"height":8,"boxes":[[1.0,2.0,5.0,6.0]],"scores":[NaN]}',
+        '{"key":"a.jpg","width":10,"height":8,"boxes":[[1.0,2.0,5.0,6.0]],"scores":[0.5],'
+        '"label":"cat"}',
+    ]:
+        assert not is_objcrop_export((line + "\n").encode()), line
+    # a first line that does not end within the bytes looked at is not recognised
+    assert not is_objcrop_export(b'{"key":"a.jpg","width":10,"height":8,"boxes":[')
