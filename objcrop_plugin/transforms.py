@@ -305,7 +305,9 @@ def _xyxy(bboxes: tv_tensors.BoundingBoxes) -> tuple[np.ndarray, box_ops.ImageSi
 def _to_pil(image: Any) -> Image.Image:
     """An RGB PIL image from a PIL image or a ``(C, H, W)`` uint8 / float [0, 1] tensor."""
     if isinstance(image, Image.Image):
-        return image if image.mode == "RGB" else image.convert("RGB")
+        from .images import to_rgb  # 16-bit and float modes scaled, not clipped
+
+        return to_rgb(image)
     t = image.as_subclass(torch.Tensor).detach().cpu()
     if t.ndim != 3 or t.shape[0] not in (1, 3, 4):
         raise TypeError(

@@ -224,3 +224,15 @@ def test_called_like_lightlys_multi_view_transform_v2(coco):
     masks = tv_tensors.Mask(torch.zeros(2, H, W, dtype=torch.uint8))
     sample = (F.pil_to_tensor(image), {"boxes": boxes, "masks": masks, "labels": torch.tensor([1, 2])})
     assert len(ours(*sample)) == 2
+
+
+def test_a_16_bit_pil_image_is_scaled_like_the_package_decodes_it():
+    """A 16-bit grey image handed in by a caller is scaled from its bit depth (as every decode
+    of the package does), not clipped to white by PIL's convert."""
+    arr = np.full((32, 32), 3000, np.uint16)  # 12-bit data: 3000 / 4095 * 255 = 186.8
+    image = Image.fromarray(arr)
+    assert image.mode.startswith("I;16")
+    transform = ObjectAwareViews("obj_obj", photometrics="none", normalize=False, size=16)
+    views = transform(image, tv_tensors.BoundingBoxes([[4, 4, 28, 28]], format="XYXY",
+                                                     canvas_size=(32, 32)))
+    assert all(abs(float(v.mean()) * 255.0 - 187.0) < 1.5 for v in views)
