@@ -209,6 +209,9 @@ def test_objcrop_warnings_get_through_hydras_disabled_logging(capsys):
     root = logging.getLogger()
     saved_root = (root.level, list(root.handlers))
     saved = (logger.disabled, logger.level, logger.propagate, list(logger.handlers))
+    # dictConfig disables every existing logger (the package's modules' too): restore them all
+    others = {lg: lg.disabled for lg in logging.root.manager.loggerDict.values()
+              if isinstance(lg, logging.Logger)}
     try:
         logging.config.dictConfig({"version": 1, "root": {"level": "ERROR"},
                                    "disable_existing_loggers": True})  # hydra's "disabled"
@@ -227,6 +230,8 @@ def test_objcrop_warnings_get_through_hydras_disabled_logging(capsys):
         root.handlers[:] = saved_root[1]
         logger.disabled, logger.level, logger.propagate = saved[:3]
         logger.handlers[:] = saved[3]
+        for lg, disabled in others.items():
+            lg.disabled = disabled
 
 
 def test_end_of_run_line_counts_proposal_crops_fallbacks_and_bad_images(monkeypatch):
