@@ -418,6 +418,32 @@ def _run_chunk(task: tuple[int, list[str], str]) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- build
 
 
+def _content_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder's files (names and bytes, in name order)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+    for f in files:
+        if f != path:
+            h.update(f.relative_to(path).as_posix().encode("utf-8") + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _input_contents(params: dict[str, Any]) -> dict[str, str]:
+    """The content of every file or folder a parameter names (``checkpoint``, ``model_dir``):
+    a resumed build refuses one whose weights changed since its first chunks."""
+    out = {}
+    for name, value in sorted(params.items()):
+        if isinstance(value, (str, os.PathLike)) and str(value):
+            path = Path(value).expanduser()
+            with contextlib.suppress(OSError):
+                if path.is_file() or path.is_dir():
+                    out[name] = _content_sha256(path)
+    return out
+
+
 def _manifest(method: str, params: dict[str, Any], generator: ProposalGenerator, root: Path,
               keys: Sequence[str], chunk_size: int, shard: tuple[int, int],
               max_pixels: int) -> dict[str, Any]:
@@ -426,7 +452,7 @@ def _manifest(method: str, params: dict[str, Any], generator: ProposalGenerator,
         "method": method, "params": params, "root": str(root.resolve()),
         "top_k": getattr(generator, "top_k", None), "max_side": getattr(generator, "max_side", None),
         "keys_sha256": digest, "images": len(keys), "chunk_size": chunk_size,
-        "shard": list(shard), "max_pixels": max_pixels,
+        "shard": list(shard), "max_pixels": max_pixels, "inputs_sha256": _input_contents(params),
     }
 
 
@@ -462,8 +488,18 @@ def _read_chunk(path: Path) -> Iterator[tuple[ProposalRecord | None, str, str | 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k != "keys_sha256"
-                     else "the image list" for k in keys)
+    said = []
+    for k in keys:
+        if k == "keys_sha256":
+            said.append("the image list")
+        elif k == "inputs_sha256":
+            a, b = old.get(k) or {}, new.get(k) or {}
+            changed = sorted(n for n in set(a) | set(b) if a.get(n) != b.get(n))
+            said.append("the content of " + ", ".join(
+                f"{n} ({(new.get('params') or {}).get(n)})" for n in changed) + " changed")
+        else:
+            said.append(f"{k}: {old.get(k)!r} -> {new.get(k)!r}")
+    return ", ".join(said)
 
 
 def _resumable_chunks(parts: Path, manifest: dict[str, Any], restart: bool) -> None:

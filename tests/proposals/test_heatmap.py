@@ -687,3 +687,36 @@ def test_components_that_fail_on_the_device_fall_back_to_the_host(monkeypatch, c
         np.testing.assert_array_equal(gs, ws)
     gen.raw_batch(images)
     assert calls == [1]  # not tried again
+
+
+def test_a_resumed_build_refuses_a_checkpoint_that_changed(tmp_path, folder, monkeypatch):
+    """A build interrupted after its first chunk, its checkpoint then overwritten (a longer
+    run wrote over backbone.pth): resuming would mix two networks' boxes in one store, so the
+    rerun is refused naming the parameter; with the file put back it resumes."""
+    import shutil
+
+    import objcrop_plugin.proposals.build as build
+
+    root, weights = folder
+    ckpt = tmp_path / "backbone.pth"
+    shutil.copyfile(weights, ckpt)
+    out = tmp_path / "h.objcrop"
+    params = {"model": MODEL, "checkpoint": str(ckpt), "device": "cpu", "batch_size": 4}
+    real = build.propose_keys
+
+    def first_chunk_then_killed(*args, **kwargs):
+        chunks = real(*args, **kwargs)
+        yield next(chunks)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "propose_keys", first_chunk_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_store(root, out, "heatmap", params=params, chunk_size=8, progress=False)
+    monkeypatch.setattr(build, "propose_keys", real)
+    state = torch.load(ckpt, weights_only=True)
+    torch.save({k: v + 0.5 if v.is_floating_point() else v for k, v in state.items()}, ckpt)
+    with pytest.raises(ValueError, match=r"the content of checkpoint \(.*backbone.pth\) changed"):
+        build_store(root, out, "heatmap", params=params, chunk_size=8, progress=False)
+    shutil.copyfile(weights, ckpt)
+    summary = build_store(root, out, "heatmap", params=params, chunk_size=8, progress=False)
+    assert summary.resumed_images == 8 and len(ProposalStore(out)) == 40
