@@ -215,21 +215,23 @@ class BadImages:
         if judged and count > self.limit:
             raise TooManyBadImagesError(self.message(f"{where} ({detail})"))
 
+    #: how :meth:`message` ends: where the rate is set (a host library names its own key)
+    FIX = ("`objcrop check DATA` lists them all), or raise max_failure_rate (objcrop train: "
+           "data.max_failure_rate)")
+
+    def rate_said(self) -> str:
+        """The tolerated rate as :meth:`message` names it."""
+        return f"max_failure_rate {self.max_failure_rate:.2%}"
+
     def message(self, example: str | None = None, listed_in: object = None) -> str:
         """Why :class:`TooManyBadImagesError` stopped the run, with an example and the list."""
         total = f"{self.n} images" if self.n is not None else f"{int(self._counts[2])} items seen"
-        text = (
-            f"{self.count} of {total} could not be read, more than max_failure_rate "
-            f"{self.max_failure_rate:.2%} allows"
-        )
+        text = f"{self.count} of {total} could not be read, more than {self.rate_said()} allows"
         if example:
             text += f"; e.g. {example}"
         if listed_in:
             text += f"; the list is in {listed_in}"
-        return text + (
-            ". Fix: remove or replace the files (`objcrop check DATA` lists them all), or "
-            "raise max_failure_rate (objcrop train: data.max_failure_rate)"
-        )
+        return text + ". Fix: remove or replace the files (" + self.FIX
 
     def indices(self) -> list[int]:
         """The indices recorded as bad, in order (``n=None``: always empty)."""
@@ -250,21 +252,21 @@ class BadImages:
 
     def __reduce__(self):
         if mp_context.get_spawning_popen() is not None:
-            return (_rebuild_bad, (self.n, self.max_failure_rate, self._flags, self._counts,
-                                   self._lock))
-        return (_copy_bad, (self.n, self.max_failure_rate, bytes(self._flags),
+            return (_rebuild_bad, (type(self), self.n, self.max_failure_rate, self._flags,
+                                   self._counts, self._lock))
+        return (_copy_bad, (type(self), self.n, self.max_failure_rate, bytes(self._flags),
                             list(self._counts[:])))
 
 
-def _rebuild_bad(n, rate, flags, counts, lock) -> BadImages:
-    bad = BadImages.__new__(BadImages)
+def _rebuild_bad(cls, n, rate, flags, counts, lock) -> BadImages:
+    bad = cls.__new__(cls)
     bad.n, bad.max_failure_rate = n, rate
     bad._flags, bad._counts, bad._lock = flags, counts, lock
     return bad
 
 
-def _copy_bad(n, rate, flags, counts) -> BadImages:
-    bad = BadImages(n, rate)
+def _copy_bad(cls, n, rate, flags, counts) -> BadImages:
+    bad = cls(n, rate)
     bad._flags[: len(flags)] = list(flags)
     bad._counts[:] = counts
     return bad

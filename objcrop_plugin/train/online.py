@@ -227,7 +227,7 @@ def refresh_proposals(
     Raises:
         OnlineRefreshError: a decode worker died (killed, e.g. out of memory).
     """
-    from ..files import atomic_write
+    from ..images import write_bad_list
     from ..proposals.build import (
         failures_path,
         make_generator,
@@ -287,8 +287,7 @@ def refresh_proposals(
     if rank == 0:
         listed = failures_path(out)
         if failed:
-            atomic_write(listed, ("key\treason\n" + "".join(
-                f"{k}\t{r}\n" for k, r in sorted(failed))).encode())
+            write_bad_list(listed, sorted(failed), ("key", "reason"))
         else:
             with contextlib.suppress(FileNotFoundError):
                 listed.unlink()

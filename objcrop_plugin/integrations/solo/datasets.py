@@ -30,31 +30,11 @@ class SoloBadImages(BadImages):
     """:class:`~objcrop_plugin.stats.BadImages` whose error names the solo-learn recipe key,
     ``data.max_failure_rate``. Shared with DataLoader workers as its base class is."""
 
-    def message(self, example: str | None = None, listed_in: object = None) -> str:
-        total = f"{self.n} images" if self.n is not None else "the images seen"
-        text = (
-            f"{self.count} of {total} could not be read, more than data.max_failure_rate="
-            f"{self.max_failure_rate:g} ({self.max_failure_rate:.2%}) allows"
-        )
-        if example:
-            text += f"; e.g. {example}"
-        if listed_in:
-            text += f"; the list is in {listed_in}"
-        return text + (
-            ". Fix: remove or replace the files (`objcrop check DATA.TRAIN_PATH` lists them "
-            "all), or raise data.max_failure_rate (++data.max_failure_rate=0.05 if the recipe "
-            "lacks the key)"
-        )
+    FIX = ("`objcrop check DATA.TRAIN_PATH` lists them all), or raise data.max_failure_rate "
+           "(++data.max_failure_rate=0.05 if the recipe lacks the key)")
 
-    def __reduce__(self):
-        rebuild, args = super().__reduce__()
-        return (_solo_bad, (rebuild, args))
-
-
-def _solo_bad(rebuild: Any, args: tuple) -> SoloBadImages:
-    bad = rebuild(*args)
-    bad.__class__ = SoloBadImages
-    return bad
+    def rate_said(self) -> str:
+        return f"data.max_failure_rate={self.max_failure_rate:g} ({self.max_failure_rate:.2%})"
 
 
 class IndexedDataset(torch.utils.data.Dataset):
