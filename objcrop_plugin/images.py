@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import os
 import stat
+import threading
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,12 +111,33 @@ def _kind(mode: int) -> str:
     return "another kind of file"
 
 
-def open_image(path: str | os.PathLike[str]) -> OpenedImage:
+#: PIL's size check reads a process-wide setting; opens that replace it hold this lock
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def _open_unchecked(path: str | os.PathLike[str]) -> Image.Image:
+    """``Image.open`` without PIL's decompression-bomb check (the caller checks the size)."""
+    with _PIL_LIMIT_LOCK:
+        old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
+
+
+def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> OpenedImage:
     """Open an image and read its displayed size without decoding the pixels.
+
+    Args:
+        max_pixels: the caller's own size limit, checked by the caller on the returned size:
+            PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) is then not
+            applied, so a limit above it takes effect. ``None``: PIL's limit applies.
 
     Raises:
         ImageDecodeError: the file is missing, not a regular file (a FIFO would block the
-            open forever, a device would never end), or not an image PIL can open.
+            open forever, a device would never end), not an image PIL can open, or over
+            PIL's pixel limit (the message says how to raise it).
     """
     try:
         mode = os.stat(path).st_mode
@@ -129,7 +152,18 @@ def open_image(path: str | os.PathLike[str]) -> OpenedImage:
             "images. Fix: remove it from the image folder."
         )
     try:
-        img = Image.open(path)
+        if max_pixels is not None:
+            img = _open_unchecked(path)
+        else:
+            with warnings.catch_warnings():  # over the limit: the error below says what to do
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(
+            f"{path}: too large to decode ({exc}). Fix: raise the limit (`objcrop proposals "
+            "build --max-pixels N`; in Python, `PIL.Image.MAX_IMAGE_PIXELS = N`) or shrink the "
+            "image."
+        ) from exc
     except Exception as exc:
         raise ImageDecodeError(
             f"{path}: cannot open as an image ({type(exc).__name__}: {exc}). "

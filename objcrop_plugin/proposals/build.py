@@ -242,11 +242,12 @@ def propose_file(
     Raises:
         OSError / ValueError: the file cannot be used; the message is the failure reason.
     """
-    opened = open_image(path)
+    opened = open_image(path, max_pixels)
     w, h = opened.size
     if w * h > max_pixels:
         opened.image.close()
-        raise ValueError(f"{w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+        raise ValueError(f"{w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+                         "(raise it with --max-pixels)")
     # JPEG DCT scaling: decode no more than the working resolution (long side max_side) needs
     work = min(1.0, generator.max_side / max(w, h))
     reduce = draft_factor([(0, 0, w, h)], [(h * work, w * work)]) if opened.is_jpeg else 1
@@ -268,11 +269,12 @@ def decode_working(
     """
     from .generators import working_resize
 
-    opened = open_image(root / key)
+    opened = open_image(root / key, max_pixels)
     w, h = opened.size
     if w * h > max_pixels:
         opened.image.close()
-        raise ValueError(f"{w}x{h} = {w * h} pixels, over the limit of {max_pixels}")
+        raise ValueError(f"{w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+                         "(raise it with --max-pixels)")
     work = min(1.0, max_side / max(w, h))
     reduce = draft_factor([(0, 0, w, h)], [(h * work, w * work)]) if opened.is_jpeg else 1
     return working_resize(load_rgb(opened, reduce), max_side), (w, h)

@@ -117,6 +117,30 @@ def test_bad_images_are_listed_and_the_run_goes_on(tmp_path):
     assert rc == 0
 
 
+
+def test_max_pixels_above_pils_own_limit_takes_effect(tmp_path, monkeypatch):
+    """--max-pixels replaces PIL's decompression-bomb limit; past PIL's limit elsewhere the
+    failure says how to raise it."""
+    from objcrop_plugin.images import ImageDecodeError, open_image
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    scene(0).save(root / "a.png")
+    w, h = scene(0).size
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses over 2000 pixels
+    with pytest.raises(ImageDecodeError, match=r"a\.png: too large to decode.*--max-pixels"):
+        open_image(root / "a.png")
+    out = tmp_path / "p.objcrop"
+    rc = cli_main(["proposals", "build", str(root), "--out", str(out), "--method", METHOD,
+                   "--workers", "1", "--max-pixels", str(w * h), "--no-progress"])
+    assert rc == 0 and set(ProposalStore(out)) == {"a.png"}
+    assert Image.MAX_IMAGE_PIXELS == 1000  # the process-wide setting is left as it was
+    rc = cli_main(["proposals", "build", str(root), "--out", str(tmp_path / "q.objcrop"),
+                   "--method", METHOD, "--workers", "1", "--max-pixels", str(w * h - 1),
+                   "--no-progress", "--max-failure-rate", "1"])
+    failures = (tmp_path / "q.objcrop.failures.tsv").read_text()
+    assert rc == 0 and f"over the limit of {w * h - 1} (raise it with --max-pixels)" in failures
+
 def test_exif_orientation_is_applied_like_the_view_engine(tmp_path):
     root = tmp_path / "imgs"
     root.mkdir()
