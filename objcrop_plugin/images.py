@@ -9,6 +9,7 @@ every engine, dataset and proposal generator uses.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import stat
@@ -24,6 +25,8 @@ from PIL import Image
 
 from .boxes import ImageSize, size_mismatch
 from .files import atomic_write, normalize_key
+
+_log = logging.getLogger("objcrop_plugin")
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -348,6 +351,10 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
     files are walked first, links after. Only regular files are listed (a FIFO, socket or
     device named ``*.jpg`` would block or never end a read), with an image extension
     (:data:`IMAGE_EXTENSIONS`) and a name not starting with a dot; hidden folders are skipped.
+
+    Where ``\\`` is not the folder separator (Linux, macOS), a file whose path below ``root``
+    holds a backslash is left out with a warning naming it: keys read ``\\`` as a folder
+    separator (a key written on Windows names the same image), so such a file has no key.
     """
     root = Path(root)
     if not root.is_dir():
@@ -359,10 +366,16 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
     linked_dirs: list[str] = []  # followed once the real tree is listed
     linked_files: list[str] = []
 
+    unkeyable: list[str] = []
+
     def add(path: str, ident: tuple[int, int]) -> None:
         if ident not in seen_files:
             seen_files.add(ident)
-            keys.append(normalize_key(path, root))
+            rel = os.path.relpath(path, root)
+            if os.sep != "\\" and "\\" in rel:
+                unkeyable.append(rel)
+            else:
+                keys.append(normalize_key(path, root))
 
     def walk(folder: str, dev: int) -> None:
         stack = [(folder, dev)]
@@ -411,6 +424,13 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
             continue
         if stat.S_ISREG(st.st_mode):  # not a FIFO, device, folder or broken link
             add(path, (st.st_dev, st.st_ino))
+    if unkeyable:
+        unkeyable.sort()
+        shown = ", ".join(repr(k) for k in unkeyable[:5]) + (", ..." if len(unkeyable) > 5 else "")
+        _log.warning(
+            "%d image file(s) under %s left out: a backslash in a file or folder name cannot be "
+            "part of a key (keys read it as a folder separator, as on Windows): %s. Fix: rename "
+            "them.", len(unkeyable), root, shown)
     keys.sort()
     return keys
 

@@ -88,6 +88,28 @@ def test_a_link_to_a_folder_elsewhere_is_still_followed(tmp_path):
 
 # ---------------------------------------------------------------- item 10: FIFOs and devices
 
+
+@pytest.mark.skipif(os.sep == "\\", reason="a backslash is the folder separator here")
+def test_a_backslash_in_a_name_is_left_out_named_and_the_build_goes_on(tmp_path, caplog):
+    """Keys read ``\\`` as a folder separator, so ``a\\b.jpg`` would be looked for as
+    ``a/b.jpg`` (another file, or none): it is left out, with a warning naming it."""
+    root = tmp_path / "imgs"
+    write_images(root, 2)
+    (root / "a").mkdir()
+    scene(2).save(root / "a" / "b.jpg")
+    scene(3).save(root / "a\\b.jpg")
+    (root / "x\\y").mkdir()
+    scene(4).save(root / "x\\y" / "c.jpg")
+    with caplog.at_level(logging.WARNING, logger="objcrop_plugin"):
+        assert list_images(root) == ["000.jpg", "001.jpg", "a/b.jpg"]
+    assert "2 image file(s)" in caplog.text and "'a\\\\b.jpg'" in caplog.text
+    assert "Fix: rename them" in caplog.text
+    out = tmp_path / "p.objcrop"
+    assert main(["proposals", "build", str(root), "--out", str(out), "--method",
+                 "graph_segments", "--workers", "1", "--no-progress"]) == 0
+    assert set(ProposalStore(out)) == {"000.jpg", "001.jpg", "a/b.jpg"}
+    assert (root / "a\\b.jpg").exists()  # the user's files are left alone
+
 @pytest.mark.skipif(not fifo_supported(), reason="no FIFOs on this system")
 def test_a_fifo_named_jpg_is_not_listed_and_not_opened(tmp_path):
     write_images(tmp_path, 2)
