@@ -13,7 +13,8 @@ no annotation: each unsupervised generator's proposals (built once per dataset),
 trained, refreshed every 20%: the same total budget as every other run); ``--sources ...
 initial`` adds ``obj_obj_dilate@initial`` (heat-map boxes from the initial weights, computed
 before the first epoch and kept for the whole run), ``online_no_warmup`` the online run with
-no warm-up (the initial weights' boxes, then refreshed). Every run of a seed starts from the same
+no warm-up (the initial weights' boxes, then refreshed; how ``crop.proposals: online`` starts
+by default when no ``data.proposals`` is given). Every run of a seed starts from the same
 initialisation and sees the same batches.
 
 Prints one table per seed, a summary (mean and standard deviation over seeds) and a last line

@@ -5,10 +5,11 @@ Recipe::
     crop:
       type: object_aware
       proposals: online          # or a mapping:
-      # proposals: {method: heatmap, warmup_epochs: 20, every_epochs: 20,
+      # proposals: {method: heatmap, warmup_epochs: 0, every_epochs: 20,
       #             params: {scale: 2, max_side: 256}}
-      # (warmup_epochs, every_epochs default to a tenth of trainer.epochs, at least 1;
-      # every_epochs: 0 keeps the first refresh's store for the rest of the run)
+      # (every_epochs defaults to a tenth of trainer.epochs, at least 1; 0 keeps the first
+      # store for the rest of the run. warmup_epochs defaults to 0, the first store from
+      # the initial weights; with data.proposals set, to a tenth of trainer.epochs)
       # proposals: initial       # {warmup_epochs: 0, every_epochs: 0}: one store from the
       #                          # initial weights, kept for the whole run
 
@@ -18,7 +19,10 @@ as many boxes per image as the views draw from: ``params.top_k`` defaults to the
 ``crop.params.top_k`` when that is set. During the warm-up the views come from
 ``data.proposals`` when it is set, else from scene crops (each object view becomes its policy's
 scene crop; not counted as a fallback). At the end of epoch ``warmup_epochs`` (counted from 1;
-``0``: before the first epoch, from the initial weights, with no warm-up), and every
+``0``, the default without ``data.proposals``: before the first epoch, from the initial
+weights, with no warm-up; on the benchmark's photo domain that kept more of the oracle boxes'
+gain than two epochs of scene crops, +0.37 ± 0.17 mAP paired over twelve seeds, -0.49 ± 0.50
+on the demo's, all of it from one seed), and every
 ``every_epochs`` epochs after it, the current backbone (the momentum encoder where the method
 has one), in eval mode, computes proposals (``method``, a batched generator: ``heatmap`` or
 ``token_cut``) for every training image at the generator's working resolution, and writes
@@ -65,7 +69,7 @@ class OnlineSettings:
     """``crop.proposals`` of a recipe, validated."""
 
     method: str = "heatmap"
-    warmup_epochs: int = 20
+    warmup_epochs: int = 0
     every_epochs: int = 20
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -105,9 +109,10 @@ def parse_online(cfg: Any) -> OnlineSettings | None:
     merged = {**_DEFAULTS, **value}
     tenth = max(1, round(int(cfg.trainer.epochs) / 10))
     derived = merged["warmup_epochs"] is None
-    for key in ("warmup_epochs", "every_epochs"):
-        if merged[key] is None:
-            merged[key] = tenth
+    if derived:  # a given store is trained on first; else the initial weights' boxes
+        merged["warmup_epochs"] = tenth if cfg.data.proposals else 0
+    if merged["every_epochs"] is None:
+        merged["every_epochs"] = tenth
     if merged["method"] not in ONLINE_METHODS:
         raise RecipeError(f"crop.proposals.method: {merged['method']!r} cannot run on the "
                           f"model being trained; use one of {', '.join(ONLINE_METHODS)}")
@@ -118,7 +123,8 @@ def parse_online(cfg: Any) -> OnlineSettings | None:
                               + (" (0: no refresh after the first)" if key == "every_epochs"
                                  else " (0: the first store from the initial weights)"))
     if merged["warmup_epochs"] >= int(cfg.trainer.epochs) >= 1:
-        why = " (its default: a tenth of trainer.epochs, at least 1)" if derived else ""
+        why = (" (its default with data.proposals: a tenth of trainer.epochs, at least 1)"
+               if derived else "")
         raise RecipeError(
             f"crop.proposals.warmup_epochs ({merged['warmup_epochs']}{why}) must be below "
             f"trainer.epochs ({cfg.trainer.epochs}): the first refresh comes after the "

@@ -56,10 +56,16 @@ def test_recipe_key_override_and_errors(tmp_path, data):
     path = recipe(tmp_path, data, crop={"proposals": None})
     with pytest.raises(RecipeError, match="data.proposals is not set"):
         load_recipe(path)
-    cfg = load_recipe(path, ["crop.proposals=online"])  # no store: scene crops in warm-up
+    cfg = load_recipe(path, ["crop.proposals=online"])  # no store: no warm-up
     s = parse_online(cfg)
-    assert (s.method, s.warmup_epochs, s.every_epochs) == ("heatmap", 1, 1)  # a tenth, >= 1
+    assert (s.method, s.warmup_epochs, s.every_epochs) == ("heatmap", 0, 1)  # a tenth, >= 1
     s = parse_online(load_recipe(path, ["crop.proposals=online", "trainer.epochs=200"]))
+    assert (s.warmup_epochs, s.every_epochs) == (0, 20)
+    # with a store, the warm-up trains on it first: a tenth of the epochs
+    store = tmp_path / "given.objcrop"
+    ProposalStore.write(store, [])
+    s = parse_online(load_recipe(path, ["crop.proposals=online", "trainer.epochs=200",
+                                        f"data.proposals={store}"]))
     assert (s.warmup_epochs, s.every_epochs) == (20, 20)
     # initial: one store from the initial weights for the whole run (no refresh)
     s = parse_online(load_recipe(path, ["crop.proposals=initial", "trainer.epochs=200"]))
@@ -98,9 +104,13 @@ def test_recipe_key_override_and_errors(tmp_path, data):
     for override, message in cases.items():
         with pytest.raises(RecipeError, match=message):
             load_recipe(recipe(tmp_path, data), [override])
-    # the default warm-up (a tenth, at least 1) of a 1-epoch run: say so, and the fix
-    with pytest.raises(RecipeError, match=r"\(1 \(its default.*Fix: crop.proposals=initial"):
-        load_recipe(path, ["crop.proposals=online", "trainer.epochs=1"])
+    # the default warm-up on a given store (a tenth, at least 1) of a 1-epoch run: say so,
+    # and the fix; without a store there is no warm-up to outlast the run
+    with pytest.raises(RecipeError, match=r"\(1 \(its default with data.proposals.*Fix: "
+                       r"crop.proposals=initial"):
+        load_recipe(path, ["crop.proposals=online", "trainer.epochs=1", f"data.proposals={store}"])
+    assert parse_online(load_recipe(path, ["crop.proposals=online", "trainer.epochs=1"])) == \
+        parse_online(load_recipe(path, ["crop.proposals={every_epochs: 1}", "trainer.epochs=1"]))
     with pytest.raises(RecipeError, match="crop.proposals is 'fixed', not a mode"):
         load_recipe(path, ["crop.proposals=fixed", "crop.proposals.warmup_epochs=0"])
 
@@ -282,22 +292,22 @@ def test_a_finished_run_reruns_and_extends(tmp_path, data):
     whose default schedule changes with trainer.epochs is refused where the trained epochs
     would have been served otherwise, with the override that keeps it."""
     path = recipe(tmp_path, data, crop={"proposals": "online"}, trainer={"epochs": 2})
-    first = train(load_recipe(path), echo=lambda s: None)  # warm-up 1, every 1 (a tenth)
-    assert [r["epoch"] for r in first["online_proposals"]] == [1]
+    first = train(load_recipe(path), echo=lambda s: None)  # no warm-up, every 1 (a tenth)
+    assert [r["epoch"] for r in first["online_proposals"]] == [0, 1]
     again = train(load_recipe(path), echo=lambda s: None)
     assert again["resumed_from"] and again["online_proposals"] == [] and again["steps"] == 6
-    with pytest.raises(RecipeError, match=r"first 2 epochs with a warm-up of 1 and a refresh "
-                       r"every 1 epochs; the recipe now gives 3 and 3.*Fix: crop.proposals."
-                       r"warmup_epochs=1 crop.proposals.every_epochs=1"):
+    with pytest.raises(RecipeError, match=r"first 2 epochs with a warm-up of 0 and a refresh "
+                       r"every 1 epochs; the recipe now gives 0 and 3.*Fix: crop.proposals."
+                       r"warmup_epochs=0 crop.proposals.every_epochs=1"):
         train(load_recipe(path, ["trainer.epochs=30"]), echo=lambda s: None)
     lines: list[str] = []
-    more = train(load_recipe(path, ["trainer.epochs=3", "crop.proposals.warmup_epochs=1",
-                                    "crop.proposals.every_epochs=1"]), echo=lines.append)
+    more = train(load_recipe(path, ["trainer.epochs=3", "crop.proposals.every_epochs=1"]),
+                 echo=lines.append)
     assert [r["epoch"] for r in more["online_proposals"]] == [2]
     assert any("before epoch 3: 24 images" in x for x in lines) and more["steps"] == 9
     assert more["fallbacks"]["missing"] == 0
     stores = sorted(p.name for p in (tmp_path / "run" / "proposals").glob("*.objcrop"))
-    assert stores == ["epoch-0001.objcrop", "epoch-0002.objcrop"]
+    assert stores == ["epoch-0000.objcrop", "epoch-0001.objcrop", "epoch-0002.objcrop"]
     # `initial`: one store, never refreshed, however long the run becomes
     out = str(tmp_path / "initial")
     train(load_recipe(path, ["crop.proposals=initial", f"trainer.out_dir={out}"]),
