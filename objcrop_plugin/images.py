@@ -158,7 +158,8 @@ def open_image(path: str | os.PathLike[str], max_pixels: int | None = None) -> O
         if max_pixels is not None:
             img = _open_unchecked(path)
         else:
-            with warnings.catch_warnings():  # over the limit: the error below says what to do
+            # up to twice its limit PIL only warns and the image opens; past it, the error below
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 img = Image.open(path)
     except Image.DecompressionBombError as exc:
@@ -365,8 +366,7 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
     keys: list[str] = []
     linked_dirs: list[str] = []  # followed once the real tree is listed
     linked_files: list[str] = []
-
-    unkeyable: list[str] = []
+    unkeyable: list[str] = []  # paths holding a backslash where it is not the separator
 
     def add(path: str, ident: tuple[int, int]) -> None:
         if ident not in seen_files:
@@ -375,7 +375,7 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
             if os.sep != "\\" and "\\" in rel:
                 unkeyable.append(rel)
             else:
-                keys.append(normalize_key(path, root))
+                keys.append(normalize_key(rel))
 
     def walk(folder: str, dev: int) -> None:
         stack = [(folder, dev)]
