@@ -476,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate the demo data, pretrain the same small timm backbone with SimCLR "
         "twice (scene_scene vs obj_obj_dilate crops, same seed and budget), probe both and a "
         "random-initialised network (multi-label linear probe, mAP), write results.json and "
-        "crops.png. The default budget takes about 6 minutes on 2 CPU cores.",
+        "crops.png. The default budget takes 5-10 minutes on 2 CPU cores.",
     )
     p.add_argument("--out", default="objcrop-demo", help="output folder (default objcrop-demo)")
     p.add_argument("--budget", choices=["default", "full", "quick"], default="default")

@@ -119,7 +119,7 @@ def initial_settings(cfg: dict[str, Any]) -> dict[str, Any]:
     refresh). The whitened map of a randomly initialised network already finds objects by how
     unusual their features are in the image; over seeds 0-2 these runs kept 1.48 of the
     oracle boxes' gain on the demo domain and 1.07 on the photo domain, over seeds 0-5 1.20
-    and 1.07, against 1.12 and 0.69 for the refreshed online runs."""
+    and 1.07, against 1.12 and 0.69 for the refreshed online runs after a 2-epoch warm-up."""
     from .train.online import MODES
 
     return {**online_settings(cfg), **MODES["initial"]}

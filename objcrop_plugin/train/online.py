@@ -60,7 +60,9 @@ __all__ = ["OnlineRefreshError", "OnlineSchedule", "OnlineSettings", "parse_onli
 #: generators that can run on the network being trained (they accept ``module=``)
 ONLINE_METHODS = ("heatmap", "token_cut")
 
-#: ``None``: a tenth of ``trainer.epochs``, at least 1 (ContrastiveCrop's 20 of 200)
+#: ``None``: derived from the recipe (:func:`parse_online`): ``every_epochs`` a tenth of
+#: ``trainer.epochs``, at least 1 (ContrastiveCrop's 20 of 200); ``warmup_epochs`` 0, or a tenth
+#: when ``data.proposals`` is set (that store is trained on first)
 _DEFAULTS = {"method": "heatmap", "warmup_epochs": None, "every_epochs": None, "params": {}}
 
 
