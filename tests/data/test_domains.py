@@ -153,6 +153,7 @@ def test_photo_colour_carries_no_class_information():
             px = _pixels(full)[y1:y2, x1:x2][changed[y1:y2, x1:x2]]
             r, g, b = np.median(px, axis=0) / 255.0
             hues.setdefault(int(c), []).append(colorsys.rgb_to_hsv(r, g, b)[0])
+    assert sum(len(hs) >= 8 for hs in hues.values()) >= 6, {c: len(h) for c, h in hues.items()}
     for c, hs in hues.items():
         if len(hs) >= 8:
             assert np.histogram(hs, bins=4, range=(0, 1))[0].astype(bool).sum() >= 3, (c, hs)

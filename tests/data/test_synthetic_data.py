@@ -84,9 +84,9 @@ def test_object_count_bounds_are_honoured():
     for i in range(10):
         s = render_scene(i, SIZE, seed=0, min_objects=4, max_objects=4)
         assert len(s.labels) == 4
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="min_objects <= max_objects"):
         render_scene(0, SIZE, min_objects=3, max_objects=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="both >= 32 pixels"):
         render_scene(0, (16, 16))
 
 
@@ -140,7 +140,7 @@ def test_multi_hot():
     assert v.dtype == np.float32 and v.shape == (len(CLASSES),)
     assert v.tolist() == [0, 1, 0, 1, 0, 0, 0, 0]
     assert multi_hot(np.zeros(0, np.int64), 3).tolist() == [0, 0, 0]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"class ids must lie in \[0, 8\)"):
         multi_hot(np.array([8]))
 
 
@@ -301,9 +301,9 @@ def test_workers_give_identical_output(tmp_path):
 
 
 def test_invalid_arguments(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="n_images must be >= 1"):
         write_dataset(tmp_path / "a", n_images=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="workers must be >= 1"):
         write_dataset(tmp_path / "b", n_images=2, workers=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="both >= 32 pixels"):
         write_dataset(tmp_path / "c", n_images=2, size=(8, 8))

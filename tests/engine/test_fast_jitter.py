@@ -249,6 +249,8 @@ def test_outputs_like_exact_and_deterministic(preset):
             assert out.mode == "RGB" and out.size == img.size
             if p.jitter_order is None:  # everything but the jitter is shared
                 assert torch.equal(tf, te)
+            else:  # the fused matrix: 1.5-3.6 of 255 levels from the exact kernels on average
+                assert (tf - te).abs().mean() < 6 / 255 / 0.225, seed
 
 
 def test_fast_leaves_identity_and_non_rgb():

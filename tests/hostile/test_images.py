@@ -179,7 +179,8 @@ def test_same_aspect_is_rescaled(tmp_path, caplog):
     for w in windows:
         assert not w.fallback
         x1, y1, x2, y2 = w.box
-        assert x1 >= SQUARE[0] - 1e-6 and x2 <= SQUARE[2] + 1e-6 and y2 <= SQUARE[3] + 1e-6
+        assert x1 >= SQUARE[0] - 1e-6 and y1 >= SQUARE[1] - 1e-6
+        assert x2 <= SQUARE[2] + 1e-6 and y2 <= SQUARE[3] + 1e-6
 
 
 @pytest.mark.parametrize("size, transposed", [((H, W), True), ((W, 90), False)])
@@ -462,11 +463,17 @@ def test_recipe_refuses_a_failure_rate_outside_zero_one(tmp_path):
     assert cfg.data.max_failure_rate == 0.01
 
 
-def test_view_engine_scene_recipe_ignores_sizes(tmp_path):
+def test_view_engine_scene_recipe_ignores_sizes(tmp_path, caplog):
     # a scene-only recipe never looks at proposals, mismatched or not
+    from objcrop_plugin.proposals import Proposals
+
     engine = ViewEngine("scene_scene", photometrics="none", size=16)
-    windows = engine.windows((W, H), None, np.random.default_rng(0))
-    assert len(windows) == 2
+    turned = Proposals(np.array([SQUARE], np.float32), np.array([1.0], np.float32), (H, W))
+    with caplog.at_level(logging.INFO, logger="objcrop_plugin"):
+        windows = engine.windows((W, H), lambda _size: turned, np.random.default_rng(0), "a.jpg")
+    assert [w.policy for w in windows] == ["scene", "scene"]
+    assert not any(w.fallback for w in windows)
+    assert engine.recipe.fallbacks.as_dict()["mismatched"] == 0 and "mismatched" not in caplog.text
 
 
 # ------------------------------------------------------------ 16-bit images: bit depth

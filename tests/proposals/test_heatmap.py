@@ -372,10 +372,12 @@ def test_segments_add_candidates_and_feature_heat_scores_them():
 def test_module_is_used_as_is_and_its_mode_restored(gen):
     net = timm.create_model(MODEL, pretrained=False, num_classes=0)
     net.train()
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
     g = HeatmapGenerator(module=net, batch_size=2)
-    assert g._device == torch.device("cpu") and "module" not in g.params()
+    assert g._net is net and g._device == torch.device("cpu") and "module" not in g.params()
     g(np.zeros((40, 60, 3), np.uint8))
     assert net.training
+    assert all(torch.equal(v, weights[k]) for k, v in net.state_dict().items())
 
 
 def test_errors_name_the_fix(tmp_path):

@@ -313,8 +313,12 @@ def test_writer_close_writes_and_is_idempotent(tmp_path):
     writer.add("a.jpg", [[1, 2, 3, 4]], [0.5], (10, 10))
     assert len(writer) == 1 and not path.exists()
     writer.close()
+    written = path.read_bytes(), path.stat().st_mtime_ns
     writer.close()
-    assert ProposalStore(path).lookup("a.jpg") is not None
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == written
+    got = ProposalStore(path).lookup("a.jpg")
+    assert got.boxes.tolist() == [[1, 2, 3, 4]] and got.scores.tolist() == [0.5]
+    assert tuple(got.image_size) == (10, 10)
     assert os.listdir(path.parent) == [path.name]
 
 

@@ -153,8 +153,20 @@ def test_dataset_follows_the_schedule(tmp_path, data):
     assert x1 >= 10 - 1e-6 and y1 >= 10 - 1e-6 and x2 <= 40 + 1e-6 and y2 <= 30 + 1e-6
 
 
-def test_a_run_refreshes_from_its_momentum_encoder(tmp_path, data):
+def test_a_run_refreshes_from_its_momentum_encoder(tmp_path, data, monkeypatch):
+    from objcrop_plugin.train import online
+
+    seen = []
+    network = online._network
+
+    def spied(module):
+        net = network(module)
+        seen.append(net is module.backbone_momentum and net is not module.backbone)
+        return net
+
+    monkeypatch.setattr(online, "_network", spied)
     res = train(load_recipe(recipe(tmp_path, data)), echo=lambda s: None)
+    assert len(seen) >= 2 and all(seen)  # the refreshes ran MoCo-v2's momentum encoder
     refreshes = res["online_proposals"]
     assert [r["epoch"] for r in refreshes] == [1, 2]
     assert all(r["images"] == 24 and r["boxes"] > 0 for r in refreshes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -52,13 +53,24 @@ def recipe(tmp_path: Path, ds, name: str = "r.yaml", **sections) -> Path:
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_each_method_trains_and_exports_a_timm_checkpoint(tmp_path, data, method):
+def test_each_method_trains_and_exports_a_timm_checkpoint(tmp_path, data, method, monkeypatch):
+    from objcrop_plugin.train import runner
+
+    init: dict[str, torch.Tensor] = {}
+    build = runner.build_backbone
+
+    def initial_weights_kept(cfg, multi_size=False):
+        net = build(cfg, multi_size)
+        init.update({k: v.detach().clone() for k, v in net.state_dict().items()})
+        return net
+
+    monkeypatch.setattr(runner, "build_backbone", initial_weights_kept)
     path = recipe(tmp_path, data, method={"name": method, "params": SMALL_HEADS[method]},
                   trainer={"max_steps": 2, "epochs": 5})
     res = train(load_recipe(path), echo=lambda s: None)
     out = tmp_path / "run"
     assert res["steps"] == 2 and res["method"] == method
-    assert res["final_loss"] is not None and res["final_loss"] == res["final_loss"]  # not NaN
+    assert res["final_loss"] is not None and math.isfinite(res["final_loss"])
     assert res["fallbacks"]["samples"] >= 16 and res["fallbacks"]["missing"] == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["method"]["name"] == method and saved["trainer"]["max_steps"] == 2
@@ -67,16 +79,27 @@ def test_each_method_trains_and_exports_a_timm_checkpoint(tmp_path, data, method
     # the exported weights load into a plain timm model and equal the trained backbone
     net = timm.create_model("test_efficientnet", pretrained=False, num_classes=0,
                             checkpoint_path=str(out / "backbone.pth"))
-    fresh = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
     state = torch.load(out / "backbone.pth", weights_only=True)
     for k, v in net.state_dict().items():
         assert torch.equal(v, state[k])
-    assert any(not torch.equal(v, fresh.state_dict()[k]) for k, v in state.items()
-               if v.is_floating_point())
+    # two steps moved the weights the run started from
+    assert init.keys() == state.keys()
+    assert any(not torch.equal(v, init[k]) for k, v in state.items() if v.is_floating_point())
 
 
 @pytest.mark.parametrize("method", ["mocov2", "byol"])
-def test_object_aware_multi_crop(tmp_path, data, method):
+def test_object_aware_multi_crop(tmp_path, data, method, monkeypatch):
+    from objcrop_plugin.engine.datasets import ObjectCropDataset
+
+    sizes = set()
+    getitem = ObjectCropDataset.__getitem__
+
+    def seen(self, i):
+        item = getitem(self, i)
+        sizes.add(tuple(tuple(v.shape) for v in item[0]))
+        return item
+
+    monkeypatch.setattr(ObjectCropDataset, "__getitem__", seen)
     path = recipe(
         tmp_path, data, method={"name": method, "params": SMALL_HEADS[method]},
         crop={"views": "multi_crop", "size": 32,
@@ -84,7 +107,10 @@ def test_object_aware_multi_crop(tmp_path, data, method):
         trainer={"max_steps": 2, "epochs": 5},
     )
     res = train(load_recipe(path), echo=lambda s: None)
-    assert res["steps"] == 2 and res["views"] == "multi_crop"
+    assert res["steps"] == 2 and math.isfinite(res["final_loss"])
+    assert res["fallbacks"]["missing"] == 0
+    # two global views of crop.size and three local ones of local_size, every sample
+    assert sizes == {((3, 32, 32),) * 2 + ((3, 16, 16),) * 3}
 
 
 def test_scene_crops_need_no_proposals_and_eval_runs(tmp_path, data):
@@ -134,16 +160,19 @@ def test_resuming_a_different_recipe_is_refused(tmp_path, data):
     assert res["resumed_from"] and res["epochs"] == 2
 
 
-def test_cli_errors_name_the_key_and_the_fix(tmp_path, data):
+def test_cli_errors_name_the_key_and_the_fix(tmp_path, data, capsys):
     path = recipe(tmp_path, data)
     from objcrop_plugin.cli import main
 
     def run(*args: str) -> int:
         return main(["train", str(path), *args])
 
-    assert run(f"data.proposals={tmp_path / 'nope.objcrop'}") == 2
-    assert run("trainer.batch_size=1000") == 2
-    assert run("trainer.epoch=1") == 2
+    for override, named in ((f"data.proposals={tmp_path / 'nope.objcrop'}", "data.proposals"),
+                            ("trainer.batch_size=1000", "trainer.batch_size"),
+                            ("trainer.epoch=1", "trainer.epochs")):
+        assert run(override) == 2
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err, err
     other = write_dataset(tmp_path / "other", 4, size=(64, 48), seed=9, workers=1)
     with pytest.raises(RecipeError, match="has an entry in"):
         train(load_recipe(path, [f"data.train_path={other.image_dir}"]), echo=lambda s: None)
@@ -186,16 +215,28 @@ def test_ddp_on_two_cpu_processes(tmp_path, data):
     assert (tmp_path / "run" / "backbone.pth").is_file()
 
 
-def test_gpu_engine_crops_after_transfer(tmp_path, data):
+def test_gpu_engine_crops_after_transfer(tmp_path, data, monkeypatch):
     """`crop.engine: gpu`: workers return canvases + windows, the module's
     on_after_batch_transfer turns them into views (device = cpu here, same code path)."""
     pytest.importorskip("kornia")
+    from objcrop_plugin.engine.gpu import GPUViewEngine
+
+    sizes = []
+    transform = GPUViewEngine.transform_batch
+
+    def counted(self, batch, *args, **kwargs):
+        out = transform(self, batch, *args, **kwargs)
+        sizes.append([tuple(v.shape) for v in out[0]])
+        return out
+
+    monkeypatch.setattr(GPUViewEngine, "transform_batch", counted)
     path = recipe(tmp_path, data, crop={"engine": "gpu", "canvas": 64},
                   method={"name": "byol", "params": SMALL_HEADS["byol"]},
                   trainer={"max_steps": 2, "epochs": 5})
     res = train(load_recipe(path), echo=lambda s: None)
-    assert res["steps"] == 2 and res["final_loss"] == res["final_loss"]
-    assert res["config"]["crop"]["engine"] == "gpu"
+    assert res["steps"] == 2 and math.isfinite(res["final_loss"])
+    # the views of both steps were cut on the device from the workers' canvases
+    assert sizes == [[(8, 3, 32, 32)] * 2] * 2
 
 
 def test_backbone_starts_from_a_local_checkpoint(tmp_path, data):

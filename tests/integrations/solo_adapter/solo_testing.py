@@ -223,7 +223,28 @@ RECORDER = textwrap.dedent(
         torch.save({"steps": steps, "facts": facts}, out)
         return result
 
+    # the methods' own (self-supervised) losses, as they log them
+    SSL_LOSSES = ("train_nce_loss", "train_neg_cos_sim", "train_vicreg_loss")
+    log, log_dict = BaseMethod.log, BaseMethod.log_dict
+
+    def ssl_seen(name, value):
+        if name in SSL_LOSSES:
+            facts["ssl_losses"] = facts.get("ssl_losses", 0) + 1
+            facts["ssl_loss_finite"] = facts.get("ssl_loss_finite", True) and bool(
+                torch.isfinite(torch.as_tensor(value)).all())
+            torch.save({"steps": steps, "facts": facts}, out)
+
+    def logged(self, name, value, *args, **kwargs):
+        ssl_seen(name, value)
+        return log(self, name, value, *args, **kwargs)
+
+    def logged_dict(self, metrics, *args, **kwargs):
+        for name, value in metrics.items():
+            ssl_seen(name, value)
+        return log_dict(self, metrics, *args, **kwargs)
+
     BaseMethod.training_step = training_step
+    BaseMethod.log, BaseMethod.log_dict = logged, logged_dict
     sys.exit(main(sys.argv[2:]))
     """
 )

@@ -47,8 +47,10 @@ def test_method_trains_two_steps_on_views_cut_from_proposals(method, solo_root, 
     assert len(steps) == 2  # max_steps: 2, through solo-learn's own training loop
     assert facts["backbone_finite"]  # after solo-learn's first optimizer step
     # without labels (targets -1) solo-learn's online classifier loss is NaN (a cross-entropy
-    # that ignores every target), so only labelled runs have a finite total loss
+    # that ignores every target), so only labelled runs have a finite total loss; the
+    # method's own loss is finite in every run
     assert facts["loss_finite"] or data.get("no_labels")
+    assert facts["ssl_losses"] >= 2 and facts["ssl_loss_finite"]
     assert facts["num_large_crops"] == 2 and facts["num_small_crops"] == 0
     assert facts["dataset"] == "ObjectAwareSoloDataset"
     if backbone["name"] == "timm":
