@@ -95,7 +95,8 @@ def test_errors_name_the_model_or_file(tmp_path):
     torch.save(_other().state_dict(), tmp_path / "effnet.pth")
     with pytest.raises(BackboneError, match=r"effnet\.pth"):
         create_backbone("resnet18", tmp_path / "effnet.pth")
-    with pytest.raises(ValueError):  # BackboneError is a ValueError (documented for eval)
+    # BackboneError is a ValueError (documented for eval)
+    with pytest.raises(ValueError, match=r"effnet\.pth.*lacks .* tensors"):
         load_backbone("resnet18", tmp_path / "effnet.pth")
 
 

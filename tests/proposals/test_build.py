@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from objcrop_plugin.cli import main as cli_main
 from objcrop_plugin.proposals import ProposalStore
@@ -151,6 +151,15 @@ def test_exif_orientation_is_applied_like_the_view_engine(tmp_path):
     p = ProposalStore(tmp_path / "p.objcrop")["rot.jpg"]
     assert p.image_size == (120, 160)
     assert (p.boxes[:, 2] <= 120).all() and (p.boxes[:, 3] <= 160).all()
+    # the same pixels, stored upright (lossless), give the same boxes
+    upright = tmp_path / "upright"
+    upright.mkdir()
+    with Image.open(root / "rot.jpg") as im:
+        ImageOps.exif_transpose(im).save(upright / "rot.png")
+    build_store(upright, tmp_path / "u.objcrop", METHOD, progress=False)
+    u = ProposalStore(tmp_path / "u.objcrop")["rot.png"]
+    assert len(p.boxes) > 0 and u.image_size == p.image_size
+    np.testing.assert_array_equal(p.boxes, u.boxes)
 
 
 def test_shards_merge_into_the_unsharded_store(tmp_path, monkeypatch):

@@ -381,7 +381,7 @@ def test_module_is_used_as_is_and_its_mode_restored(gen):
 
 
 def test_errors_name_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
         HeatmapGenerator(MODEL, checkpoint=tmp_path / "missing.pth", device="cpu")
     with pytest.raises(ValueError, match="out of range"):
         HeatmapGenerator(MODEL, level=9, device="cpu")

@@ -144,7 +144,7 @@ def test_import_to_store_writes_atomically_with_source_meta(tmp_path):
     # a failing import leaves the existing store untouched
     bad = _write(tmp_path / "bad.json", _coco(annotations=[{"image_id": 7, "bbox": [1, 2]}]))
     before = out.read_bytes()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"bad\.json: annotations\[0\].*\(4 numbers\)"):
         import_to_store(CocoImporter(bad), out)
     assert out.read_bytes() == before
 
