@@ -235,6 +235,13 @@ def load_backbone_weights(
             (p for p, n in counts.items() if n == best),
             key=lambda p: (any(w in p.lower() for w in _NON_ONLINE), len(p), p),
         )
+        if 2 * best < len(own):  # a few shapes in common by chance: another architecture
+            first = [k for k, v in obj.items() if isinstance(v, torch.Tensor)][:3]
+            raise BackboneError(
+                f"{path}: holds another model's weights: at best {best} of the model's "
+                f"{len(own)} tensors match it by name and shape (its first keys: {first}). "
+                "Fix: pass the model name the checkpoint was trained with (and its kwargs)."
+            )
     state = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
     missing = [k for k in own if k not in state]
     if missing:

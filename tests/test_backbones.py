@@ -96,8 +96,15 @@ def test_errors_name_the_model_or_file(tmp_path):
     with pytest.raises(BackboneError, match=r"effnet\.pth"):
         create_backbone("resnet18", tmp_path / "effnet.pth")
     # BackboneError is a ValueError (documented for eval)
-    with pytest.raises(ValueError, match=r"effnet\.pth.*lacks .* tensors"):
+    with pytest.raises(ValueError, match=r"effnet\.pth: holds another model's weights.*first keys"):
         load_backbone("resnet18", tmp_path / "effnet.pth")
+    # the right model with a few tensors missing: named, with the prefix found
+    state = timm.create_model("resnet18", pretrained=False, num_classes=0).state_dict()
+    partial = {f"backbone.{k}": v for k, v in list(state.items())[:-3]}
+    torch.save(partial, tmp_path / "partial.pth")
+    with pytest.raises(BackboneError, match=r"partial\.pth: under prefix 'backbone\.' the "
+                       r"checkpoint lacks 3 of"):
+        create_backbone("resnet18", tmp_path / "partial.pth")
 
 
 def test_load_backbone_accepts_a_module(tmp_path):
