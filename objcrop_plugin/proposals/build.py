@@ -36,6 +36,8 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,7 @@ from .store import (
 __all__ = [
     "FAILURES_KIND",
     "BuildInterrupted",
+    "BuildWorkerDied",
     "BuildSummary",
     "build_store",
     "failures_path",
@@ -80,6 +83,11 @@ class BuildInterrupted(KeyboardInterrupt):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "interrupted"
+
+
+class BuildWorkerDied(ChildProcessError):
+    """A build's worker process died (killed, out of memory); the message says what is saved
+    and how to resume."""
 
 
 def make_generator(name: str, **params: Any) -> ProposalGenerator:
@@ -210,6 +218,49 @@ def _ignore_sigint() -> Any:
 def _restore_sigmask(old: Any) -> None:
     if old is not None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _run_pool(todo: list[tuple[int, list[str], str]], workers: int, ctx: Any,
+              init: tuple[Any, ...], bar: Any) -> None:
+    """Run the chunks in ``workers`` processes. A worker that dies (SIGKILL from the
+    out-of-memory killer, a crash in native code) raises :class:`BrokenProcessPool` here
+    instead of losing its chunk: ``multiprocessing.Pool`` would replace it and wait forever."""
+    # workers start with SIGINT ignored (a disposition that survives exec, so Python never
+    # installs its KeyboardInterrupt handler there, even while the imports run threads of
+    # their own) and blocked, and ignore it from _init_worker on: a Ctrl-C (sent to the whole
+    # process group) stops only this process, which terminates them, with no traceback from
+    # each worker. The executor starts its processes in submit(): all of them are submitted
+    # here, in this window.
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(*init, True))
+    futures = []
+    try:
+        old = _block_sigint()
+        handler = _ignore_sigint()
+        try:
+            futures = [pool.submit(_run_chunk, task) for task in todo]
+        finally:
+            if handler is not None:
+                signal.signal(signal.SIGINT, handler)
+            _restore_sigmask(old)
+        for fut in as_completed(futures):
+            _, n = fut.result()
+            if bar is not None:
+                bar.update(n)
+    except BaseException:
+        for fut in futures:
+            fut.cancel()
+        # the executor has no public way to stop running tasks before Python 3.14
+        stop = getattr(pool, "terminate_workers", None)
+        if stop is not None:
+            stop()
+        else:
+            for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                with contextlib.suppress(Exception):
+                    proc.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _init_worker(method: str, params: dict[str, Any], root: str, max_pixels: int,
@@ -568,6 +619,8 @@ def build_store(
             with other settings (resume only with the same ones, or ``restart=True``).
         objcrop_plugin.files.OutputLockedError: another build of ``out`` is running.
         BuildInterrupted: Ctrl-C; finished chunks are kept for the next run to resume.
+        BuildWorkerDied: a worker process died (killed by the out-of-memory killer, a crash
+            in native code); finished chunks are kept for the next run to resume.
     """
     t0 = time.perf_counter()
     for name, value in (("workers", workers), ("chunk_size", chunk_size),
@@ -627,24 +680,7 @@ def build_store(
                     if bar is not None:
                         bar.update(n)
             elif todo:
-                ctx = mp.get_context(mp_context)
-                # workers start with SIGINT ignored (a disposition that survives exec, so
-                # Python never installs its KeyboardInterrupt handler there, even while the
-                # imports run threads of their own) and blocked, and ignore it from
-                # _init_worker on: a Ctrl-C (sent to the whole process group) stops only
-                # this process, which terminates them, with no traceback from each worker
-                old = _block_sigint()
-                handler = _ignore_sigint()
-                try:
-                    pool = ctx.Pool(workers, _init_worker, (*init, True))
-                finally:
-                    if handler is not None:
-                        signal.signal(signal.SIGINT, handler)
-                    _restore_sigmask(old)
-                with pool:
-                    for _, n in pool.imap_unordered(_run_chunk, todo):
-                        if bar is not None:
-                            bar.update(n)
+                _run_pool(todo, workers, mp.get_context(mp_context), init, bar)
         except KeyboardInterrupt:
             done = [c for c in range(len(chunks)) if files[c].exists()]
             saved = sum(len(chunks[c]) for c in done)
@@ -652,6 +688,15 @@ def build_store(
                 f"interrupted: {saved} of {len(keys)} images ({len(done)} of {len(chunks)} "
                 f"chunks) are saved in {parts}; {out} was not written. Run the same command "
                 "again to resume."
+            ) from None
+        except BrokenProcessPool:
+            done = [c for c in range(len(chunks)) if files[c].exists()]
+            saved = sum(len(chunks[c]) for c in done)
+            raise BuildWorkerDied(
+                "a worker process died (killed, e.g. by the out-of-memory killer, or crashed): "
+                f"{saved} of {len(keys)} images ({len(done)} of {len(chunks)} chunks) are "
+                f"saved in {parts}; {out} was not written. Run the same command again to "
+                "resume (with fewer --workers or a lower --max-pixels if memory ran out)."
             ) from None
         finally:
             if bar is not None:

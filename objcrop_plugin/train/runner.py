@@ -6,7 +6,8 @@ What a run does, in ``trainer.out_dir``:
 - ``checkpoints/last.ckpt``: Lightning checkpoint, written atomically at the end of each epoch
   (and every ``trainer.checkpoint_every_n_steps``), the one before it kept as
   ``checkpoints/previous.ckpt``; a rerun of the same command resumes from the newer of the two
-  that loads (``trainer.resume: never`` starts afresh). Checkpoints are read with
+  that loads (``trainer.resume: never`` starts afresh, the earlier run's checkpoints moved
+  to ``checkpoints/replaced/``, which holds one such run). Checkpoints are read with
   ``weights_only=True``: a planted pickle runs no code, it is refused;
 - ``backbone.pth``: the backbone's weights as a timm state dict, loadable with
   ``timm.create_model(NAME, pretrained=False, num_classes=0, checkpoint_path="backbone.pth")``
@@ -194,6 +195,23 @@ def export_backbone(backbone: torch.nn.Module, path: str | os.PathLike[str]) -> 
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     _atomic_torch_save(state, path)
     return Path(path)
+
+
+def _set_aside(ckpt_dir: Path, echo: Callable[[str], None]) -> None:
+    """``trainer.resume: never``: move an earlier run's checkpoints to ``replaced/`` before
+    anything of the new run is written. Left in place, they would be resumed by the next
+    ``resume: auto`` run if this one died before its first checkpoint (its ``config.yaml``
+    already written), and the first save would keep the earlier run's as ``previous.ckpt``.
+    ``replaced/`` holds one run: the one before is removed."""
+    found = [ckpt_dir / n for n in (LAST, PREVIOUS) if (ckpt_dir / n).is_file()]
+    if not found:
+        return
+    aside = ckpt_dir / "replaced"
+    shutil.rmtree(aside, ignore_errors=True)
+    aside.mkdir()
+    for path in found:
+        os.replace(path, aside / path.name)
+    echo(f"trainer.resume=never: the earlier run's checkpoints were moved to {aside}")
 
 
 def _keep_previous(path: Path) -> None:
@@ -550,7 +568,8 @@ def train(
     from .methods import make_method
     from .resources import check_machine
 
-    if distributed_rank() != 0 or int(os.environ.get("LOCAL_RANK", "0") or 0) != 0:
+    rank0 = distributed_rank() == 0 and int(os.environ.get("LOCAL_RANK", "0") or 0) == 0
+    if not rank0:
         echo = _silent  # DDP: one voice (rank 0)
     check_machine(cfg)  # before anything is written or started
     out = Path(cfg.trainer.out_dir)
@@ -559,6 +578,8 @@ def train(
     if cfg.trainer.resume == "auto" and any((ckpt_dir / n).is_file() for n in (LAST, PREVIOUS)):
         _check_same_run(cfg, out / "config.yaml")
         picked = _pick_checkpoint(ckpt_dir, echo)
+    elif cfg.trainer.resume == "never" and rank0:
+        _set_aside(ckpt_dir, echo)
     out.mkdir(parents=True, exist_ok=True)
     save_recipe(cfg, out / "config.yaml")
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)

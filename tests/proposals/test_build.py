@@ -79,6 +79,41 @@ def test_kill_9_then_same_command_resumes_to_an_identical_store(tmp_path):
     assert out.read_bytes() == ref.read_bytes()
 
 
+_KILL_ONE_WORKER = """
+import os, sys
+import objcrop_plugin.proposals.build as B
+root, out, marker = sys.argv[1:4]
+real = B.propose_file
+def propose_file(gen, path, key, *args, **kwargs):
+    if key == "img0004.jpg" and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), 9)  # as the out-of-memory killer would
+    return real(gen, path, key, *args, **kwargs)
+B.propose_file = propose_file  # forked workers see it
+try:
+    B.build_store(root, out, "graph_segments", workers=2, chunk_size=2, progress=False,
+                  mp_context="fork")
+except B.BuildWorkerDied as exc:
+    print("DIED", exc)
+"""
+
+
+def test_a_killed_worker_ends_the_build_with_a_resumable_error(tmp_path):
+    # multiprocessing.Pool replaced a killed worker and waited forever for its chunk
+    root = make_folder(tmp_path / "imgs", 12)
+    ref = tmp_path / "ref.objcrop"
+    build_store(root, ref, METHOD, workers=1, chunk_size=2, progress=False)
+    out = tmp_path / "p.objcrop"
+    proc = subprocess.run([sys.executable, "-c", _KILL_ONE_WORKER, str(root), str(out),
+                           str(tmp_path / "killed")], capture_output=True, text=True, timeout=300)
+    assert (tmp_path / "killed").exists(), proc.stderr
+    assert proc.stdout.startswith("DIED a worker process died"), proc.stdout + proc.stderr
+    assert "Run the same command again to resume" in proc.stdout
+    assert not out.exists()
+    build_store(root, out, METHOD, workers=2, chunk_size=2, progress=False)
+    assert out.read_bytes() == ref.read_bytes()
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     root = make_folder(tmp_path / "imgs", 3)
     out = tmp_path / "p.objcrop"

@@ -160,6 +160,31 @@ def test_resuming_a_different_recipe_is_refused(tmp_path, data):
     assert res["resumed_from"] and res["epochs"] == 2
 
 
+def test_resume_never_sets_the_earlier_runs_checkpoints_aside(tmp_path, data, monkeypatch):
+    import pytorch_lightning as pl
+
+    path = recipe(tmp_path, data)
+    train(load_recipe(path), echo=lambda s: None)
+    ckpts = tmp_path / "run" / "checkpoints"
+    first = (ckpts / "last.ckpt").read_bytes()
+
+    def dies(self, *args, **kwargs):  # killed before the new run's first checkpoint
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(pl.Trainer, "fit", dies)
+    lines: list[str] = []
+    with pytest.raises(RuntimeError, match="killed"):
+        train(load_recipe(path, ["optimizer.lr=0.05", "trainer.resume=never"]), echo=lines.append)
+    assert any("moved to" in line and "replaced" in line for line in lines), lines
+    assert not (ckpts / "last.ckpt").exists()
+    assert (ckpts / "replaced" / "last.ckpt").read_bytes() == first
+    monkeypatch.undo()
+    # the rerun of the new recipe starts afresh: the earlier recipe's weights are not resumed
+    res = train(load_recipe(path, ["optimizer.lr=0.05"]), echo=lambda s: None)
+    assert res["resumed_from"] is None
+    assert not (ckpts / "previous.ckpt").exists()
+
+
 def test_cli_errors_name_the_key_and_the_fix(tmp_path, data, capsys):
     path = recipe(tmp_path, data)
     from objcrop_plugin.cli import main
