@@ -367,7 +367,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         from .data.synthetic import load_labels
 
-        keys, labels, _ = load_labels(args.labels or Path(args.root) / "labels.json")
+        labels_file = Path(args.labels or Path(args.root) / "labels.json")
+        if not args.labels and not labels_file.is_file():
+            raise FileNotFoundError(
+                f"objcrop eval needs labels: {labels_file} not found. Fix: pass --labels FILE "
+                '(JSON: {"classes": [names], "images": [{"key": path relative to --root, '
+                '"labels": [class indices]}]}) or --coco instances.json')
+        keys, labels, _ = load_labels(labels_file)
     net = load_backbone(args.model, args.checkpoint, args.prefix)
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
     res = evaluate_backbone(
@@ -377,7 +383,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         scale=args.scale,
     )
     summary = {k: float(res[k]) for k in ("probe_map", "knn_map", "prevalence_map")}
-    summary.update(n_train=int(res["n_train"]), n_test=int(res["n_test"]))
+    summary.update(n_train=int(res["n_train"]), n_test=int(res["n_test"]),
+                   unreadable=res["unreadable"])
     print(json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
@@ -507,7 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="multi-label linear probe (mAP) and kNN on frozen features")
     p.add_argument("--root", required=True, help="dataset root (label keys are relative to it)")
-    p.add_argument("--labels", help="labels.json of the demo data format (default ROOT/labels.json)")
+    p.add_argument("--labels", help='labels JSON (default ROOT/labels.json): {"classes": [names], '
+                   '"images": [{"key": path relative to ROOT, "labels": [class indices]}]}')
     p.add_argument("--coco", help="COCO annotations JSON: multi-hot of the categories present")
     p.add_argument("--key-prefix", default="")
     p.add_argument("--model", default="resnet18", help="timm model name")

@@ -42,6 +42,7 @@ References:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -53,7 +54,7 @@ from PIL import Image
 from torch import nn
 
 from .engine.photometric import IMAGENET_MEAN, IMAGENET_STD
-from .images import draft_factor, load_rgb, open_image
+from .images import ImageDecodeError, draft_factor, load_rgb, open_image
 
 __all__ = [
     "average_precision",
@@ -65,6 +66,8 @@ __all__ = [
     "mean_average_precision",
     "split_indices",
 ]
+
+log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 Pooling = Literal["avg", "max", "avgmax"]
@@ -90,19 +93,31 @@ class _EvalImages(torch.utils.data.Dataset):
     """Deterministic eval view of each image: ``(3, H, W)`` float32, ImageNet-normalised."""
 
     def __init__(
-        self, root: PathLike, keys: Sequence[str], size: tuple[int, int], resize: str
+        self, root: PathLike, keys: Sequence[str], size: tuple[int, int], resize: str,
+        skip_unreadable: bool = False,
     ) -> None:
         self.root = os.fspath(root)
         self.keys = list(keys)
         self.size = size
         self.resize = resize
+        self.skip_unreadable = skip_unreadable
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
+        """The image's tensor and whether it could be read (a zero image when not, with
+        ``skip_unreadable``; else :class:`ImageDecodeError`)."""
+        try:
+            return self._load(index), True
+        except ImageDecodeError:
+            if not self.skip_unreadable:
+                raise
+            return torch.zeros(3, *self.size), False
+
+    def _load(self, index: int) -> torch.Tensor:
         oh, ow = self.size
         opened = open_image(os.path.join(self.root, self.keys[index]))
         w, h = opened.size
@@ -134,6 +149,7 @@ def extract_features(
     resize: Literal["resize", "center_crop"] = "resize",
     scale: float = 1.0,
     pooling: Pooling = "avg",
+    skip_unreadable: bool = False,
 ) -> torch.Tensor:
     """One feature vector per whole image, from a frozen backbone.
 
@@ -175,6 +191,8 @@ def extract_features(
         resize: ``"resize"`` or ``"center_crop"``, see above.
         scale: input upscaling factor applied to ``image_size`` (> 0).
         pooling: ``"avg"``, ``"max"`` or ``"avgmax"``, see above.
+        skip_unreadable: give an image that cannot be opened or decoded a row of NaN instead
+            of raising.
 
     Returns:
         ``(N, D)`` float32 CPU tensor (``(N, 2D)`` for ``"avgmax"``), row ``i`` for ``keys[i]``.
@@ -182,7 +200,8 @@ def extract_features(
     Raises:
         ValueError: bad ``image_size``/``resize``/``scale``/``pooling``, or a backbone output
             of unsupported shape (``max``/``avgmax`` need a ``(B, D, h, w)`` feature map).
-        ImageDecodeError: an image cannot be opened or decoded (the message names the file).
+        ImageDecodeError: an image cannot be opened or decoded (the message names the file),
+            unless ``skip_unreadable``.
 
     Example:
         >>> import timm  # doctest: +SKIP
@@ -201,7 +220,7 @@ def extract_features(
     h, w = _hw(image_size)
     size = (max(1, round(h * scale)), max(1, round(w * scale)))
     device = torch.device(device)
-    dataset = _EvalImages(root, keys, size, resize)
+    dataset = _EvalImages(root, keys, size, resize, skip_unreadable)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -216,9 +235,10 @@ def extract_features(
     chunks: list[torch.Tensor] = []
     try:
         with torch.inference_mode():
-            for x in loader:
-                out = _pooled(backbone, x.to(device, non_blocking=True), pooling)
-                chunks.append(out.float().cpu())
+            for x, ok in loader:
+                out = _pooled(backbone, x.to(device, non_blocking=True), pooling).float().cpu()
+                out[~ok] = float("nan")  # unreadable (skip_unreadable): marked, not a feature
+                chunks.append(out)
     finally:
         backbone.train(was_training)
     if not chunks:
@@ -674,8 +694,13 @@ def evaluate_backbone(
     probe: Mapping[str, Any] | None = None,
     knn_kwargs: Mapping[str, Any] | None = None,
     features: torch.Tensor | None = None,
+    skip_unreadable: bool = True,
 ) -> dict[str, Any]:
     """The whole protocol: features once, a deterministic split, probe + kNN + chance level.
+
+    An image that cannot be opened or decoded (a corrupt or truncated file) is left out of
+    both splits, logged and listed in the result's ``unreadable``; the split is drawn over
+    every key first, so it does not move the other images between train and test.
 
     Args:
         backbone: the frozen backbone (see :func:`extract_features`); may be ``None``
@@ -694,12 +719,13 @@ def evaluate_backbone(
         probe: extra keyword arguments for :func:`linear_probe` (e.g. ``{"epochs": 100}``).
         knn_kwargs: extra keyword arguments for :func:`knn` (e.g. ``{"k": 20}``).
         features: precomputed ``(N, D)`` features; skips extraction (backbone unused).
+        skip_unreadable: ``False``: an unreadable image raises :class:`ImageDecodeError`.
 
     Returns:
         ``dict`` with ``probe_map``, ``knn_map``, ``prevalence_map`` (percent; the AP of a
         constant score is the test prevalence of the class, i.e. chance), the full ``probe``
         and ``knn`` results, ``features`` ``(N, D)``, ``train_indices``, ``test_indices``,
-        ``feature_dim``, ``n_train``, ``n_test``.
+        ``feature_dim``, ``n_train``, ``n_test``, ``unreadable`` (the keys left out).
 
     Raises:
         ValueError: ``labels`` does not have one row per key, the split is empty, overlaps or
@@ -724,11 +750,27 @@ def evaluate_backbone(
         feats = extract_features(
             backbone, root, keys, image_size=image_size, batch_size=batch_size,
             num_workers=num_workers, device=device, resize=resize, scale=scale, pooling=pooling,
+            skip_unreadable=skip_unreadable,
         )
     else:
         feats = _features("features", features)
         if feats.shape[0] != len(keys):
             raise ValueError(f"features has {feats.shape[0]} rows for {len(keys)} keys")
+    unreadable: list[str] = []
+    if features is None and len(feats):
+        bad = torch.isnan(feats).all(dim=1).numpy()
+        if bad.any():
+            unreadable = [keys[i] for i in np.flatnonzero(bad)]
+            train_idx, test_idx = train_idx[~bad[train_idx]], test_idx[~bad[test_idx]]
+            shown = ", ".join(unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
+            log.warning("evaluation: %d of %d images could not be read and are left out of the "
+                        "probe and kNN (%s); objcrop check lists every bad file with the reason",
+                        len(unreadable), len(keys), shown)
+            if train_idx.size == 0 or test_idx.size == 0:
+                raise ValueError(
+                    f"evaluation: {len(unreadable)} of {len(keys)} images under {root} could not "
+                    f"be read ({shown}), leaving no {'train' if train_idx.size == 0 else 'test'} "
+                    "images. Fix: check the folder (objcrop check)")
     tr, te = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     xtr, xte, ytr, yte = feats[tr], feats[te], y[tr], y[te]
     probe_res = linear_probe(xtr, ytr, xte, yte, **{"seed": seed, **dict(probe or {})})
@@ -748,4 +790,5 @@ def evaluate_backbone(
         "feature_dim": int(feats.shape[1]),
         "n_train": int(train_idx.size),
         "n_test": int(test_idx.size),
+        "unreadable": unreadable,
     }

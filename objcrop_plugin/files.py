@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import posixpath
+import re
 import socket
 import stat
 import tempfile
@@ -267,6 +268,22 @@ def _close_held_locks_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):  # POSIX
     os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
+def remove_temporaries(path: str | os.PathLike[str]) -> int:
+    """Remove the temporaries a SIGKILLed :func:`atomic_write` of ``path`` left beside it
+    (``.NAME.<8 random characters>.tmp``); the number removed. Call it only while no other
+    writer of ``path`` can be running (e.g. under :func:`output_lock`)."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    removed = 0
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(path.parent):
+            if pattern.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed
 
 
 @contextlib.contextmanager

@@ -367,6 +367,8 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
     linked_dirs: list[str] = []  # followed once the real tree is listed
     linked_files: list[str] = []
     unkeyable: list[str] = []  # paths holding a backslash where it is not the separator
+    undecodable: list[str] = []  # names that are not UTF-8 (no key can hold them)
+    unreadable: list[str] = []  # folders (or entries) that could not be listed
 
     def add(path: str, ident: tuple[int, int]) -> None:
         if ident not in seen_files:
@@ -374,6 +376,8 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
             rel = os.path.relpath(path, root)
             if os.sep != "\\" and "\\" in rel:
                 unkeyable.append(rel)
+            elif not _is_utf8(rel):
+                undecodable.append(rel)
             else:
                 keys.append(normalize_key(rel))
 
@@ -383,7 +387,8 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
             here, here_dev = stack.pop()
             try:
                 entries = sorted(os.scandir(here), key=lambda e: e.name)
-            except OSError:  # an unreadable folder: nothing to list there
+            except OSError as exc:  # an unreadable folder: nothing to list there
+                unreadable.append(f"{here} ({exc.strerror or exc})")
                 continue
             subdirs = []
             for entry in entries:
@@ -403,7 +408,8 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
                             subdirs.append((entry.path, st.st_dev))
                     elif entry.name.lower().endswith(IMAGE_EXTENSIONS) and entry.is_file():
                         add(entry.path, (here_dev, entry.inode()))
-                except OSError:
+                except OSError as exc:
+                    unreadable.append(f"{entry.path} ({exc.strerror or exc})")
                     continue
             stack.extend(reversed(subdirs))
 
@@ -431,8 +437,31 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
             "%d image file(s) under %s left out: a backslash in a file or folder name cannot be "
             "part of a key (keys read it as a folder separator, as on Windows): %s. Fix: rename "
             "them.", len(unkeyable), root, shown)
+    if undecodable:
+        undecodable.sort()
+        shown = ", ".join(ascii(k) for k in undecodable[:5]) + (
+            ", ..." if len(undecodable) > 5 else "")
+        _log.warning(
+            "%d image file(s) under %s left out: their names are not valid UTF-8, which keys "
+            "and stores need: %s. Fix: rename them (e.g. convmv -f latin1 -t utf8 -r --notest "
+            "FOLDER).", len(undecodable), root, shown)
+    if unreadable:
+        shown = "; ".join(unreadable[:5]) + ("; ..." if len(unreadable) > 5 else "")
+        _log.warning(
+            "%d folder(s) or file(s) under %s could not be read and were left out of the image "
+            "list: %s. Fix: check their permissions or the file system, then rerun (a resumed "
+            "run needs the same image list).", len(unreadable), root, shown)
     keys.sort()
     return keys
+
+
+def _is_utf8(name: str) -> bool:
+    """Whether a file name (decoded by Python with surrogate escapes) was valid UTF-8."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def read_image(path: str | os.PathLike[str]) -> OpenedImage:

@@ -295,6 +295,39 @@ def test_evaluate_backbone_end_to_end(demo):
         evaluate_backbone(None, demo.root, keys, y, split=([0, 1], [1, 2]), features=res["features"])
 
 
+def test_unreadable_images_are_left_out_of_the_evaluation(demo, tmp_path):
+    """A corrupt file among the labelled images: left out of both splits and listed (the run
+    it ends would otherwise have trained for nothing); the other images keep their split."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(demo.root, root)
+    keys, y, _ = load_labels(demo.labels_path)
+    kw = dict(train_fraction=0.5, seed=0, image_size=(72, 96), probe={"epochs": 5},
+              knn_kwargs={"k": 3})
+    full = evaluate_backbone(_resnet(0), root, keys, y, **kw)
+    bad = [keys[int(full["train_indices"][0])], keys[int(full["test_indices"][1])]]
+    for key in bad:
+        data = (root / key).read_bytes()
+        (root / key).write_bytes(data[: len(data) // 4])  # truncated
+    res = evaluate_backbone(_resnet(0), root, keys, y, **kw)
+    assert res["unreadable"] == sorted(bad, key=keys.index)
+    assert res["n_train"] == 3 and res["n_test"] == 3
+    assert [keys[i] for i in res["train_indices"]] == [
+        keys[i] for i in full["train_indices"] if keys[i] not in bad]
+    assert [keys[i] for i in res["test_indices"]] == [
+        keys[i] for i in full["test_indices"] if keys[i] not in bad]
+    kept = [i for i in range(len(keys)) if keys[i] not in bad]
+    torch.testing.assert_close(res["features"][kept], full["features"][kept])
+    assert torch.isnan(res["features"][[keys.index(k) for k in bad]]).all()
+    with pytest.raises(ImageDecodeError, match="truncated|cannot"):
+        evaluate_backbone(_resnet(0), root, keys, y, skip_unreadable=False, **kw)
+    for key in keys:
+        (root / key).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"8 of 8 images .* could not be read .* leaving no"):
+        evaluate_backbone(_resnet(0), root, keys, y, **kw)
+
+
 def test_load_backbone_finds_the_online_backbone_in_a_checkpoint(demo, tmp_path):
     online, momentum = _resnet(0), _resnet(1)
     ckpt = {

@@ -35,6 +35,7 @@ Reference:
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -62,7 +63,7 @@ from ..stats import BadImages
 
 __all__ = ["ObjectAwareCollate", "ObjectAwareDataset"]
 
-
+log = logging.getLogger(__name__)
 
 def _open_store(proposals: ProposalStore | str | os.PathLike[str] | None) -> ProposalStore | None:
     if proposals is None or isinstance(proposals, ProposalStore):
@@ -261,6 +262,26 @@ class ObjectAwareCollate:
         )
 
 
+def _warn_left_out(root: str | os.PathLike[str], listed: int) -> None:
+    """Warn when lightly's class-folder listing leaves out the images directly in ``root``."""
+    from ..images import IMAGE_EXTENSIONS
+
+    try:
+        top = [e.name for e in os.scandir(root) if e.is_file()
+               and e.name.lower().endswith(IMAGE_EXTENSIONS) and not e.name.startswith(".")]
+    except OSError:
+        return
+    if top:
+        top.sort()
+        shown = ", ".join(top[:3]) + (", ..." if len(top) > 3 else "")
+        log.warning(
+            "%s has subfolders, so LightlyDataset (and ObjectAwareDataset, which lists as it "
+            "does) reads it as class folders: its %d image(s) directly in the folder (%s) are "
+            "not in the dataset (%d images in the subfolders are). Fix: move them into a "
+            "subfolder, pass filenames=[...], or use ObjectCropDataset / objcrop train, which "
+            "list every image under the folder", root, len(top), shown, listed)
+
+
 class ObjectAwareDataset(ObjectCropDataset):
     """A folder of images with object-aware views, item for item like ``LightlyDataset``.
 
@@ -363,6 +384,8 @@ class ObjectAwareDataset(ObjectCropDataset):
             )
         self.filenames = [os.path.relpath(path, listing.root) for path, _ in samples]
         self._targets = [int(target) for _, target in samples]
+        if filenames is None and getattr(listing, "classes", None):
+            _warn_left_out(root, len(self.filenames))
         super().__init__(
             root,
             _open_store(proposals),

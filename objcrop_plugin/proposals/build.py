@@ -31,6 +31,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import re
 import shutil
 import signal
 import sys
@@ -45,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch.utils.data as torch_data
 
-from ..files import atomic_write, output_lock
+from ..files import atomic_write, output_lock, remove_temporaries
 from ..images import draft_factor, list_images, load_rgb, open_image, write_bad_list
 from ..registry import load_proposal_source
 from .generators import ProposalGenerator
@@ -654,6 +655,9 @@ def build_store(
     if not batched:
         del generator  # worker processes make their own
     with output_lock(out):
+        # what a SIGKILLed write of the store or its failures list left behind
+        remove_temporaries(out)
+        remove_temporaries(failures_path(out))
         _resumable_chunks(parts, manifest, restart)
         chunks = [keys[s : s + chunk_size] for s in range(0, len(keys), chunk_size)]
         files = [parts / f"chunk-{c:06d}.jsonl" for c in range(len(chunks))]
@@ -717,17 +721,17 @@ def build_store(
                 "settings": build_settings}
         if shard[1] > 1:  # merge checks that it has every shard of one build
             meta["shard"] = list(shard)
+        # an earlier build's failures list goes first: a kill between the store and its list
+        # leaves the new store without one (the parts remain: rerunning writes both), never
+        # beside a list of another build's failures
+        remove_stale_failures(out)
         with ProposalStoreWriter(out, meta) as writer:
             for rec in records():
                 writer.add_record(rec)
         summary.images = len(keys)
-        fail_file = failures_path(out)
         if summary.failures:
             # tabs, line breaks and backslashes in a key are escaped: one row per image
-            write_bad_list(fail_file, summary.failures, ("key", "reason"))
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                fail_file.unlink()
+            write_bad_list(failures_path(out), summary.failures, ("key", "reason"))
         shutil.rmtree(parts, ignore_errors=True)
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -857,6 +861,7 @@ def merge_stores(
             p = stores[owner[key]][key]
             yield ProposalRecord(key, np.array(p.boxes), np.array(p.scores), p.image_size)
 
+    remove_stale_failures(out)  # first: never an earlier list beside the merged store
     ProposalStore.write(out, records(), meta)
     # the shards' failure lists follow their stores
     failures = []
@@ -868,8 +873,13 @@ def merge_stores(
             text = f.read_bytes().decode("utf-8")  # no newline translation of a \r
             failures += [row for row in text.split("\n")[1:] if row]
     if failures:
-        body = "key\treason\n" + "".join(line + "\n" for line in sorted(failures))
+        # in key order, as an unsharded build lists them (the rows' escapes sort otherwise)
+        failures.sort(key=lambda row: _unescape(row.split("\t", 1)[0]))
+        body = "key\treason\n" + "".join(line + "\n" for line in failures)
         atomic_write(failures_path(Path(out)), [body.encode("utf-8")])
-    else:
-        remove_stale_failures(out)
     return len(owner)
+
+
+def _unescape(field: str) -> str:
+    """A field of :func:`~objcrop_plugin.images.write_bad_list` as it was written."""
+    return re.sub(r"\\(.)", lambda m: {"t": "\t", "n": "\n"}.get(m[1], m[1]), field)

@@ -185,8 +185,8 @@ def _f32(values: Any) -> np.ndarray:
 
 
 def _as_record(item: Any) -> ProposalRecord:
-    if isinstance(item, ProposalRecord):
-        return item
+    if isinstance(item, ProposalRecord):  # checked too: it is a plain named tuple
+        return _record_from(item.key, item.boxes, item.scores, item.image_size)
     if isinstance(item, dict):
         return _record_from(
             item.get("key"), item.get("boxes"), item.get("scores"),
@@ -268,6 +268,7 @@ class ProposalStoreWriter:
         self._boxes: list[np.ndarray] = []
         self._scores: list[np.ndarray] = []
         self._sizes: list[tuple[int, int]] = []
+        self._sections: dict[str, np.ndarray] | None = None
         self._closed = False
 
     def add(
@@ -278,10 +279,14 @@ class ProposalStoreWriter:
         image_size: tuple[int, int] | None = None,
     ) -> None:
         """Add one image: ``boxes`` (K, 4) xyxy pixels of an image of ``image_size`` (w, h)."""
-        rec = _record_from(key, boxes, scores, image_size)
-        self.add_record(rec)
+        self._append(_record_from(key, boxes, scores, image_size))
 
     def add_record(self, rec: ProposalRecord) -> None:
+        """Add one image's :class:`ProposalRecord` (checked and its key normalised as by
+        :meth:`add`)."""
+        self._append(_as_record(rec))
+
+    def _append(self, rec: ProposalRecord) -> None:
         if rec.key in self._seen:
             raise ValueError(f"duplicate key '{rec.key}' in proposal store {self.path}")
         self._seen.add(rec.key)
@@ -294,10 +299,18 @@ class ProposalStoreWriter:
         return len(self._keys)
 
     def close(self) -> None:
+        """Write the store (atomically); a no-op once written. After a failed write (a full
+        disk) calling it again retries with the same records."""
         if self._closed:
             return
-        self._closed = True
         n = len(self._keys)
+        if self._sections is None:
+            self._sections = self._build_sections(n)
+        _write_sections(self.path, self._sections, n, self.meta)
+        self._sections = None
+        self._closed = True
+
+    def _build_sections(self, n: int) -> dict[str, np.ndarray]:
         key_lens = np.fromiter((len(k) for k in self._keys), dtype=np.int64, count=n)
         box_lens = np.fromiter((len(b) for b in self._boxes), dtype=np.int64, count=n)
         hashes = np.fromiter((_hash(k) for k in self._keys), dtype=np.uint64, count=n)
@@ -311,8 +324,8 @@ class ProposalStoreWriter:
             "sizes": np.asarray(self._sizes, dtype="<i4").reshape(n, 2),
             "table": _hash_table(hashes).astype("<i8"),
         }
-        self._boxes, self._scores = [], []
-        _write_sections(self.path, sections, n, self.meta)
+        self._boxes, self._scores = [], []  # the sections hold them now
+        return sections
 
     def __enter__(self) -> ProposalStoreWriter:
         return self
@@ -676,4 +689,4 @@ class ProposalStore:
         ``key, boxes, scores, width, height``, or tuples ``(key, boxes, scores, (w, h))``."""
         with ProposalStoreWriter(path, meta) as writer:
             for item in records:
-                writer.add_record(_as_record(item))
+                writer.add_record(item)

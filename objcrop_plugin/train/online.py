@@ -235,6 +235,7 @@ def refresh_proposals(
     Raises:
         OnlineRefreshError: a decode worker died (killed, e.g. out of memory).
     """
+    from ..files import remove_temporaries
     from ..images import write_bad_list
     from ..proposals.build import (
         failures_path,
@@ -243,7 +244,7 @@ def refresh_proposals(
         propose_keys,
         shard_path,
     )
-    from ..proposals.store import ProposalStore
+    from ..proposals.store import ProposalStore, remove_stale_failures
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -251,6 +252,10 @@ def refresh_proposals(
     generator = make_generator(settings.method, module=network, **settings.params)
     mine = keys[rank::world_size]
     target = shard_path(out, rank, world_size)
+    remove_temporaries(target)  # what a refresh killed while writing left behind
+    if rank == 0:
+        remove_temporaries(failures_path(out))
+        remove_stale_failures(out)  # before the store: never beside another refresh's store
     stats = {"images": len(mine), "boxes": 0, "empty": 0, "failures": 0}
     failed: list[tuple[str, str]] = []
 
@@ -267,38 +272,45 @@ def refresh_proposals(
 
     # the refresh must not move the training's random streams (DataLoader seeds draw from
     # torch's global generator)
+    error: Exception | None = None
     with torch.random.fork_rng(devices=[]):
         try:
             ProposalStore.write(target, records(), {"method": settings.method, "online": True,
                                                     "params": settings.params})
-        except RuntimeError as exc:
-            if "DataLoader worker" not in str(exc):
-                raise
-            raise OnlineRefreshError(
-                f"the online refresh writing {out} lost a decode worker "
-                f"({str(exc).strip().rstrip('.')}). Fix: rerun "
-                "the same command (the run resumes from its last checkpoint and computes the "
-                "refresh again); if the machine ran out of memory, lower data.num_workers"
-            ) from None
+        except Exception as exc:
+            error = exc
+            if isinstance(exc, RuntimeError) and "DataLoader worker" in str(exc):
+                error = OnlineRefreshError(
+                    f"the online refresh writing {out} lost a decode worker "
+                    f"({str(exc).strip().rstrip('.')}). Fix: rerun "
+                    "the same command (the run resumes from its last checkpoint and computes "
+                    "the refresh again); if the machine ran out of memory, lower "
+                    "data.num_workers")
+            if world_size <= 1:
+                raise error from None
     if world_size > 1:
-        stats, failed = _gathered(stats, failed)
+        # every rank learns of a rank's failure here, where they all meet, and raises: the
+        # others would otherwise wait for it at the barrier until the collective's timeout
+        stats, failed, errors = _gathered(stats, failed, _failure(rank, error))
+        _raise_any(error, errors)
         if barrier is not None:
             barrier()
+        merge_error = None
         if rank == 0:
-            shards = [shard_path(out, r, world_size) for r in range(world_size)]
-            merge_stores(out, shards)
-            for s in shards:
-                with contextlib.suppress(FileNotFoundError):
-                    s.unlink()
+            try:
+                shards = [shard_path(out, r, world_size) for r in range(world_size)]
+                merge_stores(out, shards)
+                for s in shards:
+                    with contextlib.suppress(FileNotFoundError):
+                        s.unlink()
+            except Exception as exc:
+                merge_error = exc
+        # the second meeting: rank 0's merge, done or failed (every rank raises alike)
+        _raise_any(merge_error, _gathered({}, [], _failure(rank, merge_error))[2])
         if barrier is not None:
             barrier()
-    if rank == 0:
-        listed = failures_path(out)
-        if failed:
-            write_bad_list(listed, sorted(failed), ("key", "reason"))
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                listed.unlink()
+    if rank == 0 and failed:
+        write_bad_list(failures_path(out), sorted(failed), ("key", "reason"))
     stats["seconds"] = time.perf_counter() - t0
     stats["failed"] = sorted(failed)[:3]
     return stats
@@ -308,17 +320,33 @@ class OnlineRefreshError(OSError):
     """An online refresh could not finish (a decode worker died)."""
 
 
-def _gathered(stats: dict[str, int], failed: list[tuple[str, str]]
-              ) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Every rank's counts summed and failures joined (DDP; as is without a process group)."""
+def _failure(rank: int, error: BaseException | None) -> str | None:
+    return None if error is None else f"rank {rank}: {type(error).__name__}: {error}"
+
+
+def _raise_any(mine: Exception | None, errors: list[str]) -> None:
+    """Raise this rank's own error, else one naming the first rank that failed."""
+    if mine is not None:
+        raise mine
+    if errors:
+        raise OnlineRefreshError(
+            f"the online refresh failed on another rank ({errors[0]}); this rank stops too. "
+            "Fix: see that rank's error, then rerun the same command (the run resumes from "
+            "its last checkpoint)")
+
+
+def _gathered(stats: dict[str, int], failed: list[tuple[str, str]], error: str | None = None
+              ) -> tuple[dict[str, int], list[tuple[str, str]], list[str]]:
+    """Every rank's counts summed, failures joined and errors (``"rank R: ..."``) listed
+    (DDP; as is without a process group)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return stats, failed
+        return stats, failed, [] if error is None else [error]
     parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (stats, failed))
+    dist.all_gather_object(parts, (stats, failed, error))
     total = {k: sum(p[0][k] for p in parts) for k in stats}
-    return total, [f for p in parts for f in p[1]]
+    return total, [f for p in parts for f in p[1]], [p[2] for p in parts if p[2] is not None]
 
 
 def check_network(settings: OnlineSettings, network: torch.nn.Module, backbone: str) -> None:

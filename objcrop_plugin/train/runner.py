@@ -137,6 +137,13 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
         photometrics = f"{photometrics}:{cfg.crop.jitter}"
     seed = cfg.trainer.seed if cfg.crop.seed is None else cfg.crop.seed
     keys = _keys(cfg, keys)
+    if not keys:
+        from ..images import IMAGE_EXTENSIONS
+
+        raise RecipeError(
+            f"data.train_path: no images found under {root} (extensions {IMAGE_EXTENSIONS}, "
+            "hidden files excluded). Fix: point it at the folder of training images"
+        )
     if store is not None and not any(k in store for k in keys[:200]):
         raise RecipeError(
             f"data.proposals: none of the first {min(200, len(keys))} images of "
@@ -273,6 +280,30 @@ def _resume_epoch(ckpt: dict[str, Any]) -> int:
         return epoch
     except (KeyError, TypeError, ValueError):
         return int(ckpt.get("epoch", 0) or 0)
+
+
+def _resume_batches(ckpt: dict[str, Any]) -> int:
+    """How many batches of the resumed epoch a step checkpoint (``checkpoint_every_n_steps``)
+    has trained: the batches Lightning counts as done when it resumes it, which the sampler
+    must leave out (0 for a checkpoint at an epoch's end)."""
+    try:
+        loop = ckpt["loops"]["fit_loop"]
+        total = loop["epoch_progress"]["total"]
+        mid_epoch = (total["started"] == total["ready"]
+                     and total["processed"] == total["started"] - 1
+                     and total["completed"] == total["processed"])
+        batches = loop.get("epoch_loop.batch_progress") or {}
+        if not mid_epoch or not batches:
+            return 0
+        done, cur = batches["total"], batches["current"]
+        on_batch_end = (done["started"] == done["ready"] and done["processed"] == done["started"]
+                        and done["completed"] == done["processed"] - 1)
+        if on_batch_end and batches.get("is_last_batch"):
+            return 0  # resumes at the next epoch's start (see _resume_epoch)
+        # Lightning counts a batch saved at its end (before its completion) as done
+        return int(cur["processed"] if on_batch_end else cur["completed"])
+    except (KeyError, TypeError, ValueError):
+        return 0
 
 
 def _checkpoint_io(preloaded: dict[str, dict[str, Any]] | None = None) -> Any:
@@ -447,6 +478,13 @@ class EpochShuffleSampler(torch.utils.data.Sampler[tuple[int, int]]):
     def __init__(self, n: int, seed: int, world_size: int = 1) -> None:
         self.n, self.seed, self.epoch = int(n), int(seed), 0
         self.world_size = max(int(world_size), 1)
+        self.skip: tuple[int, int] = (-1, 0)
+
+    def skip_first(self, epoch: int, items: int) -> None:
+        """Leave out this rank's first ``items`` of ``epoch``: those a step checkpoint has
+        trained, so that a run resumed from it trains the rest of the epoch's order, as an
+        uninterrupted run does (Lightning counts them as done and stops the epoch early)."""
+        self.skip = (int(epoch), max(int(items), 0))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -464,6 +502,8 @@ class EpochShuffleSampler(torch.utils.data.Sampler[tuple[int, int]]):
             total = len(self) * self.world_size
             order = (order * (total // max(self.n, 1) + 1))[:total]
             order = order[distributed_rank() % self.world_size :: self.world_size]
+        if epoch == self.skip[0]:
+            order = order[self.skip[1] :]
         return iter([(epoch, i) for i in order])
 
 
@@ -486,11 +526,12 @@ class EpochItems(torch.utils.data.Dataset):
         return self.dataset[item]
 
 
-def build_loader(cfg: RecipeConfig, dataset: Any, world_size: int = 1, epoch: int = 0) -> Any:
+def build_loader(cfg: RecipeConfig, dataset: Any, world_size: int = 1, epoch: int = 0,
+                 done_batches: int = 0) -> Any:
     """The training DataLoader of :func:`run_recipe` over ``dataset`` (:func:`build_dataset`),
-    starting at ``epoch``: a per-epoch order from ``(seed, epoch)``, sharded over
-    ``world_size`` DDP ranks, with the epoch carried to the workers in each index (exact resume
-    for any number of workers)."""
+    starting at ``epoch`` after its first ``done_batches`` batches (a resumed step checkpoint):
+    a per-epoch order from ``(seed, epoch)``, sharded over ``world_size`` DDP ranks, with the
+    epoch carried to the workers in each index (exact resume for any number of workers)."""
     from .resources import PREFETCH_FACTOR
 
     t = cfg.trainer
@@ -499,6 +540,7 @@ def build_loader(cfg: RecipeConfig, dataset: Any, world_size: int = 1, epoch: in
     # Lightning creates the first iterator (and forks the workers) before it sets the resumed
     # epoch: set it now
     sampler.set_epoch(epoch)
+    sampler.skip_first(epoch, done_batches * t.batch_size)
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(epoch)
     return torch.utils.data.DataLoader(
@@ -529,6 +571,8 @@ def _quiet_lightning(quiet: bool) -> Any:
         warnings.filterwarnings("ignore", message=".*LeafSpec.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
+        # the sampler leaves out the batches a step checkpoint has trained (skip_first)
+        warnings.filterwarnings("ignore", message=".*ended before the epoch ended.*")
         if not quiet:
             yield
             return
@@ -647,8 +691,16 @@ def train(
                 f"trainer (accelerator {t.accelerator!r}, devices {t.devices!r}, strategy "
                 f"{t.strategy!r}, precision {t.precision!r}): {exc}"
             ) from None
+        per_rank = -(-len(dataset) // max(trainer.world_size, 1))
+        if per_rank < t.batch_size:  # DDP: each rank's share of the epoch makes the batches
+            raise RecipeError(
+                f"trainer.batch_size {t.batch_size} exceeds each of the {trainer.world_size} "
+                f"ranks' share ({per_rank}) of the {_samples(dataset)} of an epoch: no batch "
+                "would be trained; lower it (it is the batch of one rank)"
+            )
         epoch = _resume_epoch(picked[1]) if picked is not None else 0
-        loader = build_loader(cfg, dataset, trainer.world_size, epoch)
+        done = _resume_batches(picked[1]) if picked is not None else 0
+        loader = build_loader(cfg, dataset, trainer.world_size, epoch, done)
         if online_cb is not None:
             if picked is not None:
                 saved = [v for k, v in (picked[1].get("callbacks") or {}).items()
@@ -683,6 +735,14 @@ def train(
              f"readable one), listed in {out / 'bad_images.tsv'}")
     export_backbone(module.backbone, out / "backbone.pth")
     fb = recipe.fallbacks.as_dict()
+    fell_back = {k: v for k, v in fb.items() if k != "samples" and v}
+    if fell_back and fb.get("samples"):
+        why = ", ".join(f"{v} {k}" for k, v in fell_back.items())
+        echo(f"{sum(fell_back.values())} of {fb['samples']} samples "
+             f"({sum(fell_back.values()) / fb['samples']:.1%}) took scene crops instead of "
+             f"object crops ({why}: missing = no entry in the proposal store, unusable = no "
+             "usable box, mismatched = another image size); `objcrop -v train ...` logs "
+             "each with its key")
     loss = trainer.callback_metrics.get("train_loss_epoch")
     steps = int(trainer.global_step)
     result.update(
@@ -737,7 +797,10 @@ def evaluate_recipe(cfg: RecipeConfig, backbone: torch.nn.Module, echo: Callable
         probe=e.probe, knn_kwargs=e.knn,
     )
     out = {k: round(float(res[k]), 2) for k in ("probe_map", "knn_map", "prevalence_map")}
-    out.update(n_train=int(res["n_train"]), n_test=int(res["n_test"]))
+    out.update(n_train=int(res["n_train"]), n_test=int(res["n_test"]),
+               unreadable=len(res["unreadable"]))
+    skipped = (f"; {len(res['unreadable'])} unreadable image(s) left out"
+               if res["unreadable"] else "")
     echo(f"eval: linear probe mAP {out['probe_map']:.2f}, kNN mAP {out['knn_map']:.2f} "
-         f"(chance {out['prevalence_map']:.2f})")
+         f"(chance {out['prevalence_map']:.2f}){skipped}")
     return out

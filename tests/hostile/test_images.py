@@ -110,6 +110,47 @@ def test_a_backslash_in_a_name_is_left_out_named_and_the_build_goes_on(tmp_path,
     assert set(ProposalStore(out)) == {"000.jpg", "001.jpg", "a/b.jpg"}
     assert (root / "a\\b.jpg").exists()  # the user's files are left alone
 
+
+@pytest.mark.skipif(os.name != "posix", reason="file names are bytes on POSIX only")
+def test_a_name_that_is_not_utf8_is_left_out_named_and_the_build_goes_on(tmp_path, caplog):
+    """A Latin-1 name (bytes that are not UTF-8) has no key a store can hold: left out with
+    a warning naming it, instead of a UnicodeEncodeError ending the build or the run."""
+    root = tmp_path / "imgs"
+    write_images(root, 2)
+    latin1 = os.path.join(os.fsencode(root), b"caf\xe9.jpg")
+    with open(latin1, "wb") as f:
+        scene(2).save(f, format="JPEG")
+    with caplog.at_level(logging.WARNING, logger="objcrop_plugin"):
+        assert list_images(root) == ["000.jpg", "001.jpg"]
+    assert "1 image file(s)" in caplog.text and "not valid UTF-8" in caplog.text
+    assert "'caf\\udce9.jpg'" in caplog.text and "Fix: rename them" in caplog.text
+    out = tmp_path / "p.objcrop"
+    assert main(["proposals", "build", str(root), "--out", str(out), "--method",
+                 "graph_segments", "--workers", "1", "--no-progress"]) == 0
+    assert set(ProposalStore(out)) == {"000.jpg", "001.jpg"}
+    assert os.path.exists(latin1)
+
+
+def test_a_folder_that_cannot_be_listed_is_named(tmp_path, caplog, monkeypatch):
+    """An unreadable folder (permissions, an I/O error, a stale network mount) leaves its
+    images out of the list: said, with the folder and the reason, not silently."""
+    root = tmp_path / "imgs"
+    write_images(root, 2)
+    write_images(root / "cats", 2)
+    real = os.scandir
+
+    def scandir(path="."):
+        if os.fspath(path).endswith("cats"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING, logger="objcrop_plugin"):
+        assert list_images(root) == ["000.jpg", "001.jpg"]
+    assert "1 folder(s) or file(s)" in caplog.text and "Permission denied" in caplog.text
+    assert str(root / "cats") in caplog.text
+
+
 @pytest.mark.skipif(not fifo_supported(), reason="no FIFOs on this system")
 def test_a_fifo_named_jpg_is_not_listed_and_not_opened(tmp_path):
     write_images(tmp_path, 2)

@@ -7,6 +7,7 @@ fixture calls ``pytest.importorskip``).
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import pickle
@@ -157,7 +158,7 @@ def _jpeg(path, color=(90, 120, 200), size=(48, 40)) -> None:
 
 
 @pytest.mark.parametrize("layout", ["flat", "classes"])
-def test_dataset_filenames_and_targets_match_lightly(demo, tmp_path, layout):
+def test_dataset_filenames_and_targets_match_lightly(demo, tmp_path, layout, caplog):
     if layout == "flat":
         files = ["b.jpg", "a.png", "c.JPEG", "anim.gif", "notes.txt"]  # lightly skips gif, txt
     else:
@@ -169,9 +170,13 @@ def test_dataset_filenames_and_targets_match_lightly(demo, tmp_path, layout):
             (tmp_path / name).write_text("not an image")
         else:
             _jpeg(tmp_path / name)
-    ours = ObjectAwareDataset(tmp_path, None, views="scene_scene", size=32)
+    with caplog.at_level(logging.WARNING, logger="objcrop_plugin"):
+        ours = ObjectAwareDataset(tmp_path, None, views="scene_scene", size=32)
     ref = LightlyDataset(str(tmp_path))
     assert len(ours) == len(ref)
+    # lightly's class folders leave out the folder's own images: said, with the fix
+    left_out = "1 image(s) directly in the folder (stray.jpg) are not in the dataset"
+    assert (left_out in caplog.text) == (layout == "classes"), caplog.text
     assert ours.get_filenames() == ref.get_filenames()
     assert [ours[i][1:] for i in range(len(ours))] == [ref[i][1:] for i in range(len(ref))]
     if layout == "flat":

@@ -217,6 +217,62 @@ def test_shards_merge_into_the_unsharded_store(tmp_path, monkeypatch):
         merge_stores(tmp_path / "dup.objcrop", [shards[0], shards[0]])
 
 
+def test_merged_failures_are_listed_in_key_order_as_by_one_build(tmp_path):
+    root = make_folder(tmp_path / "imgs", 4)
+    for name in ("a\tb.jpg", "a b.jpg", "a\\c.jpg" if os.sep == "/" else "a_c.jpg", "z.jpg"):
+        (root / name).write_bytes(b"not an image")
+    full = tmp_path / "full.objcrop"
+    build_store(root, full, METHOD, progress=False)
+    out = tmp_path / "s.objcrop"
+    for i in range(2):
+        build_store(root, out, METHOD, shard=(i, 2), progress=False)
+    merged = tmp_path / "merged.objcrop"
+    merge_stores(merged, [shard_path(out, i, 2) for i in range(2)])
+    assert merged.read_bytes() == full.read_bytes()
+    listed = (tmp_path / "merged.objcrop.failures.tsv").read_bytes()
+    assert listed == (tmp_path / "full.objcrop.failures.tsv").read_bytes()
+    assert listed.count(b"\n") == 4  # the header and the tab's and the space's rows, z.jpg
+
+
+def test_a_build_killed_while_writing_leaves_no_temporary_and_no_stale_failures(
+        tmp_path, monkeypatch):
+    """SIGKILL during the store's write leaves ``.NAME.<random>.tmp`` (the atomic write's
+    temporary); after the store's rename, the previous build's failures list. The rerun
+    removes the first; the second is removed before the store is written."""
+    import objcrop_plugin.proposals.build as build
+
+    root = make_folder(tmp_path / "imgs", 3)
+    (root / "bad.jpg").write_bytes(b"not an image")
+    out = tmp_path / "p.objcrop"
+    cli_main(["proposals", "build", str(root), "--out", str(out), "--method", METHOD,
+              "--workers", "1", "--no-progress"])
+    failures = tmp_path / "p.objcrop.failures.tsv"
+    assert "bad.jpg" in failures.read_text()
+    scene(9).save(root / "bad.jpg")  # repaired
+    left = [tmp_path / ".p.objcrop.k3x_9a0q.tmp", tmp_path / ".p.objcrop.failures.tsv.0abc_xyz.tmp"]
+    for f in left:
+        f.write_bytes(b"half a store")
+    mine = tmp_path / ".p.objcrop.notes.tmp"  # not a name atomic_write makes: the user's
+    mine.write_text("keep")
+
+    class Killed(BaseException):
+        pass
+
+    writer = build.ProposalStoreWriter
+
+    class DiesAfterTheStore(writer):
+        def close(self):
+            super().close()
+            raise Killed  # as a SIGKILL right after the store's rename
+
+    monkeypatch.setattr(build, "ProposalStoreWriter", DiesAfterTheStore)
+    with pytest.raises(Killed):
+        build_store(root, out, METHOD, progress=False)
+    assert not any(f.exists() for f in left) and mine.read_text() == "keep"
+    assert "bad.jpg" in ProposalStore(out)
+    assert not failures.exists()  # never the earlier build's list beside the new store
+
+
 def test_merge_refuses_an_incomplete_set_or_shards_of_other_builds(tmp_path, capsys):
     root = make_folder(tmp_path / "imgs", 6)
     out = tmp_path / "sh.objcrop"

@@ -152,6 +152,36 @@ def test_bad_records_are_rejected_with_the_key(tmp_path):
         w.add("k3.jpg", [[1, 2, 3, 4]], None, (0, 10))
     with pytest.raises(ValueError, match="non-empty string"):
         w.add("", [[1, 2, 3, 4]], None, (10, 10))
+    # records passed as ProposalRecord are checked and normalised the same way
+    from objcrop_plugin.boxes import ImageSize
+    from objcrop_plugin.proposals.store import ProposalRecord
+
+    with pytest.raises(ValueError, match="k4.jpg: 2 boxes but 1 scores"):
+        w.add_record(ProposalRecord("k4.jpg", np.zeros((2, 4), np.float32),
+                                    np.zeros(1, np.float32), ImageSize(10, 10)))
+    ProposalStore.write(tmp_path / "n.objcrop", [ProposalRecord(
+        "./sub/b.jpg", np.array([[1, 2, 5, 6]], np.float32), np.ones(1, np.float32),
+        ImageSize(10, 10))])
+    assert list(ProposalStore(tmp_path / "n.objcrop")) == ["sub/b.jpg"]
+
+
+def test_a_close_that_failed_can_be_retried(tmp_path, monkeypatch):
+    from objcrop_plugin.proposals import store as store_mod
+
+    w = ProposalStoreWriter(tmp_path / "p.objcrop")
+    w.add("a.jpg", [[1, 2, 3, 4]], [0.5], (10, 10))
+    real = store_mod._write_sections
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_mod, "_write_sections", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        w.close()
+    assert not (tmp_path / "p.objcrop").exists()
+    monkeypatch.setattr(store_mod, "_write_sections", real)
+    w.close()  # space freed: the same records are written
+    assert ProposalStore(tmp_path / "p.objcrop")["a.jpg"].boxes.tolist() == [[1, 2, 3, 4]]
 
 
 # ----------------------------------------------------------------------------- bad files

@@ -367,6 +367,35 @@ def test_ddp_ranks_share_one_merged_store(tmp_path, data, warmup):
     assert res["online_proposals"][0]["images"] == 24  # both ranks' shares
 
 
+_RANK_1_FAILS = """
+import os, sys
+from objcrop_plugin.cli import main
+from objcrop_plugin.proposals.store import ProposalStore
+write = ProposalStore.write
+def fails_on_rank_1(path, records, meta=None):
+    if os.environ.get("LOCAL_RANK") == "1":
+        raise OSError(28, "No space left on device", str(path))
+    return write(path, records, meta)
+ProposalStore.write = staticmethod(fails_on_rank_1)
+sys.exit(main())
+"""
+
+
+def test_a_rank_that_fails_its_refresh_stops_every_rank(tmp_path, data):
+    """One rank's refresh fails (a full disk): every rank stops with an error naming it,
+    instead of the others waiting at the merge's barrier until the collective times out."""
+    path = recipe(tmp_path, data, trainer={"devices": 2, "strategy": "ddp", "epochs": 2},
+                  crop={"proposals": {**ONLINE, "warmup_epochs": 1, "every_epochs": 2}})
+    script = tmp_path / "rank_1_fails.py"
+    script.write_text(_RANK_1_FAILS)
+    done = subprocess.run([sys.executable, str(script), "train", str(path)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0
+    assert "failed on another rank (rank 1: OSError" in done.stderr, done.stderr[-3000:]
+    assert "No space left on device" in done.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
 def test_fast_jitter_kernel_from_the_recipe(tmp_path, data):
     """`crop.jitter: fast` selects the fused colour kernel of the method's preset."""
     cfg = load_recipe(recipe(tmp_path, data), ["crop.jitter=fast"])

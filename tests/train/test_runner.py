@@ -144,6 +144,70 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data, kill_and_resum
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.parametrize("died_at", [2, 3, 4])
+def test_a_run_resumed_from_a_step_checkpoint_trains_the_rest_of_its_epoch(
+        tmp_path, data, monkeypatch, died_at):
+    """``checkpoint_every_n_steps``: a run that dies mid-epoch (3 batches an epoch) resumes
+    with the batches its epoch had left, not its first ones again, and ends with the weights
+    of an uninterrupted run; at step 3 (an epoch's last batch) it resumes at the next epoch."""
+    import pytorch_lightning as pl
+
+    from objcrop_plugin.train import runner
+
+    trained: list[tuple[int, int]] = []
+    items = runner.EpochItems.__getitem__
+
+    def getitem(self, item):
+        trained.append(item)
+        return items(self, item)
+
+    monkeypatch.setattr(runner.EpochItems, "__getitem__", getitem)
+
+    class Dies(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == died_at:
+                raise RuntimeError("killed")
+
+    common = dict(method={"name": "mocov2", "params": SMALL_HEADS["mocov2"]},
+                  trainer={"epochs": 2, "checkpoint_every_n_steps": 1})
+    train(load_recipe(recipe(tmp_path, data, "ref.yaml", **common),
+                      [f"trainer.out_dir={tmp_path / 'ref'}"]), echo=lambda s: None)
+    ref, trained[:] = list(trained), []
+    path = recipe(tmp_path, data, **common)
+    callbacks = runner._callbacks
+    monkeypatch.setattr(runner, "_callbacks", lambda *a, **k: callbacks(*a, **k) + [Dies()])
+    with pytest.raises(RuntimeError, match="killed"):
+        train(load_recipe(path), echo=lambda s: None)
+    monkeypatch.setattr(runner, "_callbacks", callbacks)
+    before, trained[:] = trained[: died_at * 8], []
+    res = train(load_recipe(path), echo=lambda s: None)
+    assert res["resumed_from"] and res["steps"] == 6
+    assert before + trained == ref  # each (epoch, index) once, in the uninterrupted order
+    a, b = _backbone_state(tmp_path / "ref"), _backbone_state(tmp_path / "run")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_scene_crop_fallbacks_are_counted_at_the_end(tmp_path, data):
+    """A store that covers half the images: the run says how many samples took scene crops
+    (else only results.json and the first few warnings would)."""
+    from objcrop_plugin.proposals import ProposalStore
+    from objcrop_plugin.proposals.store import ProposalRecord
+
+    full = ProposalStore(data.proposals_path)
+    keys = sorted(full)[::2]
+    half = tmp_path / "half.objcrop"
+    ProposalStore.write(half, [ProposalRecord(k, full[k].boxes, full[k].scores,
+                                              full[k].image_size) for k in keys])
+    lines: list[str] = []
+    res = train(load_recipe(recipe(tmp_path, data), [f"data.proposals={half}"]), echo=lines.append)
+    fb = res["fallbacks"]
+    assert fb["missing"] > 0
+    said = [line for line in lines if "took scene crops" in line]
+    assert said and said[0].startswith(f"{fb['missing']} of {fb['samples']} samples"), lines
+    assert f"{fb['missing']} missing" in said[0]
+
+
 def test_resuming_a_different_recipe_is_refused(tmp_path, data):
     path = recipe(tmp_path, data)
     train(load_recipe(path), echo=lambda s: None)
@@ -207,6 +271,19 @@ def test_cli_errors_name_the_key_and_the_fix(tmp_path, data, capsys):
         train(load_recipe(path, ["trainer.batch_size=1000"]), echo=lambda s: None)
     with pytest.raises(RecipeError, match="timm has no model 'no_such_net'"):
         train(load_recipe(path, ["backbone.name=no_such_net"]), echo=lambda s: None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecipeError, match=r"data\.train_path: no images found under .*empty"):
+        train(load_recipe(path, [f"data.train_path={tmp_path / 'empty'}"]), echo=lambda s: None)
+
+
+def test_a_batch_larger_than_a_ranks_share_is_refused(tmp_path, data, monkeypatch):
+    """With DDP each rank draws its batches from its share of the epoch: 24 images over 4
+    ranks leave 6 to each, no batch of 8 (the run would end having trained nothing)."""
+    import pytorch_lightning as pl
+
+    monkeypatch.setattr(pl.Trainer, "world_size", property(lambda self: 4))
+    with pytest.raises(RecipeError, match=r"batch_size 8 exceeds each of the 4 ranks' share \(6\)"):
+        train(load_recipe(recipe(tmp_path, data)), echo=lambda s: None)
 
 
 def test_cli_print_config_resolves_overrides(tmp_path, data, capsys):

@@ -111,13 +111,17 @@ def check_backbone(cfg: Any, backbones: Mapping[str, Any]) -> None:
     name = select(as_plain(cfg), "backbone.name")
     if name is None or name in backbones:
         if name == "timm":
-            kwargs = select(as_plain(cfg), "backbone.kwargs", {}) or {}
+            kwargs = dict(select(as_plain(cfg), "backbone.kwargs", {}) or {})
             if not kwargs.get("model_name"):
                 raise SoloConfigError(_NEEDS_NAME)
             check_timm_name(str(kwargs["model_name"]))
             checkpoint = kwargs.get("checkpoint")
             if checkpoint and not Path(os.fspath(checkpoint)).is_file():
                 raise SoloConfigError(f"backbone.kwargs.checkpoint: {checkpoint} does not exist")
+            if checkpoint or kwargs.get("pretrained"):
+                # build it once here: a checkpoint of another model (or pretrained without
+                # one) stops the run with its one line, not a traceback from inside solo-learn
+                timm_backbone("check", **kwargs)
         return
     raise SoloConfigError(
         f"backbone.name: '{name}' is not a solo-learn backbone ({', '.join(sorted(backbones))}). "

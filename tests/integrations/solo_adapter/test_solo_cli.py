@@ -177,7 +177,18 @@ def test_clear_errors_through_main_pretrain(solo_root, scenes, tmp_path):
         "is not in the store": [f"data.proposals={scenes / 'wrong.objcrop'}"],
         "is not a timm model": ["backbone.name=timm", "++backbone.kwargs.model_name=resnet5O"],
         "data.dataset: cifar10": ["data.dataset=cifar10"],
+        "weights are only loaded from a local file": [
+            "backbone.name=timm", "++backbone.kwargs.model_name=resnet18",
+            "++backbone.kwargs.pretrained=true"],
+        "holds another model's weights": [
+            "backbone.name=timm", "++backbone.kwargs.model_name=resnet18",
+            f"++backbone.kwargs.checkpoint={tmp_path / 'other.pth'}"],
     }
+    import timm
+    import torch
+
+    torch.save(timm.create_model("test_efficientnet", pretrained=False, num_classes=0).state_dict(),
+               tmp_path / "other.pth")
     script = tmp_path / "errors.py"
     script.write_text(ERRORS)
     proc = subprocess.run(
