@@ -844,8 +844,8 @@ class HeatmapGenerator(BatchedProposalGenerator):
             if self.checkpoint is None:
                 log.warning("heatmap: no checkpoint given: %s keeps its initial weights "
                             "(seed %d), whose boxes are those of regions that stand out, not "
-                            "of what a trained network knows (pass checkpoint=PATH for a "
-                            "trained network's)", self.model, self.seed)
+                            "of what a trained network knows (--checkpoint FILE, or "
+                            "checkpoint=PATH in Python, for a trained network's)", self.model, self.seed)
             module = create_backbone(self.model, self.checkpoint, prefix,
                                      seed=self.seed,
                                      **self.model_kwargs)

@@ -359,7 +359,8 @@ class TokenCutGenerator(BatchedProposalGenerator):
                              "the network runs at each image's own aspect ratio")
         if self.checkpoint is None:
             log.warning("token_cut: no checkpoint given, %s has random weights: its boxes are "
-                        "meaningless (pass checkpoint=PATH, e.g. a DINO ViT-S/16 state dict)",
+                        "meaningless (--checkpoint FILE, or checkpoint=PATH in Python, e.g. "
+                        "a DINO ViT-S/16 state dict)",
                         self.model)
         try:
             net = create_backbone(self.model, self.checkpoint, self.prefix,

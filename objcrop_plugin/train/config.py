@@ -572,7 +572,10 @@ def load_recipe(
     if not isinstance(raw, dict):
         raise RecipeError(f"{p}: a recipe must be a YAML mapping, got {type(raw).__name__}")
     raw = apply_overrides(raw, overrides)
-    cfg = parse_recipe(raw, str(p))
+    try:
+        cfg = parse_recipe(raw, "")
+    except RecipeError as exc:
+        raise RecipeError(f"{_blamed(str(exc)[2:], overrides, p)}: {str(exc)[2:]}") from None
     if cfg.data.paths_relative_to_recipe:
         base = p.resolve().parent
         for name in ("train_path", "proposals", "labels"):
@@ -580,6 +583,17 @@ def load_recipe(
             if v and not os.path.isabs(v):
                 setattr(cfg.data, name, str(base / v))
     return cfg
+
+
+def _blamed(message: str, overrides: Sequence[str], path: Path) -> str:
+    """Where a recipe error comes from: the command-line override that set the key the
+    message names (``unknown key 'trainer.epoch'``, ``trainer.epochs: expected ...``), else
+    the recipe file."""
+    for item in reversed(overrides):  # the last override of a key wins
+        key = item.split("=", 1)[0].strip().lstrip("+")
+        if key and (f"'{key}'" in message or message.startswith(f"{key}:")):
+            return f"{path}, override '{item}'"
+    return str(path)
 
 
 def to_dict(cfg: Any) -> Any:

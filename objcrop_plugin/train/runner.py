@@ -150,6 +150,20 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
             f"{root} (e.g. '{keys[0]}') has an entry in {cfg.data.proposals}. Store keys "
             "must be paths relative to data.train_path; rebuild the store from that folder"
         )
+    if store is not None:
+        from ..images import sizes_match_none
+
+        def stored_size(key: str) -> tuple[int, int] | None:
+            props = store.get(key)
+            return None if props is None else props.image_size
+
+        none = sizes_match_none(((k, root / k) for k in keys), stored_size)
+        if none is not None:
+            raise RecipeError(
+                f"data.proposals: {cfg.data.proposals} was built for other images: the stored "
+                f"image size has another aspect ratio than the image for {none}, so every "
+                "sample would take scene crops. Fix: rebuild the store from data.train_path "
+                f"(`objcrop proposals build {root} --out STORE`)")
     sampling = dict(sampling=cfg.data.sampling, max_boxes_per_image=cfg.data.max_boxes_per_image,
                     epoch_length=cfg.data.epoch_length)
     try:

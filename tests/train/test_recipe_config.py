@@ -137,6 +137,19 @@ def test_the_commands_in_the_recipes_comments_are_valid(recipe, overrides):
         assert cfg.data.proposals is None and cfg.crop.proposals is not None
 
 
+def test_an_error_of_an_override_names_the_override_not_only_the_file():
+    path = REPO / "recipes/lightly/demo_simclr.yaml"
+    with pytest.raises(RecipeError, match=r"demo_simclr\.yaml, override 'trainer\.epoch=1': "
+                                          r"unknown key 'trainer\.epoch'"):
+        load_recipe(path, ["trainer.epochs=2", "trainer.epoch=1"])
+    with pytest.raises(RecipeError, match=r"override 'trainer\.epochs=abc': trainer\.epochs: "
+                                          "expected an integer"):
+        load_recipe(path, ["trainer.epochs=abc"])
+    with pytest.raises(RecipeError, match=r"override 'data\.train_path=null': data\.train_path: "
+                                          "expected a string, got None"):
+        load_recipe(path, ["data.train_path=null"])
+
+
 def test_the_recipes_comments_hold_commands():
     assert len(_commented_train_commands()) >= 10
 

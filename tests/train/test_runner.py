@@ -271,6 +271,16 @@ def test_cli_errors_name_the_key_and_the_fix(tmp_path, data, capsys):
         train(load_recipe(path, ["trainer.batch_size=1000"]), echo=lambda s: None)
     with pytest.raises(RecipeError, match="timm has no model 'no_such_net'"):
         train(load_recipe(path, ["backbone.name=no_such_net"]), echo=lambda s: None)
+    from objcrop_plugin.proposals import ProposalStore
+    from objcrop_plugin.proposals.store import ProposalRecord
+
+    right = ProposalStore(data.proposals_path)
+    turned = tmp_path / "turned.objcrop"  # the same keys, built for images of another shape
+    ProposalStore.write(turned, [ProposalRecord(k, right[k].boxes, right[k].scores,
+                                                right[k].image_size[::-1]) for k in right])
+    with pytest.raises(RecipeError, match=r"was built for other images: .* 24 of 24 images "
+                                          r"checked \(e.g. '.*': stored 72x96, image 96x72\)"):
+        train(load_recipe(path, [f"data.proposals={turned}"]), echo=lambda s: None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(RecipeError, match=r"data\.train_path: no images found under .*empty"):
         train(load_recipe(path, [f"data.train_path={tmp_path / 'empty'}"]), echo=lambda s: None)

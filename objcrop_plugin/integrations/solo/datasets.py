@@ -214,6 +214,24 @@ def unwrap_solo_dataset(dataset: Any) -> Any:
     return None
 
 
+def _check_sizes(dataset: ObjectAwareSoloDataset, store: ProposalStore, probe: list[int]) -> None:
+    """Refuse a store whose stored image sizes fit none of the images checked."""
+    from ...images import sizes_match_none
+
+    def stored_size(key: str) -> tuple[int, int] | None:
+        props = store.get(key)
+        return None if props is None else props.image_size
+
+    pairs = ((dataset.key(i), dataset.item(i)[0]) for i in probe)
+    none = sizes_match_none(pairs, stored_size)
+    if none is not None:
+        raise SoloConfigError(
+            f"data.proposals: {store.path} was built for other images: the stored image size "
+            f"has another aspect ratio than the image for {none}, so every sample would take "
+            "scene crops. Fix: rebuild the store from data.train_path (`objcrop proposals "
+            "build DATA.TRAIN_PATH --out STORE`)")
+
+
 def check_keys(dataset: ObjectAwareSoloDataset, store: ProposalStore, strict: bool, n: int = 2000) -> float:
     """The fraction of (up to ``n`` evenly spaced) dataset images the store has proposals for.
 
@@ -228,6 +246,7 @@ def check_keys(dataset: ObjectAwareSoloDataset, store: ProposalStore, strict: bo
     probe = list(range(0, total, step))[:n]
     keys = [dataset.key(i) for i in probe]
     missing = [k for k in keys if k not in store]
+    _check_sizes(dataset, store, probe)
     if not missing:
         return 1.0
     found = 1.0 - len(missing) / len(keys)
@@ -238,7 +257,7 @@ def check_keys(dataset: ObjectAwareSoloDataset, store: ProposalStore, strict: bo
             f"{store.path}: the dataset's key '{missing[0]}' (path relative to "
             f"{dataset.key_root}) is not in the store, whose keys look like '{example_store}'. "
             "Fix: point data.train_path at the folder the store was built over, set "
-            "data.proposals_root to the folder its keys are relative to, or rebuild the store "
+            "++data.proposals_root=FOLDER (the folder its keys are relative to), or rebuild the store "
             "with `objcrop proposals build DATA.TRAIN_PATH --out STORE`"
         )
     if strict:

@@ -187,6 +187,15 @@ def test_clear_errors_through_main_pretrain(solo_root, scenes, tmp_path):
     import timm
     import torch
 
+    from objcrop_plugin.proposals import ProposalStore
+    from objcrop_plugin.proposals.store import ProposalRecord
+
+    # a store of the same file names, built for images of another shape
+    right = ProposalStore(scenes / "train.objcrop")
+    ProposalStore.write(tmp_path / "sizes.objcrop", [
+        ProposalRecord(k, right[k].boxes, right[k].scores, right[k].image_size[::-1])
+        for k in right])
+    cases["was built for other images"] = [f"data.proposals={tmp_path / 'sizes.objcrop'}"]
     torch.save(timm.create_model("test_efficientnet", pretrained=False, num_classes=0).state_dict(),
                tmp_path / "other.pth")
     script = tmp_path / "errors.py"
