@@ -506,8 +506,16 @@ def _manifest(method: str, params: dict[str, Any], generator: ProposalGenerator,
         "method": method, "params": params, "root": str(root.resolve()),
         "top_k": getattr(generator, "top_k", None), "max_side": getattr(generator, "max_side", None),
         "keys_sha256": digest, "images": len(keys), "chunk_size": chunk_size,
-        "shard": list(shard), "max_pixels": max_pixels, "inputs_sha256": _input_contents(params),
+        "shard": list(shard), "max_pixels": max_pixels,
+        "inputs_sha256": _input_contents({**_implicit_inputs(generator), **params}),
     }
+
+
+def _implicit_inputs(generator: ProposalGenerator) -> dict[str, Any]:
+    """Files a generator reads that its parameters need not name (BING's model folder from
+    ``$OBJCROP_BING_MODEL``): their content joins the settings too."""
+    model_dir = getattr(generator, "model_dir", None)
+    return {} if model_dir is None else {"model_dir": model_dir}
 
 
 def _settings_digest(manifest: dict[str, Any]) -> str:
@@ -649,6 +657,7 @@ def build_store(
     build_settings = _settings_digest({
         "method": method, "params": params, "top_k": manifest["top_k"],
         "max_side": manifest["max_side"], "max_pixels": max_pixels,
+        "inputs_sha256": manifest["inputs_sha256"],
         "images_sha256": hashlib.sha256("\n".join(all_keys).encode("utf-8")).hexdigest(),
     })
     batched = getattr(generator, "batched", False)

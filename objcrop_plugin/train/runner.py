@@ -2,7 +2,9 @@
 
 What a run does, in ``trainer.out_dir``:
 
-- ``config.yaml``: the resolved recipe (defaults filled in, overrides applied), written first;
+- ``config.yaml``: the resolved recipe (defaults filled in, overrides applied), written once
+  the recipe is checked (paths, proposal store, backbone, batch size): a recipe that fails
+  these checks writes nothing;
 - ``checkpoints/last.ckpt``: Lightning checkpoint, written atomically at the end of each epoch
   (and every ``trainer.checkpoint_every_n_steps``), the one before it kept as
   ``checkpoints/previous.ckpt``; a rerun of the same command resumes from the newer of the two
@@ -636,10 +638,6 @@ def train(
     if cfg.trainer.resume == "auto" and any((ckpt_dir / n).is_file() for n in (LAST, PREVIOUS)):
         _check_same_run(cfg, out / "config.yaml")
         picked = _pick_checkpoint(ckpt_dir, echo)
-    elif cfg.trainer.resume == "never" and rank0:
-        _set_aside(ckpt_dir, echo)
-    out.mkdir(parents=True, exist_ok=True)
-    save_recipe(cfg, out / "config.yaml")
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
 
     dataset = build_dataset(cfg, keys)
@@ -652,6 +650,11 @@ def train(
             f"trainer.batch_size {t.batch_size} exceeds the {_samples(dataset)} of an epoch; "
             "lower it"
         )
+    # the recipe checked (paths, store, backbone, batch): the run's folder is written from here
+    if cfg.trainer.resume == "never" and rank0:
+        _set_aside(ckpt_dir, echo)
+    out.mkdir(parents=True, exist_ok=True)
+    save_recipe(cfg, out / "config.yaml")
     torch.manual_seed(t.seed)  # heads initialised from the seed too
     module = make_method(
         cfg.method.name, net, cfg.method.params, n_global=recipe.n_global,

@@ -204,6 +204,33 @@ def test_model_folder_from_the_environment(model_dir, monkeypatch, gen):
     assert gen().model_dir == str(model_dir)
 
 
+def test_a_build_resumes_only_with_the_same_model_from_the_environment(model_dir, tmp_path,
+                                                                        monkeypatch):
+    """The model folder from $OBJCROP_BING_MODEL is no parameter, but its content is part of
+    the build's settings: a resume (or a merge) with another model's files is refused."""
+    import shutil
+
+    from objcrop_plugin.proposals import build
+
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    name = model_file_names("MAXBGR")[0]
+    import gzip
+
+    # another file of the same model (compressed again, another timestamp): other bytes
+    text = gzip.decompress((other / name).read_bytes())
+    (other / name).write_bytes(gzip.compress(text, compresslevel=1, mtime=1))
+
+    def digest(folder: Path) -> str:
+        monkeypatch.setenv("OBJCROP_BING_MODEL", str(folder))
+        gen = build.make_generator("bing")
+        return build._settings_digest(build._manifest(
+            "bing", {}, gen, tmp_path, ["a.jpg"], 4, (0, 1), 10**8))
+
+    assert digest(model_dir) == digest(model_dir)
+    assert digest(model_dir) != digest(other)
+
+
 @pytest.mark.parametrize("gen", [BingGenerator, OpenCVBingGenerator])
 def test_folder_without_model_files(tmp_path, gen):
     (tmp_path / "ObjNessB2W8MAXBGR.idx.yml.gz").write_bytes(b"")

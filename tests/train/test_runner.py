@@ -284,6 +284,7 @@ def test_cli_errors_name_the_key_and_the_fix(tmp_path, data, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RecipeError, match=r"data\.train_path: no images found under .*empty"):
         train(load_recipe(path, [f"data.train_path={tmp_path / 'empty'}"]), echo=lambda s: None)
+    assert not (tmp_path / "run").exists()  # a recipe that fails its checks writes nothing
 
 
 def test_a_batch_larger_than_a_ranks_share_is_refused(tmp_path, data, monkeypatch):
