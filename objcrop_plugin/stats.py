@@ -183,6 +183,11 @@ class BadImages:
         """Reads that failed, all epochs and retries together."""
         return int(self._counts[1])
 
+    def add_failed_reads(self, n: int) -> None:
+        """Count ``n`` failed reads of an earlier part of the run (a resumed run's)."""
+        with self._lock:
+            self._counts[1] += int(n)
+
     def seen(self, k: int = 1) -> None:
         """Count ``k`` items met (``n=None`` only: the failure rate's denominator)."""
         with self._lock:

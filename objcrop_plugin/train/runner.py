@@ -455,6 +455,21 @@ def _callbacks(
                  f"{trainer.max_epochs} loss {float('nan') if loss is None else float(loss):.3f} "
                  f"({time.perf_counter() - self.t0:.0f}s)")
 
+    class RunCounts(pl.Callback):
+        """results.json's counts (samples, scene-crop fallbacks, failed reads) over the whole
+        run: saved in the checkpoint, a resumed run starts from them. Exact at an epoch-end
+        checkpoint; a step checkpoint also holds the samples the workers prepared ahead."""
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"fallbacks": dataset.recipe.fallbacks.as_dict(),
+                    "failed_reads": int(dataset.bad.failed_reads)}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            for field, n in (state.get("fallbacks") or {}).items():
+                if n and field in dataset.recipe.fallbacks.FIELDS:
+                    dataset.recipe.fallbacks.add(field, int(n))
+            dataset.bad.add_failed_reads(int(state.get("failed_reads") or 0))
+
     class SetEpoch(pl.Callback):
         """New crops every epoch, reproducibly: the dataset draws from (seed, epoch, index)."""
 
@@ -472,7 +487,7 @@ def _callbacks(
     # the online refresh (at an epoch's end) runs after the epoch's log line and before the
     # epoch-end checkpoint (Lightning runs checkpoint callbacks last); a step checkpoint on an
     # epoch's last batch comes before the refresh, which a run resumed from it makes first
-    return [SetEpoch(), *ckpts] + ([] if cfg.trainer.progress_bar else [EpochLog()]) + (
+    return [SetEpoch(), RunCounts(), *ckpts] + ([] if cfg.trainer.progress_bar else [EpochLog()]) + (
         [] if online is None else [online])
 
 

@@ -142,6 +142,10 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path, data, kill_and_resum
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the counts are the whole run's, as the uninterrupted run's (not those since the resume)
+    ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+    assert res["fallbacks"] == ref["fallbacks"] and res["fallbacks"]["samples"] == 6 * 24
+    assert res["bad_images"] == ref["bad_images"]
 
 
 @pytest.mark.parametrize("died_at", [2, 3, 4])
