@@ -36,6 +36,12 @@ _PROPOSAL = (255, 60, 60)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """DejaVu Sans where the system has it (file names in any script: Pillow's own font
+    draws only Latin letters), else Pillow's default font."""
+    try:
+        return ImageFont.truetype("DejaVuSans.ttf", size)
+    except OSError:
+        pass
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1

@@ -181,8 +181,9 @@ class BuildSummary:
     def format(self) -> str:
         lines = [
             f"store: {self.out}",
-            f"images: {self.images}  boxes: {self.boxes}  "
-            f"images without proposals: {self.empty}  failures: {len(self.failures)}",
+            f"images: {self.images} ({self.images - len(self.failures)} in the store)  "
+            f"boxes: {self.boxes}  images without proposals: {self.empty}  "
+            f"failures: {len(self.failures)}",
         ]
         if self.resumed_images:
             lines.append(f"resumed: {self.resumed_images} images were already done")
