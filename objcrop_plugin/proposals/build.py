@@ -576,7 +576,9 @@ def _resumable_chunks(parts: Path, manifest: dict[str, Any], restart: bool) -> N
             previous = json.loads(manifest_file.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             previous = {"manifest": "unreadable"}
-        if previous != manifest:
+        # compared as JSON text: a tuple parameter reads back as a list, a NaN as an
+        # unequal NaN
+        if json.dumps(previous, sort_keys=True) != json.dumps(manifest, sort_keys=True):
             raise ValueError(
                 f"{parts} holds an unfinished build with other settings or images "
                 f"({_differences(previous, manifest)}). Fix: run the same command as before to "

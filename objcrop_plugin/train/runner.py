@@ -773,7 +773,7 @@ def train(
         echo(f"{sum(fell_back.values())} of {fb['samples']} samples "
              f"({sum(fell_back.values()) / fb['samples']:.1%}) took scene crops instead of "
              f"object crops ({why}: missing = no entry in the proposal store, unusable = no "
-             "usable box, mismatched = another image size); `objcrop -v train ...` logs "
+             "usable box, mismatched = another image size); run with objcrop -v to log "
              "each with its key")
     loss = trainer.callback_metrics.get("train_loss_epoch")
     steps = int(trainer.global_step)

@@ -124,6 +124,19 @@ def test_resume_with_other_settings_is_refused(tmp_path):
         build_store(root, out, METHOD, progress=False)
 
 
+def test_a_build_with_tuple_or_nan_parameters_resumes(tmp_path):
+    """The manifest is stored as JSON: a tuple reads back as a list and NaN != NaN, which
+    refused every resume of such a build (Python API parameters)."""
+    from objcrop_plugin.proposals.build import _resumable_chunks
+
+    manifest = {"method": "heatmap", "params": {"thresholds": (0.25, 0.5), "eps": float("nan")}}
+    parts = tmp_path / ".p.objcrop.parts"
+    _resumable_chunks(parts, manifest, restart=False)
+    _resumable_chunks(parts, manifest, restart=False)  # the same command again: resumes
+    with pytest.raises(ValueError, match="other settings"):
+        _resumable_chunks(parts, {**manifest, "params": {"thresholds": (0.25,)}}, restart=False)
+
+
 def test_bad_images_are_listed_and_the_run_goes_on(tmp_path):
     root = tmp_path / "imgs"
     root.mkdir()
