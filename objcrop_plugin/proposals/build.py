@@ -57,6 +57,7 @@ from .store import (
     ProposalStoreWriter,
     _record_from,
     failures_path,
+    file_sample,
     remove_stale_failures,
 )
 
@@ -730,7 +731,9 @@ def build_store(
                     yield rec
 
         meta = {"method": method, "params": params, "generator": "objcrop_plugin",
-                "settings": build_settings}
+                "settings": build_settings,
+                # the same in every shard: a sample of the whole folder's image list
+                "files": file_sample(root, all_keys)}
         if shard[1] > 1:  # merge checks that it has every shard of one build
             meta["shard"] = list(shard)
         # an earlier build's failures list goes first: a kill between the store and its list

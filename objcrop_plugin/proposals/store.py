@@ -43,7 +43,7 @@ import stat
 import struct
 import sys
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,67 @@ def failures_path(out: str | os.PathLike[str]) -> Path:
     """The failures list beside a store: ``<out>.failures.tsv``."""
     out = Path(out)
     return out.with_name(out.name + ".failures.tsv")
+
+
+#: how many images a store's ``files`` sample names (spread over the folder's image list)
+FILE_SAMPLE = 16
+
+
+def file_sample(root: str | os.PathLike[str], keys: Sequence[str], n: int = FILE_SAMPLE
+                ) -> list[list[Any]]:
+    """``[[key, bytes], ...]`` of ``n`` images spread evenly over ``keys`` (``-1``: the file
+    cannot be read): written into a built store's metadata, so that a store is recognised
+    when used with another folder of the same file names and image sizes (a regenerated
+    dataset, another split named alike)."""
+    if not keys:
+        return []
+    step = max(1, len(keys) // n)
+    out = []
+    for key in list(keys)[::step][:n]:
+        try:
+            size = os.stat(os.path.join(root, key)).st_size
+        except OSError:
+            size = -1
+        out.append([key, int(size)])
+    return out
+
+
+def files_changed(store: ProposalStore, root: str | os.PathLike[str]) -> tuple[int, int, str]:
+    """How many of the images a store's metadata names (``files``, see :func:`file_sample`)
+    now have another file size under ``root``: ``(changed, compared, example)``; ``(0, 0, "")``
+    for a store without the sample (imported, or built before it was recorded)."""
+    sample = store.meta.get("files")
+    if not isinstance(sample, list):
+        return 0, 0, ""
+    changed, compared, example = 0, 0, ""
+    for item in sample:
+        if not (isinstance(item, list) and len(item) == 2 and item[1] != -1):
+            continue
+        key, size = item
+        try:
+            now = os.stat(os.path.join(root, key)).st_size
+        except (OSError, TypeError, ValueError):
+            continue  # not in this folder (a subset, or renamed): nothing to compare
+        compared += 1
+        if now != size:
+            changed += 1
+            example = example or f"'{key}': {size} bytes when the store was built, {now} now"
+    return changed, compared, example
+
+
+def warn_if_files_changed(store: ProposalStore, root: str | os.PathLike[str], log: Any) -> int:
+    """Log a warning when images a store's build recorded (:func:`file_sample`) have another
+    file size under ``root`` now; the number changed."""
+    changed, compared, example = files_changed(store, root)
+    if changed:
+        log.warning(
+            "%s: %d of the %d images it recorded at its build have another file size in %s "
+            "(e.g. %s): %s. Fix: rebuild the store if these are other images",
+            store.path, changed, compared, root, example,
+            "the store was built for other images of the same names (a regenerated dataset, "
+            "another split named alike), whose boxes would land on other objects"
+            if changed == compared else "those images changed since the store was built")
+    return changed
 
 
 def remove_stale_failures(out: str | os.PathLike[str]) -> None:

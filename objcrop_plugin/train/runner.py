@@ -159,6 +159,9 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
             props = store.get(key)
             return None if props is None else props.image_size
 
+        from ..proposals.store import warn_if_files_changed
+
+        warn_if_files_changed(store, root, log)
         none = sizes_match_none(((k, root / k) for k in keys), stored_size)
         if none is not None:
             raise RecipeError(

@@ -212,6 +212,30 @@ def test_scene_crop_fallbacks_are_counted_at_the_end(tmp_path, data):
     assert f"{fb['missing']} missing" in said[0]
 
 
+def test_a_store_built_over_other_images_of_the_same_names_is_named(tmp_path, data, caplog):
+    """Another dataset of the same file names and image sizes (regenerated with another
+    seed): keys and sizes agree, the file sizes the build recorded do not."""
+    import logging
+
+    from objcrop_plugin.proposals.build import build_store
+
+    store = tmp_path / "gs.objcrop"
+    build_store(data.root, store, "graph_segments", progress=False)
+    other = write_dataset(tmp_path / "other", 24, size=(96, 72), seed=4, workers=1)
+    with caplog.at_level(logging.WARNING, logger="objcrop_plugin"):
+        train(load_recipe(recipe(tmp_path, data), [f"data.proposals={store}",
+                                                   f"data.train_path={other.root}"]),
+              echo=lambda s: None)
+    assert "16 of the 16 images it recorded at its build have another file size" in caplog.text
+    assert "built for other images of the same names" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="objcrop_plugin"):
+        train(load_recipe(recipe(tmp_path, data), [f"data.proposals={store}",
+                                                   f"trainer.out_dir={tmp_path / 'same'}"]),
+              echo=lambda s: None)
+    assert "another file size" not in caplog.text
+
+
 def test_resuming_a_different_recipe_is_refused(tmp_path, data):
     path = recipe(tmp_path, data)
     train(load_recipe(path), echo=lambda s: None)

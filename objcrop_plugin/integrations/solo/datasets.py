@@ -247,6 +247,9 @@ def check_keys(dataset: ObjectAwareSoloDataset, store: ProposalStore, strict: bo
     keys = [dataset.key(i) for i in probe]
     missing = [k for k in keys if k not in store]
     _check_sizes(dataset, store, probe)
+    from ...proposals.store import warn_if_files_changed
+
+    warn_if_files_changed(store, dataset.key_root, log)
     if not missing:
         return 1.0
     found = 1.0 - len(missing) / len(keys)
