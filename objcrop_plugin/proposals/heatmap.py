@@ -876,6 +876,13 @@ class HeatmapGenerator(BatchedProposalGenerator):
         if self._vit:  # patch grid: a multiple of the patch size
             p = self._reductions[-1]
             h, w = max(p, round(h / p) * p), max(p, round(w / p) * p)
+        elif self._reductions:
+            # a CNN gives ceil(side / stride) cells: its grid would reach past an image whose
+            # sides are no multiple of the level's stride, and the map (and the boxes) would
+            # shift and shrink towards the top left. Down to a multiple: the level chosen for
+            # the smaller input is the same or a shallower one, whose stride divides it too
+            r = self._reductions[self.level_index((h, w))]
+            h, w = max(r, h // r * r), max(r, w // r * r)
         return h, w
 
     def level_index(self, input_hw: tuple[int, int]) -> int:

@@ -108,6 +108,35 @@ class PlantedFeatures(torch.nn.Module):
         return [self.feats.expand(x.shape[0], -1, -1, -1)]
 
 
+class CeilGrid(torch.nn.Module):
+    """A stand-in CNN: each stride-``s`` cell's mean brightness, with a conv net's
+    ``ceil(side / s)`` cells (the last row and column reach past the input's edge)."""
+
+    def __init__(self, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.feature_info = [{"reduction": stride, "num_chs": 4, "module": "pool"}]
+
+    def forward_intermediates(self, x, indices, intermediates_only, stop_early):
+        f = torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), self.stride, self.stride,
+                                           ceil_mode=True)
+        return [f.repeat(1, 4, 1, 1)]
+
+
+@pytest.mark.parametrize("stride", [8, 32])
+def test_boxes_line_up_when_the_image_is_no_multiple_of_the_stride(stride):
+    """A 100 px image at stride 32: a 4x4 grid over 128 px, stretched onto 100 px, put the
+    object's box at [50, 75) instead of [64, 96) (IoU 0.08)."""
+    img = np.full((100, 100, 3), 112, np.uint8)  # about the ImageNet mean: no activation
+    img[64:96, 64:96] = 255
+    gen = HeatmapGenerator(module=CeilGrid(stride), heat="activation", reduce="norm",
+                           min_cells=1, thresholds=[0.5], min_side=1, min_side_fraction=0,
+                           max_side=1000, score="heat", nms_iou=None)
+    assert gen.input_size((100, 100)) == (100 // stride * stride,) * 2
+    boxes, _ = gen(img)
+    assert iou(np.array([[64, 64, 96, 96]], np.float32), boxes[:1]).max() > 0.65
+
+
 def test_contrast_map_finds_a_weak_object_on_a_strong_texture():
     rng = np.random.default_rng(0)
     f = np.zeros((1, 2, 24, 32), np.float32)
