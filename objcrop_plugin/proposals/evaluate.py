@@ -187,10 +187,15 @@ def format_stats(stats: dict[str, Any]) -> str:
 
 
 def _first_line(path: str | os.PathLike[str], limit: int = 1 << 20) -> bytes:
-    """The file's first line without a UTF-8 BOM, or up to ``limit`` bytes of it."""
+    """The file's first line that is not blank (JSON Lines readers skip blank lines), without a
+    UTF-8 BOM, or up to ``limit`` bytes of it; a store's first bytes as they are."""
+    from .store import MAGIC
+
     with open(path, "rb") as f:
         head = f.read(limit)
     head = head[3:] if head.startswith(b"\xef\xbb\xbf") else head
+    if not head.startswith(MAGIC):
+        head = head.lstrip()
     return head.split(b"\n", 1)[0]
 
 
@@ -274,7 +279,8 @@ def recall(
 
     Returns:
         A dict: ``images`` (of ``gt``), ``images_without_gt`` (gt images with no box; they do
-        not count), ``missing_images`` and ``missing_keys`` (the first 20),
+        not count), ``degenerate_gt_boxes`` (ground-truth boxes of no area once clipped to
+        the image, left out; the others are clipped as proposals are), ``missing_images`` and ``missing_keys`` (the first 20),
         ``mismatched_images`` (stored at another aspect ratio; ``transposed_images`` of them
         with width and height swapped) and ``mismatched_keys`` (the first 20), ``gt_boxes``,
         ``gt_boxes_by_size`` (``small, medium, large``), ``recall[t][k]`` and
@@ -301,12 +307,17 @@ def recall(
     n_t, n_k = len(ths), len(k_keys)
     hits = np.zeros((n_t, len(SIZE_NAMES), n_k), dtype=np.int64)
     totals = np.zeros(len(SIZE_NAMES), dtype=np.int64)
-    images = without_gt = missing = mismatched = transposed = 0
+    images = without_gt = missing = mismatched = transposed = degenerate = 0
     missing_keys: list[str] = []
     mismatched_keys: list[str] = []
     for rec in _records_of(gt):
         images += 1
-        g = box_ops.as_boxes(rec.boxes)
+        # as the generators clip their boxes: a ground-truth box reaching past the image is
+        # clipped, one of no area in it (a zero width, or wholly outside) cannot be found
+        g = box_ops.clip(rec.boxes, rec.image_size)
+        keep = np.isfinite(g).all(axis=1) & (g[:, 2] > g[:, 0]) & (g[:, 3] > g[:, 1])
+        degenerate += int((~keep).sum())
+        g = g[keep]
         if len(g) == 0:
             without_gt += 1
             continue
@@ -351,6 +362,7 @@ def recall(
         "ks": k_keys,
         "images": images,
         "images_without_gt": without_gt,
+        "degenerate_gt_boxes": degenerate,
         "missing_images": missing,
         "missing_keys": missing_keys,
         "mismatched_images": mismatched,
@@ -371,7 +383,9 @@ def format_recall(result: dict[str, Any]) -> str:
     lines = [
         f"recall of {result['gt_boxes']} ground-truth boxes in {result['images']} images"
         + (f" ({result['images_without_gt']} without boxes)" if result["images_without_gt"]
-           else ""),
+           else "")
+        + (f"; {result['degenerate_gt_boxes']} ground-truth boxes of no area in their image "
+           "left out" if result.get("degenerate_gt_boxes") else ""),
     ]
     if result["missing_images"]:
         lines.append(

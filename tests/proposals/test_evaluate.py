@@ -240,3 +240,27 @@ def test_eval_recognises_the_ground_truth_by_content(tmp_path, capsys):
     junk.write_text("key,boxes\n")
     assert main(["proposals", "eval", str(props), "--gt", str(junk)]) == 2
     assert f"{junk}: not a COCO JSON file" in capsys.readouterr().err
+
+
+def test_ground_truth_is_clipped_to_its_image_and_boxes_of_no_area_left_out(tmp_path):
+    """As the generators clip their boxes: a ground-truth box reaching past the image could
+    never be found by IoU with the proposal that covers what of it is visible, and one of no
+    width could never be found at all."""
+    gt = _store(tmp_path, "gt", [("a.jpg", [[10, 10, 50, 40], [90, 70, 120, 100],
+                                            [50, 50, 50, 60], [200, 10, 220, 30]],
+                                  None, (100, 80))])
+    props = _store(tmp_path, "p", [("a.jpg", [[10, 10, 50, 40], [90, 70, 100, 80]],
+                                    [0.9, 0.8], (100, 80))])
+    r = recall(props, gt, iou_thresholds=(0.5,), ks=(10,))
+    assert r["degenerate_gt_boxes"] == 2 and r["gt_boxes"] == 2
+    assert r["recall"] == {0.5: {10: 1.0}}
+    assert "2 ground-truth boxes of no area in their image left out" in format_recall(r)
+
+
+def test_json_lines_ground_truth_may_start_with_a_blank_line(tmp_path):
+    from objcrop_plugin.proposals.evaluate import open_ground_truth
+    from objcrop_plugin.proposals.jsonl import JsonLinesImporter
+
+    path = tmp_path / "gt.jsonl"
+    path.write_text('\n{"key": "a.jpg", "width": 10, "height": 10, "boxes": [[1, 1, 5, 5]]}\n')
+    assert isinstance(open_ground_truth(path), JsonLinesImporter)
