@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Mapping, Sequence
@@ -509,8 +510,11 @@ class ViewRecipe:
                 )
             )
         if self.shuffle_globals and self.n_global > 1:
+            # the views' order is shuffled, not the slots' sizes (a batch needs each slot's)
             order = rng.permutation(self.n_global)
-            windows[: self.n_global] = [windows[i] for i in order]
+            slots = windows[: self.n_global]
+            windows[: self.n_global] = [dataclasses.replace(slots[i], size=slots[j].size)
+                                        for j, i in enumerate(order)]
         return windows
 
     def _fallback(self, field_name: str, key: str | None, detail: str) -> None:

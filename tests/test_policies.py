@@ -363,6 +363,12 @@ def test_shuffle_globals_gives_both_orders():
     assert {tuple(w.policy for w in fixed(_SIZE, _BOXES, rng=rng)) for _ in range(50)} == {
         ("object", "object_dilated")
     }
+    # global views of different sizes: the views change places, each slot keeps its size
+    mixed = make_recipe([{"policy": "scene", "size": 64}, {"policy": "object", "size": 32}],
+                        shuffle_globals=True)
+    drawn = {tuple((w.size, w.policy) for w in mixed(_SIZE, _BOXES, rng=rng)) for _ in range(50)}
+    assert {tuple(p for _, p in d) for d in drawn} == {("scene", "object"), ("object", "scene")}
+    assert {tuple(size for size, _ in d) for d in drawn} == {((64, 64), (32, 32))}
 
 
 # ----------------------------------------------------------------------------- proposal choice

@@ -93,7 +93,9 @@ class ViewEngine:
         """Resample each window of ``image`` and apply photometrics.
 
         ``from_size`` is the size the windows refer to when ``image`` was decoded smaller.
+        An image of another mode (L, P, RGBA, I;16, CMYK) is converted as the loaders do.
         """
+        image = _rgb(image)
         sx = sy = 1.0
         if from_size is not None and from_size != image.size:
             sx, sy = image.size[0] / from_size[0], image.size[1] / from_size[1]
@@ -112,6 +114,7 @@ class ViewEngine:
 
     def crops(self, image: Image.Image, windows: Sequence[CropWindow]) -> list[Image.Image]:
         """The resampled windows as PIL images, before photometrics (for pictures, tests)."""
+        image = _rgb(image)
         return [image.resize((w.size[1], w.size[0]), self.resample, box=w.box) for w in windows]
 
     def from_path(
@@ -130,3 +133,12 @@ class ViewEngine:
 
         image, size, windows = decode_planned(path, plan, self.draft)
         return self.render(image, windows, rng, from_size=size)
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """``image`` in RGB (as :func:`~objcrop_plugin.images.to_rgb` makes it), as it is when it is."""
+    if image.mode == "RGB":
+        return image
+    from ..images import to_rgb
+
+    return to_rgb(image)

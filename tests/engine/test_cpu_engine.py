@@ -87,6 +87,12 @@ def test_every_mode_gives_rgb_views_of_the_right_sizes(tmp_path, mode):
     views = engine.from_path(path, props, np.random.default_rng(1))
     assert [tuple(v.shape) for v in views] == [(3, 48, 40)] * 2 + [(3, 24, 24)] * 3
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
+    # a PIL image of this mode given to render() directly: converted as the loaders do
+    windows = engine.windows((W, H), props, np.random.default_rng(1))
+    direct = engine.render(img, windows, np.random.default_rng(2))
+    ref = engine.render(rgb, windows, np.random.default_rng(2))
+    assert all(torch.equal(a, b) for a, b in zip(direct, ref))
+    assert [c.mode for c in engine.crops(img, windows)] == ["RGB"] * 5
 
 
 def test_draft_factor_never_upsamples():
