@@ -99,19 +99,29 @@ def _rank(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-np.where(np.isfinite(s), s, -np.inf), kind="stable")
 
 
+def _usable_ranked(proposals: Proposals) -> np.ndarray:
+    """Indices of the usable boxes (:func:`~objcrop_plugin.boxes.valid_mask` in the stored
+    image: finite, at least 2 px a side once clipped), best first."""
+    from ..boxes import valid_mask
+
+    order = _rank(proposals.scores)
+    return order[valid_mask(proposals.boxes, proposals.image_size)[order]]
+
+
 def ranked_box(proposals: Proposals, rank: int) -> Proposals:
-    """The image's ``rank``-th best box (0: the best) as proposals of one box.
+    """The image's ``rank``-th best usable box (0: the best) as proposals of one box.
 
     Input: an image's stored :class:`~objcrop_plugin.proposals.store.Proposals` (``K`` boxes).
     Output: ``Proposals`` with boxes ``(1, 4)``, scores ``(1,)`` and the same image size, so a
     view recipe given it cuts every object view from that box.
     """
-    b = int(_rank(proposals.scores)[rank])
+    b = int(_usable_ranked(proposals)[rank])
     return Proposals(proposals.boxes[b : b + 1], proposals.scores[b : b + 1], proposals.image_size)
 
 
 class BoxIndex:
-    """The items of per-box sampling: every stored box of every image, one item each.
+    """The items of per-box sampling: every usable stored box of every image, one item each
+    (a NaN box, one under 2 px a side or outside the image makes none).
 
     Items are in image order (the order of ``keys``), then box order: best first (by score,
     stored order where scores tie or are missing; a store ranked at build time keeps its
@@ -142,8 +152,8 @@ class BoxIndex:
         counts = np.zeros(len(keys), dtype=np.int64)
         for j, key in enumerate(keys):
             props = store.get(key)
-            if props is not None:
-                counts[j] = len(props.boxes)
+            if props is not None:  # a box no view can be cut from makes no item
+                counts[j] = len(_usable_ranked(props))
         if max_boxes_per_image is not None:
             counts = np.minimum(counts, int(max_boxes_per_image))
         self.counts = counts

@@ -106,6 +106,23 @@ def test_max_boxes_per_image_takes_the_best_and_canvas_dataset_agrees(folder):
     assert index.counts.tolist() == [1, 1, 0, 0] and index.locate(1) == (1, 0)
 
 
+def test_boxes_no_view_can_be_cut_from_make_no_item(tmp_path):
+    """A NaN box and a sliver under 2 px wide, scored best: per-box items are the usable
+    box only, so the image's one item with max_boxes_per_image=1 is an object view."""
+    Image.new("RGB", (64, 48), (10, 20, 30)).save(tmp_path / "a.png")
+    ProposalStore.write(tmp_path / "p.objcrop", [(
+        "a.png", [[np.nan, 0, 10, 10], [5, 5, 40, 40], [1, 1, 1.5, 30]], [0.9, 0.5, 0.95],
+        (64, 48))])
+    for m in (1, None):
+        ds = ObjectCropDataset(tmp_path, tmp_path / "p.objcrop", photometrics="none", seed=0,
+                               size=16, sampling="per_box", max_boxes_per_image=m)
+        assert len(ds) == 1
+        ds[0]
+        assert ds.recipe.fallbacks.as_dict()["unusable"] == 0
+    index = BoxIndex(ProposalStore(tmp_path / "p.objcrop"), ["a.png"])
+    assert index.counts.tolist() == [1]
+
+
 def test_epoch_length_boxes_cycles_images_with_fresh_crops(folder):
     scene = ObjectCropDataset(folder, folder / "p.objcrop", views="scene_scene", size=16, seed=1,
                               epoch_length="boxes")
