@@ -124,6 +124,35 @@ class FallbackCounter:
         return (FallbackCounter, (self.as_dict(),))
 
 
+class SharedEpoch:
+    """An epoch number that DataLoader workers see change: set in the main process (by
+    ``set_epoch``), read in workers of any start method, persistent ones too (a worker's own
+    copy of a plain attribute keeps the epoch it started with). Pickled other than to a new
+    process it becomes a plain copy of the current value."""
+
+    def __init__(self, value: int = 0) -> None:
+        self._value = mp.RawValue("q", int(value))
+
+    @property
+    def value(self) -> int:
+        return int(self._value.value)
+
+    @value.setter
+    def value(self, value: int) -> None:
+        self._value.value = int(value)
+
+    def __reduce__(self):
+        if mp_context.get_spawning_popen() is not None:
+            return (_rebuild_epoch, (self._value,))
+        return (SharedEpoch, (self.value,))
+
+
+def _rebuild_epoch(value) -> SharedEpoch:
+    epoch = SharedEpoch.__new__(SharedEpoch)
+    epoch._value = value
+    return epoch
+
+
 def _rebuild_shared(values, lock) -> FallbackCounter:
     counter = FallbackCounter.__new__(FallbackCounter)
     counter._values = values

@@ -51,7 +51,7 @@ from ..images import (
 )
 from ..policies import ViewRecipe
 from ..proposals.store import Proposals, ProposalStore
-from ..stats import BadImages, counts_held
+from ..stats import BadImages, SharedEpoch, counts_held
 from .cpu import ViewEngine
 from .photometric import PhotometricSet
 
@@ -246,7 +246,7 @@ class FolderSource:
         self.classes: list[str] = [] if flat or not tops else tops
         self._class_index = {c: i for i, c in enumerate(self.classes)}
         self.seed = seed
-        self.epoch = 0
+        self._epoch = SharedEpoch(0)  # set_epoch reaches persistent workers too
         self.recipe = recipe
         self._schedule: Any = None
         self._synced: int | None = None
@@ -322,6 +322,14 @@ class FolderSource:
     def __len__(self) -> int:
         return self._length
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self._epoch.value = int(epoch)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
@@ -331,12 +339,22 @@ class FolderSource:
             return index
         if not 0 <= index < self._length:
             raise IndexError(f"sample {index} out of range for an epoch of {self._length}")
-        if self._order is None or self._order[0] != self.epoch:
+        base = self._order_seed()
+        if self._order is None or self._order[0] != (base, self.epoch):
             # the same order in every worker and DDP rank: from (seed, epoch) only
-            g = np.random.default_rng(np.random.SeedSequence(
-                [int(self.seed or 0), self.epoch, 0x65706F6368]))
-            self._order = (self.epoch, g.permutation(self._n_items))
+            g = np.random.default_rng(np.random.SeedSequence([base, self.epoch, 0x65706F6368]))
+            self._order = ((base, self.epoch), g.permutation(self._n_items))
         return int(self._order[1][index % self._n_items])
+
+    def _order_seed(self) -> int:
+        """What an epoch's order of items is drawn from besides the epoch: the seed, or with
+        ``seed=None`` the DataLoader's base seed, which its workers share and which changes
+        every epoch and run (in the main process, torch's seed: call ``set_epoch``)."""
+        if self.seed is not None:
+            return int(self.seed)
+        info = torch.utils.data.get_worker_info()
+        base = info.seed - info.id if info is not None else torch.initial_seed()
+        return int(base) & 0xFFFF_FFFF_FFFF_FFFF
 
     def image(self, index: int) -> int:
         """The image (index into ``keys``) sample ``index`` is made from."""

@@ -43,6 +43,45 @@ def test_same_seed_gives_same_views_and_another_seed_other_views(tmp_path):
     assert not all(torch.equal(x, y) for x, y in zip(a[0][0], vb))
 
 
+def _folder_of(tmp_path, n):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (24, 32, 3), dtype=np.uint8)).save(
+            tmp_path / f"img{i:02d}.png")
+    return tmp_path
+
+
+def test_set_epoch_reaches_persistent_workers(tmp_path):
+    """A persistent worker keeps its copy of the dataset: set_epoch in the main process used
+    to leave it at the epoch it started with, so every epoch had the first one's crops."""
+    ds = ObjectCropDataset(_folder_of(tmp_path, 6), None, views="scene_scene",
+                           photometrics="none", seed=3, size=16)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2,
+                                         persistent_workers=True)
+    views = []
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        views.append([v for batch in loader for v in batch[0]])
+    assert not all(torch.equal(a, b) for a, b in zip(*views))
+    # epoch 1's crops in the workers are epoch 1's crops of the main process
+    expected = [torch.stack([ds[i][0][v] for i in range(b, b + 3)])
+                for b in (0, 3) for v in (0, 1)]
+    assert all(torch.equal(a, b) for a, b in zip(views[1], expected))
+
+
+def test_without_a_seed_a_short_epoch_visits_other_images_each_epoch(tmp_path):
+    """seed=None, epoch_length below the images: the epoch's subset followed (seed or 0,
+    epoch), the same images every epoch and run unless set_epoch was called."""
+    ds = ObjectCropDataset(_folder_of(tmp_path, 20), None, views="scene_scene",
+                           photometrics="none", seed=None, size=16, epoch_length=5)
+    loader = torch.utils.data.DataLoader(ds, batch_size=5, num_workers=2)
+    torch.manual_seed(0)
+    visited = [sorted(int(k[3:5]) for k in next(iter(loader))[2]) for _ in range(3)]
+    assert len({tuple(v) for v in visited}) == 3, visited
+
+
 def test_dataset_item_and_targets_follow_folder_layout(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / cls).mkdir()
