@@ -117,8 +117,13 @@ def import_to_store(importer: Any, out_path: PathLike, meta: dict[str, Any] | No
                     "entry per image."
                 ) from None
         if not len(writer):
-            missing = getattr(importer, "missing", None)
-            why = (f"all {len(missing)} images it lists are missing" if missing
+            missing = getattr(importer, "missing", None) or []
+            unreadable = getattr(importer, "unreadable", None) or []
+            why = (f"{len(missing)} of the images it lists are missing and {len(unreadable)} "
+                   "cannot be read" if missing and unreadable
+                   else f"all {len(missing)} images it lists are missing" if missing
+                   else f"all {len(unreadable)} images it lists cannot be read (first: "
+                        f"{unreadable[0]})" if unreadable
                    else "no records: is it empty?")
             raise ValueError(
                 f"{getattr(importer, 'path', importer)}: nothing to import ({why}); {out_path} "
@@ -129,6 +134,10 @@ def import_to_store(importer: Any, out_path: PathLike, meta: dict[str, Any] | No
     missing = getattr(importer, "missing", None)
     if missing:
         log.info("%s: %d images skipped as missing", out_path, len(missing))
+    unreadable = getattr(importer, "unreadable", None)
+    if unreadable:
+        log.warning("%s: %d images skipped as unreadable (first: %s); they get no proposals",
+                    out_path, len(unreadable), unreadable[0])
     return count
 
 

@@ -357,6 +357,29 @@ def test_openimages_boxes_sizes_exif_and_missing(tmp_path, caplog):
     np.testing.assert_array_equal(recs[0].boxes, [[10, 2, 30, 10], [20, 10, 40, 20]])
 
 
+def test_openimages_import_says_how_many_images_it_could_not_read(tmp_path, caplog):
+    from objcrop_plugin.proposals.importer_base import import_to_store
+
+    root = tmp_path / "train"
+    _oi_images(root)
+    (root / "broken.jpg").write_bytes(b"not a jpeg")
+    csv = tmp_path / "boxes.csv"
+    csv.write_text(_OI_HEADER + "img1,xclick,/m/01,1,0.25,0.75,0.1,0.5,0,0,0,0,0\n"
+                   + "broken,xclick,/m/01,1,0.0,0.5,0.25,1.0,0,0,0,0,0\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        n = import_to_store(OpenImagesImporter(csv, tmp_path, "train/{image_id}.jpg"),
+                            tmp_path / "p.objcrop")
+    assert n == 1
+    assert "1 images skipped as unreadable (first: train/broken.jpg)" in caplog.text
+    only_broken = tmp_path / "broken.csv"
+    only_broken.write_text(_OI_HEADER + "broken,xclick,/m/01,1,0.0,0.5,0.25,1.0,0,0,0,0,0\n",
+                           encoding="utf-8")
+    with pytest.raises(ValueError, match=r"all 1 images it lists cannot be read \(first: "
+                                         r"train/broken\.jpg\)"):
+        import_to_store(OpenImagesImporter(only_broken, tmp_path, "train/{image_id}.jpg"),
+                        tmp_path / "q.objcrop")
+
+
 def test_openimages_without_confidence_and_with_sizes(tmp_path):
     csv = tmp_path / "boxes.csv"
     # columns found by name, in any order; no Confidence column: scores 1.0
