@@ -534,38 +534,6 @@ def scan_images(
     return rows
 
 
-def sizes_match_none(
-    pairs: Iterable[tuple[str, str | os.PathLike[str]]],
-    stored_size: Callable[[str], tuple[int, int] | None],
-    limit: int = 32,
-) -> str | None:
-    """Whether a proposal store was built for other images: of up to ``limit`` ``(key, path)``
-    with an entry (``stored_size(key)`` not ``None``) and a readable header, every stored size
-    has another aspect ratio than the image (every sample would take scene crops). ``None``
-    when one agrees or none could be checked, else an example for the error message."""
-    checked, example = 0, None
-    for key, path in pairs:
-        if checked >= limit:
-            break
-        stored = stored_size(key)
-        if stored is None:
-            continue
-        try:
-            opened = open_image(path)
-        except ImageDecodeError:
-            continue
-        size = opened.size
-        opened.image.close()
-        checked += 1
-        if size_mismatch(stored, size) is None:
-            return None
-        if example is None:
-            example = (f"'{key}': stored {stored[0]}x{stored[1]}, image {size[0]}x{size[1]}")
-    if not checked:
-        return None
-    return f"{checked} of {checked} images checked (e.g. {example})"
-
-
 def write_bad_list(
     path: str | os.PathLike[str], rows: Iterable[Sequence[str]], header: Sequence[str]
 ) -> Path:

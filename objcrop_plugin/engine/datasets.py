@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 
 from .._random import SEED_HIGH, sample_rng
+from ..boxes import valid_mask
 from ..images import (
     IMAGE_EXTENSIONS,
     ImageDecodeError,
@@ -102,8 +103,6 @@ def _rank(scores: np.ndarray) -> np.ndarray:
 def _usable_ranked(proposals: Proposals) -> np.ndarray:
     """Indices of the usable boxes (:func:`~objcrop_plugin.boxes.valid_mask` in the stored
     image: finite, at least 2 px a side once clipped), best first."""
-    from ..boxes import valid_mask
-
     order = _rank(proposals.scores)
     return order[valid_mask(proposals.boxes, proposals.image_size)[order]]
 
@@ -153,7 +152,7 @@ class BoxIndex:
         for j, key in enumerate(keys):
             props = store.get(key)
             if props is not None:  # a box no view can be cut from makes no item
-                counts[j] = len(_usable_ranked(props))
+                counts[j] = int(valid_mask(props.boxes, props.image_size).sum())
         if max_boxes_per_image is not None:
             counts = np.minimum(counts, int(max_boxes_per_image))
         self.counts = counts

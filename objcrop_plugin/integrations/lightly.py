@@ -65,6 +65,7 @@ __all__ = ["ObjectAwareCollate", "ObjectAwareDataset"]
 
 log = logging.getLogger(__name__)
 
+
 def _open_store(proposals: ProposalStore | str | os.PathLike[str] | None) -> ProposalStore | None:
     if proposals is None or isinstance(proposals, ProposalStore):
         return proposals

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import mmap
 import os
 import stat
@@ -52,6 +53,8 @@ import numpy as np
 
 from .. import boxes as box_ops
 from ..files import OutputKind, atomic_write, normalize_key
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "STORE_KIND",
@@ -130,12 +133,42 @@ def files_changed(store: ProposalStore, root: str | os.PathLike[str]) -> tuple[i
     return changed, compared, example
 
 
-def warn_if_files_changed(store: ProposalStore, root: str | os.PathLike[str], log: Any) -> int:
+def sizes_fit_none(store: ProposalStore, pairs: Iterable[tuple[str, str | os.PathLike[str]]],
+                   limit: int = 32) -> str | None:
+    """Whether ``store`` was built for other images: of up to ``limit`` ``(key, path)`` with
+    an entry and a readable header, every stored size has another aspect ratio than the
+    image (every sample would take scene crops). ``None`` when one agrees or none could be
+    checked, else an example for the error message."""
+    from ..images import ImageDecodeError, open_image
+
+    checked, example = 0, None
+    for key, path in pairs:
+        if checked >= limit:
+            break
+        props = store.get(key)
+        if props is None:
+            continue
+        try:
+            opened = open_image(path)
+        except ImageDecodeError:
+            continue
+        size = opened.size
+        opened.image.close()
+        checked += 1
+        if box_ops.size_mismatch(props.image_size, size) is None:
+            return None
+        if example is None:
+            (sw, sh), (w, h) = props.image_size, size
+            example = f"'{key}': stored {sw}x{sh}, image {w}x{h}"
+    return None if not checked else f"{checked} of {checked} images checked (e.g. {example})"
+
+
+def warn_if_files_changed(store: ProposalStore, root: str | os.PathLike[str]) -> int:
     """Log a warning when images a store's build recorded (:func:`file_sample`) have another
     file size under ``root`` now; the number changed."""
     changed, compared, example = files_changed(store, root)
     if changed:
-        log.warning(
+        _log.warning(
             "%s: %d of the %d images it recorded at its build have another file size in %s "
             "(e.g. %s): %s. Fix: rebuild the store if these are other images",
             store.path, changed, compared, root, example,

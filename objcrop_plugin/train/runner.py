@@ -153,16 +153,10 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
             "must be paths relative to data.train_path; rebuild the store from that folder"
         )
     if store is not None:
-        from ..images import sizes_match_none
+        from ..proposals.store import sizes_fit_none, warn_if_files_changed
 
-        def stored_size(key: str) -> tuple[int, int] | None:
-            props = store.get(key)
-            return None if props is None else props.image_size
-
-        from ..proposals.store import warn_if_files_changed
-
-        warn_if_files_changed(store, root, log)
-        none = sizes_match_none(((k, root / k) for k in keys), stored_size)
+        warn_if_files_changed(store, root)
+        none = sizes_fit_none(store, ((k, root / k) for k in keys))
         if none is not None:
             raise RecipeError(
                 f"data.proposals: {cfg.data.proposals} was built for other images: the stored "
@@ -278,10 +272,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
     return ckpt
 
 
-def _resume_epoch(ckpt: dict[str, Any]) -> int:
-    """The epoch Lightning resumes a checkpoint in: what it passes to ``set_epoch``. A step
-    checkpoint taken on an epoch's last batch (before the epoch's end hooks) resumes in the
-    next epoch, as Lightning's fit loop counts it."""
+def _resume_position(ckpt: dict[str, Any]) -> tuple[int, int]:
+    """Where Lightning resumes a checkpoint: ``(epoch, batches)``, the epoch it passes to
+    ``set_epoch`` and how many of that epoch's batches a step checkpoint
+    (``checkpoint_every_n_steps``) has trained, which the sampler must leave out (0 at an
+    epoch's end). A step checkpoint taken on an epoch's last batch (before the epoch's end
+    hooks) resumes at the next epoch's start, as Lightning's fit loop counts it; a batch
+    saved at its end (before its completion) counts as done."""
     try:
         loop = ckpt["loops"]["fit_loop"]
         epochs = loop["epoch_progress"]
@@ -291,38 +288,17 @@ def _resume_epoch(ckpt: dict[str, Any]) -> int:
         mid_epoch = (total["started"] == total["ready"]
                      and total["processed"] == total["started"] - 1
                      and total["completed"] == total["processed"])
-        on_batch_end = bool(done) and (done["started"] == done["ready"]
-                                       and done["processed"] == done["started"]
-                                       and done["completed"] == done["processed"] - 1)
-        if mid_epoch and on_batch_end and batches.get("is_last_batch"):
-            epoch += 1
-        return epoch
-    except (KeyError, TypeError, ValueError):
-        return int(ckpt.get("epoch", 0) or 0)
-
-
-def _resume_batches(ckpt: dict[str, Any]) -> int:
-    """How many batches of the resumed epoch a step checkpoint (``checkpoint_every_n_steps``)
-    has trained: the batches Lightning counts as done when it resumes it, which the sampler
-    must leave out (0 for a checkpoint at an epoch's end)."""
-    try:
-        loop = ckpt["loops"]["fit_loop"]
-        total = loop["epoch_progress"]["total"]
-        mid_epoch = (total["started"] == total["ready"]
-                     and total["processed"] == total["started"] - 1
-                     and total["completed"] == total["processed"])
-        batches = loop.get("epoch_loop.batch_progress") or {}
-        if not mid_epoch or not batches:
-            return 0
-        done, cur = batches["total"], batches["current"]
-        on_batch_end = (done["started"] == done["ready"] and done["processed"] == done["started"]
+        if not mid_epoch or not done:
+            return epoch, 0
+        on_batch_end = (done["started"] == done["ready"]
+                        and done["processed"] == done["started"]
                         and done["completed"] == done["processed"] - 1)
         if on_batch_end and batches.get("is_last_batch"):
-            return 0  # resumes at the next epoch's start (see _resume_epoch)
-        # Lightning counts a batch saved at its end (before its completion) as done
-        return int(cur["processed"] if on_batch_end else cur["completed"])
+            return epoch + 1, 0
+        cur = batches["current"]
+        return epoch, int(cur["processed"] if on_batch_end else cur["completed"])
     except (KeyError, TypeError, ValueError):
-        return 0
+        return int(ckpt.get("epoch", 0) or 0), 0
 
 
 def _checkpoint_io(preloaded: dict[str, dict[str, Any]] | None = None) -> Any:
@@ -733,8 +709,7 @@ def train(
                 f"ranks' share ({per_rank}) of the {_samples(dataset)} of an epoch: no batch "
                 "would be trained; lower it (it is the batch of one rank)"
             )
-        epoch = _resume_epoch(picked[1]) if picked is not None else 0
-        done = _resume_batches(picked[1]) if picked is not None else 0
+        epoch, done = _resume_position(picked[1]) if picked is not None else (0, 0)
         loader = build_loader(cfg, dataset, trainer.world_size, epoch, done)
         if online_cb is not None:
             if picked is not None:

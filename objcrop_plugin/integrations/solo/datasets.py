@@ -215,15 +215,12 @@ def unwrap_solo_dataset(dataset: Any) -> Any:
 
 
 def _check_sizes(dataset: ObjectAwareSoloDataset, store: ProposalStore, probe: list[int]) -> None:
-    """Refuse a store whose stored image sizes fit none of the images checked."""
-    from ...images import sizes_match_none
+    """Refuse a store whose stored image sizes fit none of the images checked; warn when the
+    images its build recorded changed (:func:`~objcrop_plugin.proposals.store.file_sample`)."""
+    from ...proposals.store import sizes_fit_none, warn_if_files_changed
 
-    def stored_size(key: str) -> tuple[int, int] | None:
-        props = store.get(key)
-        return None if props is None else props.image_size
-
-    pairs = ((dataset.key(i), dataset.item(i)[0]) for i in probe)
-    none = sizes_match_none(pairs, stored_size)
+    warn_if_files_changed(store, dataset.key_root)
+    none = sizes_fit_none(store, ((dataset.key(i), dataset.item(i)[0]) for i in probe))
     if none is not None:
         raise SoloConfigError(
             f"data.proposals: {store.path} was built for other images: the stored image size "
@@ -247,9 +244,6 @@ def check_keys(dataset: ObjectAwareSoloDataset, store: ProposalStore, strict: bo
     keys = [dataset.key(i) for i in probe]
     missing = [k for k in keys if k not in store]
     _check_sizes(dataset, store, probe)
-    from ...proposals.store import warn_if_files_changed
-
-    warn_if_files_changed(store, dataset.key_root, log)
     if not missing:
         return 1.0
     found = 1.0 - len(missing) / len(keys)
