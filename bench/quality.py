@@ -14,8 +14,10 @@ trained, refreshed every 20%: the same total budget as every other run); ``--sou
 initial`` adds ``obj_obj_dilate@initial`` (heat-map boxes from the initial weights, computed
 before the first epoch and kept for the whole run), ``online_no_warmup`` the online run with
 no warm-up (the initial weights' boxes, then refreshed; how ``crop.proposals: online`` starts
-by default when no ``data.proposals`` is given). Every run of a seed starts from the same
-initialisation and sees the same batches.
+by default when no ``data.proposals`` is given). ``obj_obj_dilate:rank@SOURCE`` draws each
+sample's box with probability proportional to one over its rank instead of uniformly among the
+top 10 (``crop.params.weighting: rank``; reported as ``<source>_rank_...``). Every run of a
+seed starts from the same initialisation and sees the same batches.
 
 Prints one table per seed, a summary (mean and standard deviation over seeds) and a last line
 
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run obj_obj_dilate:per_box (oracle boxes, one sample per "
                         "box as the released code, at the per-image runs' number of steps)")
     parser.add_argument("--runs", nargs="+", default=None,
-                        help="run only these (demo run names; default: the full comparison)")
+                        help="run only these (demo run names, e.g. obj_obj_dilate@heatmap or "
+                        "obj_obj_dilate:rank@heatmap; default: the full comparison)")
     parser.add_argument("--domain", default="demo", choices=["demo", "photo"],
                         help="synthetic data domain (photo: flat shapes on photo crops)")
     parser.add_argument("--recall", action="store_true",
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append("obj_obj_dilate:per_box")
     if args.runs:
         runs = list(args.runs)
-        sources = [s for s in sources if f"obj_obj_dilate@{s}" in runs]
+        sources = [s for s in sources if any(r.partition("@")[2] == s for r in runs)]
     params = {s: {"top_k": 10} for s in sources if s not in SELF_SOURCES}
     if "bing" in params:
         params["bing"]["model_dir"] = str(args.bing_model)
@@ -220,8 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if "obj_scene" in runs:
         parts.append(f"obj_scene_map={mean(maps('obj_scene'))}")
-    for s in sources:
-        run = f"obj_obj_dilate@{s}"
+    for run in runs:
+        views, _, s = run.partition("@")
+        views, _, variant = views.partition(":")
+        if not s or views != "obj_obj_dilate" or variant == "per_box":
+            continue
+        s = f"{s}_{variant}" if variant else s  # heatmap_rank for obj_obj_dilate:rank@heatmap
         kept = summary[run]["gain_kept"]
         spread = summary[run]["gain_kept_per_seed"]
         parts += [f"{s}_map={mean(maps(run))}",

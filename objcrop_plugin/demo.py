@@ -314,7 +314,9 @@ def run_demo(
             ``@online_no_warmup`` (the same with no warm-up) or ``@initial`` (boxes from the
             initial weights, fixed: :func:`initial_settings`);
             ``VIEWS:per_box`` (optionally with ``@SOURCE``) samples one item per box, as the
-            paper's released code, for the per-image runs' number of steps.
+            paper's released code, for the per-image runs' number of steps; ``VIEWS:rank``
+            draws each sample's box with probability proportional to one over its rank
+            (``crop.params.weighting: rank``) instead of uniformly among the top 10.
         proposal_params: a generator's parameters by name (e.g.
             ``{"bing": {"model_dir": ...}}``).
         domain: the synthetic data's domain (see ``render_scene``): ``"demo"`` or
@@ -345,10 +347,11 @@ def run_demo(
         raise TypeError(f"unknown demo settings {sorted(unknown)}; known: {sorted(BUDGETS[budget])}")
     for name in runs:
         views, _, source = name.partition("@")
-        views, _, sampling = views.partition(":")
-        if sampling not in ("", "per_box") or (sampling and views in ("random", "scene_scene")):
-            raise ValueError(f"unknown run {name!r}: ':per_box' is the only sampling suffix, "
-                             "for object-aware views (e.g. obj_obj_dilate:per_box)")
+        views, _, variant = views.partition(":")
+        if variant not in ("", "per_box", "rank") or (variant and views in ("random",
+                                                                            "scene_scene")):
+            raise ValueError(f"unknown run {name!r}: ':per_box' and ':rank' are the only "
+                             "suffixes, for object-aware views (e.g. obj_obj_dilate:per_box)")
         if views not in VIEWS or (views in ("random", "scene_scene") and source):
             raise ValueError(
                 f"unknown run {name!r}; choose among {VIEWS}, object-aware ones optionally "
@@ -437,21 +440,27 @@ def run_demo(
         return {"data": {"sampling": "per_box"},
                 "trainer": {"epochs": -(-steps // per_epoch), "max_steps": steps}}
 
+    def ranked(views: str) -> dict[str, dict[str, Any]]:
+        # the box of rank r drawn in proportion to 1/r instead of uniformly among the top-k
+        return {"crop": {"params": {**_crop_params(views, cfg), "weighting": "rank"}}}
+
     def _run(name: str) -> dict[str, Any]:
         views, _, source = name.partition("@")
-        views, _, sampling = views.partition(":")
+        views, _, variant = views.partition(":")
         net = _backbone(cfg["model"], seed)  # same initialisation for every run
         info: dict[str, Any] = {"pretrain_seconds": 0.0}
         if views != "random":
             store = store_for(source or "gt")
             log(f"pretraining {cfg['model']} with SimCLR, views={views}, "
                 f"proposals={source or 'oracle (ground-truth) boxes'}"
-                + (f", sampling={sampling}" if sampling else ""))
+                + (", sampling=per_box" if variant == "per_box" else "")
+                + (", proposal choice weighted by rank" if variant == "rank" else ""))
             tr = pretrain_simclr(net, ds.root, store, train_keys, views, cfg, seed, log,
                                  out_dir=run_dir(out, name),
                                  online=SELF_SOURCES[source](cfg) if source in SELF_SOURCES
                                  else None,
-                                 extra=per_box_budget(store) if sampling == "per_box" else None)
+                                 extra=per_box_budget(store) if variant == "per_box"
+                                 else ranked(views) if variant == "rank" else None)
             info.update(
                 pretrain_seconds=round(tr["seconds"], 1),
                 images_per_s=round(tr["images_per_s"], 1),

@@ -336,14 +336,23 @@ class ObjectDilatedPolicy(ObjectPolicy):
         return box_ops.dilate(box, image_size, self.dilation, self.dilation_mode)
 
 
+#: how a proposal is drawn among the top-k (:class:`ProposalChoice`)
+WEIGHTINGS = ("uniform", "rank")
+
+
 @dataclass
 class ProposalChoice:
-    """How a sample's proposal is chosen: uniformly among the top-k usable boxes by score.
+    """How a sample's proposal is chosen: among the top-k usable boxes by score, uniformly (the
+    paper) or weighted by rank.
 
     Args:
         top_k: how many of the best-scored usable boxes to draw from (paper: 10).
         min_area, max_area: keep boxes whose clipped area, as a fraction of the image area, lies
             in ``[min_area, max_area]``.
+        weighting: ``"uniform"`` (the paper: each of the top-k equally likely) or ``"rank"``
+            (the box of rank ``r`` drawn with probability proportional to ``1 / r``: of ten
+            boxes the best is drawn 34% of the time, the tenth 3%; every box stays drawable).
+            Ranks follow the scores; without scores, the boxes' stored order.
 
     A box is usable when it is finite and, clipped to the image, at least 2 px per side.
     """
@@ -351,12 +360,23 @@ class ProposalChoice:
     top_k: int = 10
     min_area: float = 0.0
     max_area: float = 1.0
+    weighting: Literal["uniform", "rank"] = "uniform"
 
     def __post_init__(self) -> None:
-        if int(self.top_k) < 1:
+        if isinstance(self.top_k, bool) or int(self.top_k) < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k!r}")
         self.top_k = int(self.top_k)
         self.min_area, self.max_area = _pair((self.min_area, self.max_area), "min_area/max_area")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {', '.join(map(repr, WEIGHTINGS))}, "
+                             f"got {self.weighting!r}")
+
+    def draw(self, candidates: np.ndarray, rng: np.random.Generator) -> int:
+        """One of ``candidates`` (as :meth:`candidates` returns them, best first)."""
+        if self.weighting == "rank" and len(candidates) > 1:
+            w = 1.0 / np.arange(1, len(candidates) + 1, dtype=np.float64)
+            return int(candidates[rng.choice(len(candidates), p=w / w.sum())])
+        return int(rng.choice(candidates))
 
     def candidates(self, image_size: Size, boxes: np.ndarray, scores: np.ndarray | None) -> np.ndarray:
         """Indices of the boxes that may be drawn, best score first."""
@@ -483,14 +503,14 @@ class ViewRecipe:
                     self._fallback(
                         "unusable", key, f"none of its {len(b)} proposals is usable"
                     )
-        shared = int(rng.choice(candidates)) if len(candidates) else None
+        shared = self.choice.draw(candidates, rng) if len(candidates) else None
 
         windows: list[CropWindow] = []
         for spec in self.views:
             pol = spec.policy
             idx = None
             if pol.needs_proposal and shared is not None:
-                idx = int(rng.choice(candidates)) if self.proposal_per_view else shared
+                idx = self.choice.draw(candidates, rng) if self.proposal_per_view else shared
                 box = pol.sample(image_size, b[idx], rng)
                 name, fell_back = pol.name, False
             elif pol.needs_proposal:
@@ -576,6 +596,7 @@ def _recipe_options(kwargs: dict[str, Any]) -> dict[str, Any]:
         top_k=kwargs.pop("top_k", 10),
         min_area=kwargs.pop("min_area", 0.0),
         max_area=kwargs.pop("max_area", 1.0),
+        weighting=kwargs.pop("weighting", "uniform"),
     )
     opts: dict[str, Any] = {"choice": choice}
     for k in ("strict", "shuffle_globals", "proposal_per_view"):
@@ -633,8 +654,8 @@ def make_recipe(spec: Any = "obj_obj_dilate", **kwargs: Any) -> ViewRecipe:
         opts = _recipe_options(kw)
         policy = _call_with(
             factory, spec, kw,
-            extra=("size", "n_views", "top_k", "min_area", "max_area", "strict", "shuffle_globals",
-                   "proposal_per_view"),
+            extra=("size", "n_views", "top_k", "min_area", "max_area", "weighting", "strict",
+                   "shuffle_globals", "proposal_per_view"),
         )
         return ViewRecipe([ViewSpec(policy, size) for _ in range(n_views)], name=spec, **opts)
     recipe = _call_with(factory, spec, kwargs)
@@ -676,6 +697,7 @@ def obj_scene(
     top_k: int = 10,
     min_area: float = 0.0,
     max_area: float = 1.0,
+    weighting: Literal["uniform", "rank"] = "uniform",
     shuffle_globals: bool = True,
     strict: bool = False,
 ) -> ViewRecipe:
@@ -685,7 +707,7 @@ def obj_scene(
         ObjectPolicy(object_scale, ratio, min_size, min_size_grow),
         ScenePolicy(scene_scale, ratio),
         size,
-        choice=ProposalChoice(top_k, min_area, max_area),
+        choice=ProposalChoice(top_k, min_area, max_area, weighting),
         shuffle_globals=shuffle_globals,
         strict=strict,
     )
@@ -700,12 +722,14 @@ def obj_obj(
     top_k: int = 10,
     min_area: float = 0.0,
     max_area: float = 1.0,
+    weighting: Literal["uniform", "rank"] = "uniform",
     strict: bool = False,
 ) -> ViewRecipe:
     """Obj-Obj: both views are RandomResizedCrops inside the same proposal."""
     pol = ObjectPolicy(scale, ratio, min_size, min_size_grow)
     return _two_views(
-        "obj_obj", pol, pol, size, choice=ProposalChoice(top_k, min_area, max_area), strict=strict
+        "obj_obj", pol, pol, size, choice=ProposalChoice(top_k, min_area, max_area, weighting),
+        strict=strict,
     )
 
 
@@ -721,6 +745,7 @@ def obj_obj_dilate(
     top_k: int = 10,
     min_area: float = 0.0,
     max_area: float = 1.0,
+    weighting: Literal["uniform", "rank"] = "uniform",
     shuffle_globals: bool = True,
     strict: bool = False,
     released_code: bool = False,
@@ -755,7 +780,7 @@ def obj_obj_dilate(
         ObjectPolicy(object_scale, ratio, min_size, min_size_grow),
         ObjectDilatedPolicy(dilated_scale, ratio, dilation, dilation_mode, min_size, min_size_grow),
         size,
-        choice=ProposalChoice(top_k, min_area, max_area),
+        choice=ProposalChoice(top_k, min_area, max_area, weighting),
         shuffle_globals=shuffle_globals,
         strict=strict,
     )
@@ -773,6 +798,7 @@ def multi_crop(
     top_k: int = 10,
     min_area: float = 0.0,
     max_area: float = 1.0,
+    weighting: Literal["uniform", "rank"] = "uniform",
     proposal_per_view: bool = False,
     strict: bool = False,
 ) -> ViewRecipe:
@@ -800,7 +826,7 @@ def multi_crop(
     views += [ViewSpec(lpol, _out_size(local_size), local=True) for _ in range(n_local)]
     return ViewRecipe(
         views,
-        choice=ProposalChoice(top_k, min_area, max_area),
+        choice=ProposalChoice(top_k, min_area, max_area, weighting),
         proposal_per_view=proposal_per_view,
         strict=strict,
         name="multi_crop",

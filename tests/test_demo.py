@@ -76,6 +76,29 @@ def test_runs_with_generated_proposals_and_obj_scene(quick_run, tmp_path):
         run_demo(tmp_path / "bad", budget="quick", runs=["scene_scene@bing"], log=lambda s: None)
 
 
+def test_a_rank_weighted_run_draws_its_boxes_by_rank(quick_run, tmp_path):
+    """``VIEWS:rank@SOURCE``: the recipe's proposal choice is weighted by rank; the other crop
+    parameters stay the demo's."""
+    import yaml
+
+    from objcrop_plugin.demo import run_dir
+
+    root, _, _ = quick_run
+    out = tmp_path / "out"
+    res = run_demo(out, budget="quick", seed=0, data_dir=root / "data",
+                   runs=["obj_obj_dilate:rank@graph_segments", "obj_obj_dilate@graph_segments"],
+                   log=lambda s: None)
+    params = {n: yaml.safe_load((run_dir(out, n) / "config.yaml").read_text())["crop"]["params"]
+              for n in res["runs"]}
+    ranked, uniform = params["obj_obj_dilate:rank@graph_segments"], params[
+        "obj_obj_dilate@graph_segments"]
+    assert ranked.pop("weighting") == "rank" and "weighting" not in uniform
+    assert ranked == uniform
+    assert all(math.isfinite(r["map"]) for r in res["runs"].values())
+    with pytest.raises(ValueError, match="':per_box' and ':rank' are the only suffixes"):
+        run_demo(tmp_path / "bad", budget="quick", runs=["scene_scene:rank"], log=lambda s: None)
+
+
 def test_unknown_setting_and_budget_are_refused(tmp_path):
     with pytest.raises(TypeError, match="unknown demo settings"):
         run_demo(tmp_path, budget="quick", epoch=3)

@@ -395,6 +395,60 @@ def test_only_top_k_usable_proposals_by_score_are_chosen_uniformly():
     assert all(650 < c < 850 for c in counts.values()), counts  # uniform among the top 4
 
 
+def test_rank_weighting_draws_the_box_of_rank_r_in_proportion_to_one_over_r():
+    rng = np.random.default_rng(1)
+    size = (800, 600)
+    xy = rng.uniform(0, 500, size=(12, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(20, 90, size=(12, 2))], axis=1)
+    scores = rng.permutation(12).astype(float)
+    best = np.argsort(-scores)
+    boxes[best[0]] = [np.nan, 0, 10, 10]  # unusable: not a rank
+    n = 6000
+    for recipe in (make_recipe("obj_obj_dilate", top_k=4, weighting="rank"),
+                   make_recipe("object", top_k=4, weighting="rank"),
+                   make_recipe(["object", "object_dilated"], top_k=4, weighting="rank")):
+        counts = _chosen(recipe, size, boxes, scores, n=n)
+        assert set(counts) == set(best[1:5].tolist())
+        expected = np.array([1, 1 / 2, 1 / 3, 1 / 4]) / (1 + 1 / 2 + 1 / 3 + 1 / 4)
+        observed = np.array([counts[i] for i in best[1:5]]) / n
+        # 0.48, 0.24, 0.16, 0.12; binomial sd <= 0.0065
+        assert np.abs(observed - expected).max() < 0.03, (observed, expected)
+        assert recipe.choice.weighting == "rank"
+    # every view of a sample still comes from the one drawn box
+    windows = make_recipe("obj_obj_dilate", weighting="rank")(size, boxes, scores,
+                                                               rng=np.random.default_rng(0))
+    assert len({w.proposal for w in windows}) == 1
+
+
+def test_rank_weighting_per_view_draws_and_follows_the_stored_order_without_scores():
+    boxes = np.array([[i * 10.0, 0.0, i * 10.0 + 8.0, 8.0] for i in range(3)])
+    recipe = make_recipe(["object", "object"], weighting="rank", proposal_per_view=True)
+    rng = np.random.default_rng(0)
+    per_view = Counter(w.proposal for _ in range(3000) for w in recipe((40, 20), boxes, None, rng))
+    # ranks 1, 2, 3 in the stored order: 6/11, 3/11, 2/11 of 6000 views
+    assert abs(per_view[0] / 6000 - 6 / 11) < 0.03 and abs(per_view[2] / 6000 - 2 / 11) < 0.03
+    # a single usable box is drawn whatever the weighting
+    one = make_recipe("obj_obj", weighting="rank")((40, 20), boxes[:1], None, rng)
+    assert [w.proposal for w in one] == [0, 0]
+
+
+def test_uniform_weighting_is_the_default_and_a_bad_weighting_names_the_choices():
+    assert make_recipe("obj_obj_dilate").choice.weighting == "uniform"
+    size, boxes = (200, 20), np.array([[i * 10.0, 0.0, i * 10.0 + 8.0, 8.0] for i in range(15)])
+    scores = np.arange(15, dtype=float)
+    # the default and an explicit uniform draw the same windows from the same stream
+    a = [make_recipe("obj_obj_dilate")(size, boxes, scores, rng=np.random.default_rng(s))
+         for s in range(20)]
+    b = [make_recipe("obj_obj_dilate", weighting="uniform")(size, boxes, scores,
+                                                            rng=np.random.default_rng(s))
+         for s in range(20)]
+    assert a == b
+    with pytest.raises(ValueError, match=r"weighting must be one of 'uniform', 'rank', got 'score'"):
+        make_recipe("obj_obj_dilate", weighting="score")
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        ProposalChoice(weighting="Rank")
+
+
 def test_top_k_default_is_the_papers_ten():
     assert make_recipe("obj_obj_dilate").choice.top_k == 10
     boxes = np.array([[i * 10.0, 0.0, i * 10.0 + 8.0, 8.0] for i in range(15)])

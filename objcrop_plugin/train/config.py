@@ -432,6 +432,12 @@ def _check_sampling(cfg: RecipeConfig, online: bool) -> None:
                 "change during training). Fix: crop.proposals: null, or data.sampling: "
                 "per_image and data.epoch_length: images"
             )
+    if d.sampling == "per_box" and (cfg.crop.params or {}).get("weighting", "uniform") != "uniform":
+        raise RecipeError(
+            "crop.params.weighting chooses among an image's boxes, but with data.sampling: "
+            "per_box each sample is one box already. Fix: data.sampling: per_image, or drop "
+            "crop.params.weighting"
+        )
     if isinstance(d.epoch_length, int) and d.epoch_length < 1:
         raise RecipeError(f"data.epoch_length must be images, boxes or an integer >= 1, got "
                           f"{d.epoch_length}")

@@ -102,6 +102,9 @@ BASE = {"data": {"train_path": "imgs", "proposals": "p.objcrop"}}
     ({"sampling": "per_box", "max_boxes_per_image": 0}, "object_aware",
      r"data\.max_boxes_per_image must be >= 1"),
     ({"epoch_length": 0}, "object_aware", r"data\.epoch_length must be"),
+    ({"sampling": "per_box"}, {"type": "object_aware", "params": {"weighting": "rank"}},
+     r"crop\.params\.weighting chooses among an image's boxes, but with data\.sampling: "
+     r"per_box each sample is one box already\. Fix"),
     ({"sampling": "per_bbox"}, "object_aware", r"data\.sampling: expected one of 'per_image'"),
     ({"epoch_length": "box"}, "object_aware", r"data\.epoch_length: expected"),
 ])

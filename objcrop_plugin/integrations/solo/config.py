@@ -29,13 +29,15 @@ Recipe keys (all optional; an entry without ``crop`` keeps solo-learn's RandomRe
       top_k: 10
       min_area: 0.0
       max_area: 1.0
+      weighting: uniform             # or rank: the box of rank r drawn in proportion to 1/r
       shuffle_views: true            # shuffle the object-aware large views (the paper does)
       proposal_per_view: false       # one proposal per sample (the paper) or per view
       strict: false                  # raise instead of falling back to a scene crop
       canvas: null                   # gpu: images shrunk to this square in the workers
 
 All object-aware views of one sample are cut from the *same* proposal (Obj-Obj+Dilate's two
-views come from one box), drawn uniformly among the image's ``top_k`` best. With
+views come from one box), drawn uniformly among the image's ``top_k`` best (or, with
+``weighting: rank``, in proportion to one over the box's rank). With
 ``data.sampling: per_box`` a sample is one stored box instead (the paper's released code: an
 epoch visits every box, ~12 per OpenImages image), and its object-aware views are cut from that
 box; images without boxes are not sampled.
@@ -52,7 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...policies import CropPolicy, ProposalChoice, ViewRecipe, ViewSpec, make_policy
+from ...policies import WEIGHTINGS, CropPolicy, ProposalChoice, ViewRecipe, ViewSpec, make_policy
 from ...proposals.store import ProposalStore, StoreFormatError
 from ...registry import RegistryError, load_policy
 from .errors import SoloConfigError
@@ -63,7 +65,8 @@ log = logging.getLogger("objcrop_plugin")
 
 _FOLDER_DATASETS = ("custom", "imagenet", "imagenet100")
 #: recipe-wide settings: in the top-level ``crop`` node or in any entry's ``crop`` mapping
-_RECIPE_KEYS = ("top_k", "min_area", "max_area", "strict", "shuffle_views", "proposal_per_view")
+_RECIPE_KEYS = ("top_k", "min_area", "max_area", "weighting", "strict", "shuffle_views",
+                "proposal_per_view")
 _GLOBAL_KEYS = (*_RECIPE_KEYS, "engine", "canvas")
 _ENGINES = ("cpu", "gpu")
 _SAMPLINGS = ("per_image", "per_box")
@@ -394,6 +397,11 @@ def parse_object_aware(cfg: Any, check_paths: bool = True) -> ObjectAwareConfig:
         max_failure_rate=_failure_rate(data),
         **_sampling(data),
     )
+    if plan.sampling == "per_box" and choice.weighting != "uniform":
+        raise SoloConfigError(
+            "crop.weighting chooses among an image's boxes, but with data.sampling: per_box "
+            "each sample is one box already. Fix: data.sampling=per_image, or drop crop.weighting"
+        )
     if not plan.enabled:
         if plan.sampling == "per_box":
             raise SoloConfigError(
@@ -475,8 +483,16 @@ def _choice(settings: Mapping[str, Any], found: list[tuple[str, dict[str, Any]]]
             f"{where('min_area')}={min_area!r} is above {where('max_area')}={max_area!r}: no "
             "proposal could be drawn. Fix: min_area <= max_area (fractions of the image area)"
         )
+    weighting = settings.get("weighting", "uniform")
+    if weighting not in WEIGHTINGS:
+        raise SoloConfigError(
+            f"{where('weighting')}={weighting!r}: expected one of {', '.join(WEIGHTINGS)} "
+            "(uniform: every one of the top_k boxes equally likely, as the paper; rank: the box "
+            "of rank r in proportion to 1/r)"
+        )
     try:
-        return ProposalChoice(top_k=top_k, min_area=min_area, max_area=max_area)
+        return ProposalChoice(top_k=top_k, min_area=min_area, max_area=max_area,
+                              weighting=weighting)
     except (TypeError, ValueError) as exc:  # pragma: no cover - checked above
         raise SoloConfigError(f"crop (proposal choice): {exc}") from None
 

@@ -139,6 +139,7 @@ def test_shipped_augmentation_groups():
         ({"min_area": "small"}, r"^crop\.min_area: expected a fraction of the image area"),
         ({"max_area": "big"}, r"^crop\.max_area: expected a fraction of the image area"),
         ({"min_area": 0.5, "max_area": 0.2}, r"^crop\.min_area=0\.5 is above crop\.max_area=0\.2"),
+        ({"weighting": "score"}, r"^crop\.weighting='score': expected one of uniform, rank"),
     ],
 )
 def test_crop_settings_errors_name_the_key(scenes, crop, message):
@@ -150,6 +151,18 @@ def test_crop_settings_errors_name_the_key(scenes, crop, message):
     with pytest.raises(SoloConfigError, match=message) as info:
         parse_object_aware(cfg)
     assert "\n" not in str(info.value)
+
+
+def test_rank_weighting_is_a_recipe_wide_setting(scenes):
+    cfg = make_cfg([make_entry({"policy": "object", "weighting": "rank"}),
+                    make_entry("object_dilated")], proposals=str(scenes / "train.objcrop"))
+    plan = parse_object_aware(cfg)
+    assert plan.choice.weighting == "rank" and plan.recipe().choice.weighting == "rank"
+    cfg["crop"] = {"weighting": "uniform"}
+    with pytest.raises(SoloConfigError, match=r"augmentations\[0\]\.crop\.weighting='rank' disagrees"):
+        parse_object_aware(cfg)
+    assert parse_object_aware(make_cfg([make_entry("object_aware")], proposals=str(
+        scenes / "train.objcrop"))).choice.weighting == "uniform"
 
 
 def test_crop_settings_in_an_entry_are_named_there(scenes):

@@ -48,6 +48,11 @@ def test_recipe_keys_parse_and_errors_name_the_key(scenes):
     for data, entries, match in cases:
         with pytest.raises(SoloConfigError, match=match):
             parse_object_aware(make_cfg(entries, proposals=store, **data))
+    ranked = make_cfg(OBJ_OBJ_DILATE, proposals=store, sampling="per_box")
+    ranked["crop"] = {"weighting": "rank"}
+    with pytest.raises(SoloConfigError, match=r"crop\.weighting chooses among an image's boxes.*"
+                                              r"per_box.*Fix"):
+        parse_object_aware(ranked)
     scene_only = [{"crop": {"policy": "scene"}, **make_entry(None)}]
     with pytest.raises(SoloConfigError, match=r"data\.proposals: data\.sampling per_box.*Fix"):
         parse_object_aware(make_cfg(scene_only, sampling="per_box"))
