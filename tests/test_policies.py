@@ -379,14 +379,18 @@ def _chosen(recipe, size, boxes, scores, n=3000, seed=0):
     return Counter(recipe(size, boxes, scores, rng=rng)[0].proposal for _ in range(n))
 
 
-def test_only_top_k_usable_proposals_by_score_are_chosen_uniformly():
-    rng = np.random.default_rng(0)
-    size = (800, 600)
+def _scored_boxes(seed):
+    """12 random boxes in an 800x600 image, their scores, and their indices best first."""
+    rng = np.random.default_rng(seed)
     xy = rng.uniform(0, 500, size=(12, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(20, 90, size=(12, 2))], axis=1)
     scores = rng.permutation(12).astype(float)
+    return (800, 600), boxes, scores, np.argsort(-scores)
+
+
+def test_only_top_k_usable_proposals_by_score_are_chosen_uniformly():
+    size, boxes, scores, best = _scored_boxes(0)
     # the three best-scored boxes are unusable: they must be skipped, not counted in top-k
-    best = np.argsort(-scores)
     boxes[best[0]] = [np.nan, 0, 10, 10]
     boxes[best[1]] = [900, 700, 950, 750]  # outside the image
     boxes[best[2]] = [50, 50, 50, 90]  # zero width
@@ -396,12 +400,7 @@ def test_only_top_k_usable_proposals_by_score_are_chosen_uniformly():
 
 
 def test_rank_weighting_draws_the_box_of_rank_r_in_proportion_to_one_over_r():
-    rng = np.random.default_rng(1)
-    size = (800, 600)
-    xy = rng.uniform(0, 500, size=(12, 2))
-    boxes = np.concatenate([xy, xy + rng.uniform(20, 90, size=(12, 2))], axis=1)
-    scores = rng.permutation(12).astype(float)
-    best = np.argsort(-scores)
+    size, boxes, scores, best = _scored_boxes(1)
     boxes[best[0]] = [np.nan, 0, 10, 10]  # unusable: not a rank
     n = 6000
     for recipe in (make_recipe("obj_obj_dilate", top_k=4, weighting="rank"),
