@@ -262,6 +262,13 @@ class FolderSource:
             raise ValueError(
                 f"epoch_length must be 'images', 'boxes' or an integer >= 1, got {epoch_length!r}"
             )
+        if (sampling == "per_box" and self.recipe is not None
+                and self.recipe.choice.weighting != "uniform"):
+            raise ValueError(
+                f"weighting={self.recipe.choice.weighting!r} chooses among an image's boxes, but "
+                "with sampling='per_box' each item is one box already. Fix: "
+                "sampling='per_image', or weighting='uniform'"
+            )
         self.sampling = sampling
         self.max_boxes_per_image = max_boxes
         self.epoch_length = epoch_length

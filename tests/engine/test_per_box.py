@@ -169,6 +169,9 @@ def test_per_box_errors_name_the_argument_and_the_fix(folder, tmp_path_factory):
         per_box(folder, epoch_length=0)
     with pytest.raises(ValueError, match="max_boxes_per_image must be >= 1"):
         per_box(folder, max_boxes_per_image=0)
+    with pytest.raises(ValueError, match=r"weighting='rank' chooses among an image's boxes, but "
+                                         r"with sampling='per_box'.*Fix"):
+        per_box(folder, weighting="rank")
     ds = per_box(folder)
     with pytest.raises(ValueError, match=r"needs a fixed proposal store, but online"):
         ds.source.schedule = object()

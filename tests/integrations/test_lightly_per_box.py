@@ -46,6 +46,8 @@ def test_per_box_items_are_lightly_items_of_their_images(folder):
         ours, batch_size=3, collate_fn=MultiViewCollate())))
     assert [tuple(v.shape) for v in views] == [(3, 3, 32, 32)] * 2
     assert targets.dtype == torch.long and list(names) == [e[1] for e in expected[:3]]
+    with pytest.raises(ValueError, match=r"weighting='rank'.*sampling='per_box'.*Fix"):
+        ObjectAwareDataset(folder, folder / "p.objcrop", sampling="per_box", weighting="rank")
     capped = ObjectAwareDataset(folder, folder / "p.objcrop", sampling="per_box",
                                 max_boxes_per_image=1, size=32)
     assert len(capped) == 3
