@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from ..proposals.online import resume_position as _resume_position
 from .config import RecipeConfig, RecipeError, recipe_params, save_recipe, to_dict
 
 __all__ = [
@@ -270,35 +271,6 @@ def load_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a training checkpoint of `objcrop train` (no "
                               "state_dict and loop state)")
     return ckpt
-
-
-def _resume_position(ckpt: dict[str, Any]) -> tuple[int, int]:
-    """Where Lightning resumes a checkpoint: ``(epoch, batches)``, the epoch it passes to
-    ``set_epoch`` and how many of that epoch's batches a step checkpoint
-    (``checkpoint_every_n_steps``) has trained, which the sampler must leave out (0 at an
-    epoch's end). A step checkpoint taken on an epoch's last batch (before the epoch's end
-    hooks) resumes at the next epoch's start, as Lightning's fit loop counts it; a batch
-    saved at its end (before its completion) counts as done."""
-    try:
-        loop = ckpt["loops"]["fit_loop"]
-        epochs = loop["epoch_progress"]
-        epoch = int(epochs["current"]["processed"])
-        batches = loop.get("epoch_loop.batch_progress") or {}
-        total, done = epochs["total"], batches.get("total") or {}
-        mid_epoch = (total["started"] == total["ready"]
-                     and total["processed"] == total["started"] - 1
-                     and total["completed"] == total["processed"])
-        if not mid_epoch or not done:
-            return epoch, 0
-        on_batch_end = (done["started"] == done["ready"]
-                        and done["processed"] == done["started"]
-                        and done["completed"] == done["processed"] - 1)
-        if on_batch_end and batches.get("is_last_batch"):
-            return epoch + 1, 0
-        cur = batches["current"]
-        return epoch, int(cur["processed"] if on_batch_end else cur["completed"])
-    except (KeyError, TypeError, ValueError):
-        return int(ckpt.get("epoch", 0) or 0), 0
 
 
 def _checkpoint_io(preloaded: dict[str, dict[str, Any]] | None = None) -> Any:

@@ -215,7 +215,7 @@ def test_a_refresh_changes_nothing_but_the_boxes(tmp_path, data, monkeypatch):
     batch-norm statistics."""
     import shutil
 
-    import objcrop_plugin.train.online as online_module
+    import objcrop_plugin.proposals.online as online_module  # where the callback calls it
 
     def weights(name: str, every: int) -> dict[str, torch.Tensor]:
         online = {**ONLINE, "warmup_epochs": 0, "every_epochs": every}
