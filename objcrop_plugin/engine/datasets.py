@@ -378,17 +378,7 @@ class FolderSource:
         the new file; the store is written before the epoch's first item is asked for."""
         if self.schedule is None or self._synced == self.epoch:
             return
-        path = self.schedule.path_for(self.epoch)
-        path = None if path is None else str(Path(path))
-        current = None if self.store is None else str(self.store.path)
-        if path != current:
-            if path is not None and not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"{path}: the proposal store for epoch {self.epoch} is missing (online "
-                    "proposals are written before the epoch starts). Fix: rerun the same "
-                    "command; a run resumes and recomputes them"
-                )
-            self.store = ProposalStore(path) if path is not None else None
+        self.store = self.schedule.open(self.epoch, self.store)
         if self.recipe is not None:
             self.recipe.scene_only = self.store is None
         self._synced = self.epoch

@@ -194,6 +194,29 @@ class OnlineSchedule:
         r = self.refresh_epoch(epoch)
         return self.initial if r is None else self.store_path(r)
 
+    def open(self, epoch: int, current: Any = None, verify: bool = True) -> Any:
+        """The :class:`~objcrop_plugin.proposals.store.ProposalStore` that serves ``epoch``
+        (``current`` when it is that file already; ``None`` in a warm-up without a store).
+
+        Raises:
+            FileNotFoundError: the store is not there (it is written before its epoch starts).
+        """
+        from .store import ProposalStore
+
+        path = self.path_for(epoch)
+        path = None if path is None else str(Path(path))
+        if path == (None if current is None else str(current.path)):
+            return current
+        if path is None:
+            return None
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path}: the proposal store for epoch {epoch} is missing (online "
+                "proposals are written before the epoch starts). Fix: rerun the same "
+                "command; a run resumes and recomputes them"
+            )
+        return ProposalStore(path, verify=verify)
+
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
@@ -547,7 +570,7 @@ def online_callback(
                 raise RecipeError(
                     f"resuming at epoch {epoch + 1} needs the online proposals made before "
                     f"epoch {r + 1} ({path}), which this run's checkpoint does not record. Fix: "
-                    f"{names.afresh} {names.elsewhere}"
+                    + " ".join(filter(None, (names.afresh, names.elsewhere)))
                 )
             if not self._have(r):
                 raise RecipeError(

@@ -131,9 +131,13 @@ def end_of_run_line() -> str | None:
         counter = planner.recipe.fallbacks
         counts, fallbacks = counter.as_dict(), counter.fallbacks
         samples = counts["samples"]
+        warmup_counter = getattr(planner, "warmup", None)  # online proposals' warm-up
+        warmup = warmup_counter.as_dict()["samples"] if warmup_counter is not None else 0
         if samples:
+            during = f" ({warmup} of them in the warm-up, scene crops)" if warmup else ""
             parts.append(
-                f"{samples} samples, {samples - fallbacks} cropped from proposals, {fallbacks} "
+                f"{samples} samples{during}, {samples - warmup - fallbacks} cropped from "
+                f"proposals, {fallbacks} "
                 f"fell back to scene crops (no entry: {counts['missing']}, no usable box: "
                 f"{counts['unusable']}, stored size of another aspect: {counts['mismatched']})"
             )

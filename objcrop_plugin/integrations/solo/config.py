@@ -34,6 +34,11 @@ Recipe keys (all optional; an entry without ``crop`` keeps solo-learn's RandomRe
       proposal_per_view: false       # one proposal per sample (the paper) or per view
       strict: false                  # raise instead of falling back to a scene crop
       canvas: null                   # gpu: images shrunk to this square in the workers
+      proposals: null                # online: boxes from the network being trained, refreshed
+                                     # (or initial, or {method, warmup_epochs, every_epochs,
+                                     # params}); data.proposals is then the warm-up's store
+      proposals_dir: null            # online: where the stores go (default:
+                                     # <checkpoint.dir>/<method>/objcrop-proposals/<name>-<hash>)
 
 All object-aware views of one sample are cut from the *same* proposal (Obj-Obj+Dilate's two
 views come from one box), drawn uniformly among the image's ``top_k`` best (or, with
@@ -55,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from ...policies import WEIGHTINGS, CropPolicy, ProposalChoice, ViewRecipe, ViewSpec, make_policy
+from ...proposals.online import OnlineKeys, OnlineSettings, online_settings
 from ...proposals.store import ProposalStore, StoreFormatError
 from ...registry import RegistryError, load_policy
 from .errors import SoloConfigError
@@ -67,7 +73,12 @@ _FOLDER_DATASETS = ("custom", "imagenet", "imagenet100")
 #: recipe-wide settings: in the top-level ``crop`` node or in any entry's ``crop`` mapping
 _RECIPE_KEYS = ("top_k", "min_area", "max_area", "weighting", "strict", "shuffle_views",
                 "proposal_per_view")
-_GLOBAL_KEYS = (*_RECIPE_KEYS, "engine", "canvas")
+_GLOBAL_KEYS = (*_RECIPE_KEYS, "engine", "canvas", "proposals", "proposals_dir")
+#: how online proposals' messages name solo-learn's keys
+ONLINE_KEYS = OnlineKeys(
+    epochs="max_epochs", backbone="backbone.kwargs.model_name", accelerator="accelerator",
+    afresh="start afresh (without resume_from_checkpoint or auto_resume) with "
+           "++crop.proposals_dir=A_NEW_FOLDER", elsewhere="")
 _ENGINES = ("cpu", "gpu")
 _SAMPLINGS = ("per_image", "per_box")
 _SOLO_CROP_NAMES = ("rrc", "random_resized_crop")
@@ -128,6 +139,10 @@ class ObjectAwareConfig:
             ``m`` best boxes of each image (``None``: all).
         max_failure_rate: ``data.max_failure_rate``: the fraction of unreadable images that are
             skipped (each replaced by the next readable one) before the run stops.
+        online: ``crop.proposals``: online proposals (``None``: the fixed ``proposals``).
+        proposals_dir: ``crop.proposals_dir``: where the online stores are written (``None``:
+            ``<checkpoint.dir>/<method>/objcrop-proposals/<name>-<crop setup hash>``, set by
+            ``objcrop-solo``).
     """
 
     entries: list[EntryCrop]
@@ -145,6 +160,8 @@ class ObjectAwareConfig:
     sampling: str = "per_image"
     max_boxes_per_image: int | None = None
     max_failure_rate: float = DEFAULT_MAX_FAILURE_RATE
+    online: OnlineSettings | None = None
+    proposals_dir: Path | None = None
 
     @property
     def enabled(self) -> bool:
@@ -397,12 +414,19 @@ def parse_object_aware(cfg: Any, check_paths: bool = True) -> ObjectAwareConfig:
         max_failure_rate=_failure_rate(data),
         **_sampling(data),
     )
+    plan.online = _online(top, cfg, plan, settings)
     if plan.sampling == "per_box" and choice.weighting != "uniform":
         raise SoloConfigError(
             "crop.weighting chooses among an image's boxes, but with data.sampling: per_box "
             "each sample is one box already. Fix: data.sampling=per_image, or drop crop.weighting"
         )
     if not plan.enabled:
+        if plan.online is not None:
+            raise SoloConfigError(
+                "crop.proposals: online proposals feed object-aware crops, but no "
+                "augmentations entry has 'crop: object_aware'. Fix: add object-aware entries "
+                "(augmentations=object_aware.yaml), or drop crop.proposals"
+            )
         if plan.sampling == "per_box":
             raise SoloConfigError(
                 "data.sampling: per_box cuts each sample's object-aware views from its box, but "
@@ -419,6 +443,41 @@ def parse_object_aware(cfg: Any, check_paths: bool = True) -> ObjectAwareConfig:
         return plan
     _check_runnable(plan, check_paths)
     return plan
+
+
+def _online(top: Mapping[str, Any], cfg: Mapping[str, Any], plan: ObjectAwareConfig,
+            settings: Mapping[str, Any]) -> OnlineSettings | None:
+    """``crop.proposals`` and ``crop.proposals_dir``, checked."""
+    folder = top.get("proposals_dir")
+    if top.get("proposals") is None:
+        if folder is not None:
+            raise SoloConfigError("crop.proposals_dir: is where online proposals go, but "
+                                  "crop.proposals is not set. Fix: drop it, or "
+                                  "++crop.proposals=online")
+        return None
+    epochs = cfg.get("max_epochs")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise SoloConfigError(f"max_epochs: online proposals (crop.proposals) refresh on an "
+                              f"epoch schedule and need max_epochs >= 1, got {epochs!r}")
+    online = online_settings(top["proposals"], epochs, plan.proposals is not None,
+                             settings.get("top_k"), SoloConfigError, ONLINE_KEYS)
+    backbone = cfg.get("backbone") if isinstance(cfg.get("backbone"), Mapping) else {}
+    name = backbone.get("name")
+    if name is not None and name != "timm":
+        raise SoloConfigError(
+            f"backbone.name: online proposals (crop.proposals) read the feature levels of a "
+            f"timm backbone, and {name!r} is solo-learn's own. Fix: backbone.name=timm "
+            f"++backbone.kwargs.model_name={name} (the same network from timm)"
+        )
+    if plan.sampling == "per_box":
+        raise SoloConfigError(
+            "data.sampling: per_box makes one sample per box of a fixed store, but online "
+            "proposals (crop.proposals) change the store during training. Fix: "
+            "data.sampling=per_image, or drop crop.proposals"
+        )
+    if folder is not None:
+        plan.proposals_dir = Path(os.path.abspath(os.path.expanduser(os.fspath(folder))))
+    return online
 
 
 def _crop_like_keys(augmentations: Sequence[Any]) -> list[str]:
@@ -569,6 +628,8 @@ def _check_runnable(plan: ObjectAwareConfig, check_paths: bool) -> None:
             f"have no proposal keys ({where} is object-aware). Fix: use dataset custom, imagenet "
             "or imagenet100 with a proposal store built over data.train_path"
         )
+    if plan.proposals is None and plan.online is not None:
+        return  # the warm-up takes scene crops; the refreshes write the stores
     if plan.proposals is None:
         if plan.sampling == "per_box":
             raise SoloConfigError(

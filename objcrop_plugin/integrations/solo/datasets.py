@@ -150,6 +150,12 @@ class ObjectAwareSoloDataset(IndexedDataset):
     def __len__(self) -> int:
         return len(self.boxes) if self.boxes is not None else len(self.dataset)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch being trained, for online proposals (``crop.proposals``): the planner
+        opens that epoch's store, in the DataLoader workers too."""
+        planner = self.__dict__.get("planner") or self.transform.planner
+        planner.set_epoch(epoch)
+
     def image(self, index: int) -> int:
         """The image (index into solo-learn's listing) item ``index`` is made from."""
         return self.boxes.locate(index)[0] if self.boxes is not None else index

@@ -17,7 +17,9 @@ undoes them):
   the crop setup that the ``parse_cfg`` wrapper adds to the recipe (:func:`run_identity`), so
   auto-resume never continues a run with other crops, proposals or sampling.
 - ``lightning.pytorch.Trainer.fit``: in ``objcrop-solo``, too many unreadable images end the
-  run with one line naming ``data.max_failure_rate``, not a traceback.
+  run with one line naming ``data.max_failure_rate``, not a traceback; with online proposals
+  (``crop.proposals``) it adds their callback (:func:`attach_online`) first in the trainer's
+  callbacks, before solo-learn's checkpointer.
 - with ``crop.engine: gpu`` only, ``solo.methods.METHODS[method]``: a subclass of the method
   whose ``on_after_batch_transfer`` cuts and augments the views on the device
   (:func:`~.gpu.gpu_method`); the dataset then yields canvases.
@@ -38,12 +40,14 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from ...proposals.online import OnlineSchedule
 from ...proposals.store import MAGIC as STORE_MAGIC
 from ...stats import TooManyBadImagesError
 from .backbone import check_backbone, restore_timm_registry, timm_backbone
-from .config import ObjectAwareConfig, as_plain, parse_object_aware
+from .config import ONLINE_KEYS, ObjectAwareConfig, as_plain, parse_object_aware
 from .datasets import IndexedDataset, ObjectAwareSoloDataset, check_keys, unwrap_solo_dataset
 from .errors import INSTALL_HINT, INSTALL_STEPS, SoloConfigError, SoloNotFoundError
 from .gpu import GPUViews, ObjectAwareCanvasDataset, gpu_method, gpu_views
@@ -54,6 +58,16 @@ __all__ = ["IDENTITY_KEY", "STATE", "fix_solo_quirks", "import_solo", "install",
 
 
 @dataclass
+class OnlineRun:
+    """Online proposals in a solo-learn run: the schedule, and what the callback needs."""
+
+    schedule: OnlineSchedule
+    backbone: str  # as the recipe names it, for messages
+    workers: int  # decode workers of a refresh (data.num_workers)
+    callback: Any = None  # the callback, once attached (its ``refreshes``)
+
+
+@dataclass
 class RunState:
     """What the wrapped solo-learn functions share within one run."""
 
@@ -61,12 +75,14 @@ class RunState:
     planner: SlotPlanner | None = None
     gpu: GPUViews | None = None
     dataset: ObjectAwareSoloDataset | None = None  # its ``bad`` images, for the end-of-run line
+    online: OnlineRun | None = None  # crop.proposals: what the refreshes need
     undo: list[Callable[[], None]] = field(default_factory=list)
     cli: bool = False  # report recipe errors as one line and exit 2, not a hydra traceback
     error: str | None = None  # why the run stopped (printed last by ``objcrop-solo``)
 
 
 STATE = RunState()
+_FIT: inspect.Signature | None = None  # Trainer.fit's, to find its model and ckpt_path
 
 
 def _reported(fn: Callable) -> Callable:
@@ -316,6 +332,7 @@ def _wrap_parse_cfg(original: Callable, backbones: Mapping[str, Any]) -> Callabl
             cfg.strategy = "auto"
         _set_identity(cfg)
         STATE.config, STATE.gpu = plan, views
+        STATE.online = _online_run(cfg, plan)
         if views is not None:
             _install_gpu_method(cfg, views)
         return cfg
@@ -360,6 +377,8 @@ def _wrap_prepare_datasets(original: Callable) -> Callable:
             out = ObjectAwareSoloDataset(base, ObjectAwareTransform(plan, pipelines),
                                          plan.key_root, **sampling)
             planner = out.transform.planner
+        if STATE.online is not None:
+            planner.schedule = STATE.online.schedule
         if planner.store is not None and plan.needs_proposals:
             check_keys(out, planner.store, plan.strict)
         STATE.planner, STATE.dataset = planner, out
@@ -369,6 +388,91 @@ def _wrap_prepare_datasets(original: Callable) -> Callable:
     wrapped = _reported(prepare_datasets)
     wrapped.__wrapped__ = original  # type: ignore[attr-defined]
     return wrapped
+
+
+def _online_run(cfg: Any, plan: ObjectAwareConfig) -> OnlineRun | None:
+    """The online proposals of a parsed recipe: where their stores go (``crop.proposals_dir``,
+    else ``<checkpoint.dir>/<method>/objcrop-proposals/<name>-<crop setup hash>``: the same in
+    every DDP rank and in a resumed run) and their schedule."""
+    settings = plan.online
+    if settings is None:
+        return None
+    folder = plan.proposals_dir
+    if folder is None:
+        checkpoint = cfg.get("checkpoint") or {}
+        base = os.fspath(checkpoint.get("dir") or "trained_models")
+        folder = os.path.join(os.path.abspath(base), str(cfg.get("method")), "objcrop-proposals",
+                              f"{cfg.get('name')}-{cfg.get(IDENTITY_KEY)}")
+    schedule = OnlineSchedule(os.fspath(folder), settings.warmup_epochs, settings.every_epochs,
+                              None if plan.proposals is None else os.fspath(plan.proposals))
+    backbone = cfg.get("backbone") or {}
+    name = str(backbone.get("name"))
+    if name == "timm":
+        name = f"timm {(backbone.get('kwargs') or {}).get('model_name')}"
+    workers = int((cfg.get("data") or {}).get("num_workers") or 0)
+    return OnlineRun(schedule, name, workers)
+
+
+def _launcher() -> bool:
+    """This process starts the run (not a DDP rank that Lightning started)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0" and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def attach_online(trainer: Any, model: Any, ckpt_path: Any = None) -> Any:
+    """Before ``Trainer.fit``: put the online proposals' callback first among ``trainer``'s
+    callbacks (its refresh runs before solo-learn's checkpointer saves the epoch), resumed
+    from ``ckpt_path``'s state, with the refresh due before training (the initial weights'
+    store, ``warmup_epochs: 0``) noted. ``None`` without online proposals.
+
+    Raises:
+        SoloConfigError: the generator cannot run on the backbone; a fresh run whose stores
+            folder holds another run's stores; a resumed run whose stores are missing or changed.
+    """
+    import torch
+    from lightning.pytorch import Callback
+
+    from ...proposals.online import check_network, network_of, online_callback, resume_position
+
+    run, dataset = STATE.online, STATE.dataset
+    if run is None or dataset is None or model is None:
+        return None
+    settings = STATE.config.online if STATE.config is not None else None
+    if settings is None:
+        return None
+    check_network(settings, network_of(model), run.backbone, SoloConfigError, ONLINE_KEYS)
+    schedule = run.schedule
+    keys = [dataset.key(j) for j in range(len(dataset.dataset))]
+
+    def echo(line: str) -> None:
+        if trainer.global_rank == 0:
+            print(f"objcrop-solo: {line.strip()}", file=sys.stderr, flush=True)
+
+    callback = online_callback(settings, schedule, dataset.key_root, keys, workers=run.workers,
+                               echo=echo, base=Callback, error=SoloConfigError, names=ONLINE_KEYS,
+                               on_epoch_start=dataset.set_epoch)
+    epoch, weights = 0, None
+    if ckpt_path:
+        ckpt = torch.load(os.fspath(ckpt_path), map_location="cpu", weights_only=False)
+        saved = [v for k, v in (ckpt.get("callbacks") or {}).items() if "OnlineProposals" in str(k)]
+        callback.load_state_dict(saved[0] if saved else {})
+        epoch, weights = resume_position(ckpt)[0], ckpt.get("state_dict")
+    elif _launcher():
+        made = sorted(p.name for p in Path(schedule.directory).glob("epoch-*.objcrop"))
+        if made:
+            raise SoloConfigError(
+                f"crop.proposals_dir: {schedule.directory} holds the online proposals of an "
+                f"earlier run with this crop setup ({', '.join(made[:3])}"
+                f"{', ...' if len(made) > 3 else ''}); this run starts afresh and would replace "
+                "them. Fix: resume that run (auto_resume.enabled=True, or "
+                "resume_from_checkpoint=ITS_CHECKPOINT), or give this one its own folder "
+                "(++crop.proposals_dir=A_NEW_FOLDER), or remove that folder"
+            )
+    max_epochs = -1 if trainer.max_epochs is None else int(trainer.max_epochs)
+    callback.start(epoch, max_epochs, weights)
+    dataset.set_epoch(epoch)
+    trainer.callbacks.insert(0, callback)
+    run.callback = callback
+    return callback
 
 
 def _install_gpu_method(cfg: Any, views: GPUViews) -> None:
@@ -464,15 +568,25 @@ def _install_fit_report() -> None:
     except ImportError:  # pragma: no cover - solo-learn needs lightning
         return
     original = Trainer.fit
+    global _FIT
+    _FIT = inspect.signature(original)
 
     def fit(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
+            if STATE.online is not None and STATE.online.callback is None:
+                bound = _FIT.bind(self, *args, **kwargs).arguments
+                attach_online(self, bound.get("model"), bound.get("ckpt_path"))
             return original(self, *args, **kwargs)
         except TooManyBadImagesError as exc:
             if not STATE.cli:
                 raise
             STATE.error = bad_images_message(exc)
             raise SystemExit(1) from None
+        except SoloConfigError as exc:
+            if not STATE.cli:
+                raise
+            STATE.error = str(exc)
+            raise SystemExit(2) from None
 
     fit.__wrapped__ = original  # type: ignore[attr-defined]
     fit.__doc__ = original.__doc__
@@ -492,4 +606,5 @@ def uninstall() -> None:
     STATE.planner = None
     STATE.gpu = None
     STATE.dataset = None
+    STATE.online = None
     STATE.error = None

@@ -19,6 +19,7 @@ from torchvision import transforms as T
 from ..._random import process_rng, sample_rng
 from ...policies import CropWindow, ViewRecipe
 from ...proposals.store import ProposalStore
+from ...stats import FallbackCounter, SharedEpoch
 from .config import ObjectAwareConfig
 from .errors import SoloConfigError
 
@@ -45,6 +46,10 @@ class SlotPlanner:
     the sample's proposal, fall back and count fallbacks together, and its large ones may be
     shuffled); the other slots are left to solo-learn's own RandomResizedCrop (``None``).
 
+    With online proposals (``crop.proposals``) ``schedule`` names the store of each epoch: the
+    planner opens it as the epoch (:meth:`set_epoch`, shared with DataLoader workers) changes,
+    and plans scene crops during a warm-up without a store.
+
     Args:
         config: the parsed recipe.
         store: the proposal store (default: ``config.proposals``, opened by path; pickles by
@@ -57,6 +62,13 @@ class SlotPlanner:
         if store is None and config.proposals is not None:
             store = ProposalStore(config.proposals, verify=False)
         self.store = store
+        #: an :class:`~objcrop_plugin.proposals.online.OnlineSchedule` (online proposals)
+        self.schedule: Any = None
+        self._epoch = SharedEpoch(0)  # set in the main process, seen by the workers
+        self._synced: int | None = None
+        #: samples planned in a warm-up without a store (scene crops, not fallbacks), counted
+        #: across workers in its ``samples``
+        self.warmup = FallbackCounter()
         # slot -> (entry, position in the recipe's windows or None); the recipe orders its
         # views large first then small, each in entry order
         n_large = sum(e.num_crops for e in config.entries if e.object_aware and not e.local)
@@ -73,6 +85,23 @@ class SlotPlanner:
                     self.slots.append((k, large))
                     large += 1
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = int(epoch)
+
+    def follow_schedule(self) -> None:
+        """Open the store ``schedule`` names for the current epoch (where a sample is planned,
+        in whichever process plans it)."""
+        if self.schedule is None or self._synced == self.epoch:
+            return
+        epoch = self.epoch
+        self.store = self.schedule.open(epoch, self.store, verify=False)
+        self.recipe.scene_only = self.store is None
+        self._synced = epoch
+
     def windows(
         self,
         image_size: tuple[int, int],
@@ -83,6 +112,9 @@ class SlotPlanner:
         """One window per slot (``None`` for solo-learn's own crops), for an image of
         ``image_size`` (width, height) whose proposals are stored under ``key``; ``box``: cut
         the object-aware views from the image's ``box``-th best box only (per-box sampling)."""
+        self.follow_schedule()
+        if self.schedule is not None and self.recipe.scene_only:
+            self.warmup.add("samples")
         boxes = scores = size = None
         if self.store is not None and key is not None:
             props = self.store.get(key)  # the recipe rescales, or refuses another aspect ratio
