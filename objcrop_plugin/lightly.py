@@ -7,7 +7,7 @@ Needs lightly (``pip install "objcrop-plugin[lightly]"``); importing this module
 raises an ImportError that says so. See :mod:`objcrop_plugin.integrations.lightly`.
 """
 
-from .integrations.lightly import ObjectAwareCollate, ObjectAwareDataset
+from .integrations.lightly import ObjectAwareCollate, ObjectAwareDataset, online_proposals
 from .transforms import ObjectAwareViews
 
-__all__ = ["ObjectAwareCollate", "ObjectAwareDataset", "ObjectAwareViews"]
+__all__ = ["ObjectAwareCollate", "ObjectAwareDataset", "ObjectAwareViews", "online_proposals"]

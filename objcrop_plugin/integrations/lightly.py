@@ -61,7 +61,7 @@ from ..policies import ViewRecipe
 from ..proposals.store import ProposalStore
 from ..stats import BadImages
 
-__all__ = ["ObjectAwareCollate", "ObjectAwareDataset"]
+__all__ = ["ObjectAwareCollate", "ObjectAwareDataset", "online_proposals"]
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,8 @@ class ObjectAwareDataset(ObjectCropDataset):
     Args:
         root: the image folder (lightly's ``input_dir``).
         proposals: a :class:`~objcrop_plugin.proposals.ProposalStore` or a path to one
-            (``None`` only for recipes without object views).
+            (``None`` only for recipes without object views), or ``"online"``: the boxes
+            come from :func:`online_proposals` (scene crops until its first store).
         views, photometrics, recipe_kwargs: as for :class:`ObjectAwareCollate`.
         seed: see above.
         draft: decode JPEGs at reduced resolution when no view needs more.
@@ -387,6 +388,12 @@ class ObjectAwareDataset(ObjectCropDataset):
         self._targets = [int(target) for _, target in samples]
         if filenames is None and getattr(listing, "classes", None):
             _warn_left_out(root, len(self.filenames))
+        if isinstance(proposals, str) and proposals == "online":
+            # boxes from online_proposals(); until its first store, scene crops (no fallbacks)
+            from ..policies import make_recipe
+
+            views, recipe_kwargs = make_recipe(views, **recipe_kwargs), {}
+            views.scene_only, proposals = True, None
         super().__init__(
             root,
             _open_store(proposals),
@@ -412,3 +419,79 @@ class ObjectAwareDataset(ObjectCropDataset):
     def get_filenames(self) -> list[str]:
         """All filenames, as ``LightlyDataset.get_filenames``."""
         return list(self.filenames)
+
+
+def _online_keys() -> Any:
+    from ..proposals.online import OnlineKeys
+
+    return OnlineKeys(proposals="proposals", epochs="epochs", store="the dataset's proposals",
+                      backbone="the LightningModule's backbone (network=...)",
+                      accelerator="the Trainer's accelerator",
+                      afresh="start afresh with another directory", elsewhere="")
+
+
+def online_proposals(
+    dataset: ObjectAwareDataset,
+    directory: str | os.PathLike[str],
+    epochs: int,
+    proposals: Any = "online",
+    network: Callable[[Any], torch.nn.Module] | None = None,
+    workers: int = 0,
+    echo: Callable[[str], None] = print,
+) -> Any:
+    """Online proposals for a lightly run trained with a Lightning ``Trainer``: heat-map boxes
+    from the backbone being trained, refreshed as it learns (as ``objcrop train``'s
+    ``crop.proposals``), for ``dataset``'s object-aware views.
+
+    Returns a ``pytorch_lightning`` callback; train with ``callback.fit(trainer, model,
+    loader, ckpt_path=None)`` in place of ``trainer.fit(model, loader, ckpt_path=None)``: it
+    puts itself first among the trainer's callbacks (before the checkpoint callbacks) and reads
+    a resumed run's state from ``ckpt_path`` before Lightning starts. Before each refresh epoch
+    the network (``network(module)``; default the module's ``backbone_momentum`` or
+    ``momentum_backbone`` where it has one, else its ``backbone``: a timm model), in eval mode,
+    computes boxes for every image of ``dataset`` and writes ``directory/epoch-NNNN.objcrop``
+    atomically; the dataset (its DataLoader workers too) switches to it as the epoch starts.
+    The checkpoints record the stores (SHA-256); a resumed run makes only the refreshes still
+    due and refuses a store that is missing or changed. With DDP each rank computes its share
+    and rank 0 merges them.
+
+    Args:
+        dataset: an :class:`ObjectAwareDataset` (per-image sampling), made with
+            ``proposals="online"`` (the warm-up's object views are scene crops) or with a
+            store (it serves the warm-up).
+        directory: where the stores go (one folder per run).
+        epochs: the run's epochs (``Trainer(max_epochs=...)``): the default schedule is a
+            tenth of them.
+        proposals: ``"online"``, ``"initial"`` (one store from the initial weights, kept) or
+            a mapping ``{method, warmup_epochs, every_epochs, params}`` (see
+            :mod:`objcrop_plugin.train.online`).
+        network: the LightningModule's network the boxes come from.
+        workers: decode workers of a refresh.
+        echo: where each refresh's line goes (its counts and time as a fraction of an epoch).
+
+    Raises:
+        ValueError: a bad ``proposals`` value, or a per-box dataset.
+
+    Example:
+        >>> dataset = ObjectAwareDataset("data/train", "online", size=224)  # doctest: +SKIP
+        >>> online = online_proposals(dataset, "runs/simclr/proposals", epochs=100)  # doctest: +SKIP
+        >>> trainer = pl.Trainer(max_epochs=100)  # doctest: +SKIP
+        >>> online.fit(trainer, model, DataLoader(dataset, batch_size=256))  # doctest: +SKIP
+    """
+    import pytorch_lightning as pl
+
+    from ..proposals.online import OnlineSchedule, network_of, online_callback, online_settings
+
+    keys = _online_keys()
+    store = dataset.store
+    settings = online_settings(proposals, int(epochs), store is not None,
+                               dataset.recipe.choice.top_k, ValueError, keys)
+    if settings is None:
+        raise ValueError("proposals: None is not online proposals; use 'online', 'initial' or "
+                         "a mapping {method, warmup_epochs, every_epochs, params}")
+    schedule = OnlineSchedule(os.fspath(directory), settings.warmup_epochs,
+                              settings.every_epochs, None if store is None else str(store.path))
+    dataset.source.schedule = schedule  # refuses per-box datasets
+    return online_callback(settings, schedule, dataset.root, list(dataset.keys), workers=workers,
+                           echo=echo, base=pl.Callback, error=ValueError, names=keys,
+                           network=network or network_of, on_epoch_start=dataset.set_epoch)

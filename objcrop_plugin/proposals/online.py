@@ -487,6 +487,7 @@ def online_callback(
             self.epoch_started = 0.0
             self.epoch_seconds: float | None = None
             self.refreshes: list[dict[str, Any]] = []
+            self.started = False  # start (or resume_from, or fit) ran
 
         def state_dict(self) -> dict[str, Any]:
             return {"made": {str(k): v for k, v in self.made.items()},
@@ -510,11 +511,42 @@ def online_callback(
             trains = max_epochs < 0 or epoch < max_epochs
             self.due = r if r == epoch and r not in self.made and trains else None
             self.weights = weights if self.due is not None else None
+            self.started = True
+
+        def resume_from(self, ckpt_path: str | os.PathLike[str] | None,
+                        max_epochs: int | None) -> int:
+            """Before ``Trainer.fit(..., ckpt_path=ckpt_path)``: this callback's state from the
+            Lightning checkpoint (``None``: a fresh run), then :meth:`start` at the epoch the
+            run resumes at, which it returns."""
+            epoch, weights = 0, None
+            if ckpt_path:
+                ckpt = torch.load(os.fspath(ckpt_path), map_location="cpu", weights_only=False)
+                saved = [v for k, v in (ckpt.get("callbacks") or {}).items()
+                         if "OnlineProposals" in str(k)]
+                self.load_state_dict(saved[0] if saved else {})
+                epoch, weights = resume_position(ckpt)[0], ckpt.get("state_dict")
+            self.start(epoch, -1 if max_epochs is None else int(max_epochs), weights)
+            return epoch
+
+        def fit(self, trainer: Any, *args: Any, ckpt_path: Any = None, **kwargs: Any) -> Any:
+            """``trainer.fit(*args, ckpt_path=ckpt_path, **kwargs)`` with this callback first
+            among the trainer's callbacks (before any that saves checkpoints) and started from
+            ``ckpt_path`` (:meth:`resume_from`)."""
+            if self not in trainer.callbacks:
+                trainer.callbacks.insert(0, self)
+            self.resume_from(ckpt_path, trainer.max_epochs)
+            return trainer.fit(*args, ckpt_path=ckpt_path, **kwargs)
 
         def setup(self, trainer: Any, module: Any, stage: str) -> None:
             # before the DataLoader workers start (Lightning starts them in its strategy's
             # setup, for the optimizer's step count) and before it restores a checkpoint's
             # weights: a refresh due now loads them itself (Lightning loads the same again)
+            if stage == "fit" and not self.started:
+                raise RecipeError(
+                    "online proposals: the callback was not started, so it cannot tell a fresh "
+                    "run from a resumed one. Fix: callback.fit(trainer, model, ..., "
+                    "ckpt_path=...) instead of trainer.fit(...), or callback.resume_from("
+                    "ckpt_path, trainer.max_epochs) before it")
             if stage != "fit" or self.due is None:
                 return
             if self.weights is not None:

@@ -428,10 +428,9 @@ def attach_online(trainer: Any, model: Any, ckpt_path: Any = None) -> Any:
         SoloConfigError: the generator cannot run on the backbone; a fresh run whose stores
             folder holds another run's stores; a resumed run whose stores are missing or changed.
     """
-    import torch
     from lightning.pytorch import Callback
 
-    from ...proposals.online import check_network, network_of, online_callback, resume_position
+    from ...proposals.online import check_network, network_of, online_callback
 
     run, dataset = STATE.online, STATE.dataset
     if run is None or dataset is None or model is None:
@@ -450,13 +449,7 @@ def attach_online(trainer: Any, model: Any, ckpt_path: Any = None) -> Any:
     callback = online_callback(settings, schedule, dataset.key_root, keys, workers=run.workers,
                                echo=echo, base=Callback, error=SoloConfigError, names=ONLINE_KEYS,
                                on_epoch_start=dataset.set_epoch)
-    epoch, weights = 0, None
-    if ckpt_path:
-        ckpt = torch.load(os.fspath(ckpt_path), map_location="cpu", weights_only=False)
-        saved = [v for k, v in (ckpt.get("callbacks") or {}).items() if "OnlineProposals" in str(k)]
-        callback.load_state_dict(saved[0] if saved else {})
-        epoch, weights = resume_position(ckpt)[0], ckpt.get("state_dict")
-    elif _launcher():
+    if not ckpt_path and _launcher():
         made = sorted(p.name for p in Path(schedule.directory).glob("epoch-*.objcrop"))
         if made:
             raise SoloConfigError(
@@ -467,9 +460,7 @@ def attach_online(trainer: Any, model: Any, ckpt_path: Any = None) -> Any:
                 "resume_from_checkpoint=ITS_CHECKPOINT), or give this one its own folder "
                 "(++crop.proposals_dir=A_NEW_FOLDER), or remove that folder"
             )
-    max_epochs = -1 if trainer.max_epochs is None else int(trainer.max_epochs)
-    callback.start(epoch, max_epochs, weights)
-    dataset.set_epoch(epoch)
+    dataset.set_epoch(callback.resume_from(ckpt_path, trainer.max_epochs))
     trainer.callbacks.insert(0, callback)
     run.callback = callback
     return callback
