@@ -455,6 +455,11 @@ def online_proposals(
     due and refuses a store that is missing or changed. With DDP each rank computes its share
     and rank 0 merges them.
 
+    A plain PyTorch loop (lightly's other examples) calls ``callback.before_epoch(epoch,
+    model.backbone)`` before each epoch instead (the refresh due, then the dataset's epoch),
+    keeps ``callback.state_dict()`` in its own checkpoint and, when it resumes, restores it
+    with ``callback.load_state_dict(...)`` before the first ``before_epoch``.
+
     Args:
         dataset: an :class:`ObjectAwareDataset` (per-image sampling), made with
             ``proposals="online"`` (the warm-up's object views are scene crops) or with a
@@ -477,6 +482,9 @@ def online_proposals(
         >>> online = online_proposals(dataset, "runs/simclr/proposals", epochs=100)  # doctest: +SKIP
         >>> trainer = pl.Trainer(max_epochs=100)  # doctest: +SKIP
         >>> online.fit(trainer, model, DataLoader(dataset, batch_size=256))  # doctest: +SKIP
+        >>> for epoch in range(100):  # or a plain loop  # doctest: +SKIP
+        ...     online.before_epoch(epoch, model.backbone)
+        ...     for (x0, x1), _, _ in loader: ...
     """
     import pytorch_lightning as pl
 

@@ -611,13 +611,35 @@ def online_callback(
                     f"it back, or {names.afresh}"
                 )
 
+        def before_epoch(self, epoch: int, net: torch.nn.Module, rank: int = 0,
+                         world_size: int = 1, barrier: Callable[[], None] | None = None) -> None:
+            """A plain training loop's call before each epoch (no Lightning): the refresh due
+            before ``epoch`` from ``net`` (the network the boxes come from) when this run has
+            not made it, then the datasets' epoch. A resumed loop first restores
+            :meth:`state_dict` from its checkpoint with :meth:`load_state_dict`; its first
+            call checks the run's stores (see :meth:`check_resume`). With DDP pass the rank,
+            world size and a barrier (``torch.distributed.barrier``)."""
+            now = time.perf_counter()
+            if self.epoch_started:
+                self.epoch_seconds = now - self.epoch_started
+            if not self.started:
+                self.check_resume(epoch)
+                self.started = True
+            r = schedule.refresh_epoch(epoch)
+            if r == epoch and not self._have(r):
+                self._make(net, r, schedule.store_path(r), rank, world_size, barrier)
+            if on_epoch_start is not None:
+                on_epoch_start(epoch)
+            self.epoch_started = time.perf_counter()
+
         def _refresh(self, trainer: Any, module: Any, r: int, path: str) -> None:
-            strategy = trainer.strategy
-            stats = refresh_proposals(
-                network(module), settings, root, list(keys), path,
-                workers=workers, rank=trainer.global_rank,
-                world_size=trainer.world_size, barrier=strategy.barrier,
-            )
+            self._make(network(module), r, path, trainer.global_rank, trainer.world_size,
+                       trainer.strategy.barrier)
+
+        def _make(self, net: torch.nn.Module, r: int, path: str, rank: int, world_size: int,
+                  barrier: Callable[[], None] | None) -> None:
+            stats = refresh_proposals(net, settings, root, list(keys), path, workers=workers,
+                                      rank=rank, world_size=world_size, barrier=barrier)
             self.made[r] = file_sha256(path)
             frac = (f" = {stats['seconds'] / self.epoch_seconds:.1%} of an epoch"
                     if self.epoch_seconds else "")

@@ -118,3 +118,43 @@ def test_bad_settings_name_the_argument(demo_data, tmp_path):
     per_box = ObjectAwareDataset(demo.root, demo.proposals_path, sampling="per_box", size=64)
     with pytest.raises(ValueError, match="needs a fixed proposal store"):
         online_proposals(per_box, tmp_path, epochs=10)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_plain_training_loop_refreshes_before_its_epochs(demo_data, tmp_path):
+    """lightly's plain PyTorch loop: ``online.before_epoch(epoch, model.backbone)`` makes the
+    refresh due and sets the dataset's epoch; its state goes in the loop's own checkpoint."""
+    demo = demo_data(n_images=16, size=(128, 96), seed=0)
+
+    def run(epochs, first=0, state=None):
+        torch.manual_seed(0)
+        dataset = Recording(demo.root, "online", size=64, seed=0)
+        lines: list[str] = []
+        online = online_proposals(dataset, tmp_path / "boxes", epochs=epochs, proposals=ONLINE,
+                                  echo=lines.append)
+        if state is not None:
+            online.load_state_dict(state)
+        model = SimCLR()
+        optimizer = model.configure_optimizers()
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1,
+                                             persistent_workers=True, drop_last=True)
+        seen, saved = {}, None
+        for epoch in range(first, epochs):
+            online.before_epoch(epoch, model.backbone)
+            for i, ((x0, x1), _, names) in enumerate(loader):
+                seen.setdefault(epoch, set()).update(n.split("@")[1] for n in names)
+                loss = model.training_step(((x0, x1), None, names), i)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            saved = online.state_dict()  # beside the model's weights in the loop's checkpoint
+        return lines, seen, saved
+
+    lines, seen, saved = run(3)
+    assert [ln.split(" before ")[1].split(":")[0] for ln in lines] == ["epoch 2", "epoch 3"]
+    assert seen == {0: {"none"}, 1: {"epoch-0001.objcrop"}, 2: {"epoch-0002.objcrop"}}
+    assert sorted(saved["made"]) == ["1", "2"]
+    # resumed after epoch 3 and extended: the stores it recorded are kept, one refresh is made
+    lines, seen, _ = run(4, first=3, state=saved)
+    assert [ln.split(" before ")[1].split(":")[0] for ln in lines] == ["epoch 4"]
+    assert seen == {3: {"epoch-0003.objcrop"}}
