@@ -58,6 +58,7 @@ from ..engine.photometric import PhotometricSet
 from ..files import normalize_key
 from ..images import ImageDecodeError, opened_from
 from ..policies import ViewRecipe
+from ..proposals.online import OnlineKeys
 from ..proposals.store import ProposalStore
 from ..stats import BadImages
 
@@ -421,13 +422,11 @@ class ObjectAwareDataset(ObjectCropDataset):
         return list(self.filenames)
 
 
-def _online_keys() -> Any:
-    from ..proposals.online import OnlineKeys
-
-    return OnlineKeys(proposals="proposals", epochs="epochs", store="the dataset's proposals",
-                      backbone="the LightningModule's backbone (network=...)",
-                      accelerator="the Trainer's accelerator",
-                      afresh="start afresh with another directory", elsewhere="")
+#: how online proposals' messages name :func:`online_proposals`' arguments
+_ONLINE_KEYS = OnlineKeys(proposals="proposals", epochs="epochs", store="the dataset's proposals",
+                          backbone="the LightningModule's backbone (network=...)",
+                          accelerator="the Trainer's accelerator",
+                          afresh="start afresh with another directory", elsewhere="")
 
 
 def online_proposals(
@@ -490,7 +489,7 @@ def online_proposals(
 
     from ..proposals.online import OnlineSchedule, network_of, online_callback, online_settings
 
-    keys = _online_keys()
+    keys = _ONLINE_KEYS
     store = dataset.store
     settings = online_settings(proposals, int(epochs), store is not None,
                                dataset.recipe.choice.top_k, ValueError, keys)

@@ -476,7 +476,6 @@ def online_callback(
         import pytorch_lightning as pl
 
         base = pl.Callback
-    RecipeError = error  # noqa: N806  (the host's recipe error)
 
     class OnlineProposals(base):  # type: ignore[misc, valid-type]
         def __init__(self) -> None:
@@ -542,7 +541,7 @@ def online_callback(
             # setup, for the optimizer's step count) and before it restores a checkpoint's
             # weights: a refresh due now loads them itself (Lightning loads the same again)
             if stage == "fit" and not self.started:
-                raise RecipeError(
+                raise error(
                     "online proposals: the callback was not started, so it cannot tell a fresh "
                     "run from a resumed one. Fix: callback.fit(trainer, model, ..., "
                     "ckpt_path=...) instead of trainer.fit(...), or callback.resume_from("
@@ -586,7 +585,7 @@ def online_callback(
             if old is not None and old != now:
                 before = OnlineSchedule(schedule.directory, *old)
                 if any(before.refresh_epoch(e) != schedule.refresh_epoch(e) for e in range(epoch)):
-                    raise RecipeError(
+                    raise error(
                         f"{names.proposals}: this run trained its first {epoch} epochs with a "
                         f"warm-up of {old[0]} and a refresh every {old[1]} epochs; the recipe now "
                         f"gives {now[0]} and {now[1]} (the defaults follow {names.epochs}). "
@@ -599,13 +598,13 @@ def online_callback(
                 return  # warm-up, or a refresh still to make (start)
             path = schedule.store_path(r)
             if r not in self.made:
-                raise RecipeError(
+                raise error(
                     f"resuming at epoch {epoch + 1} needs the online proposals made before "
                     f"epoch {r + 1} ({path}), which this run's checkpoint does not record. Fix: "
                     + " ".join(filter(None, (names.afresh, names.elsewhere)))
                 )
             if not self._have(r):
-                raise RecipeError(
+                raise error(
                     f"resuming at epoch {epoch + 1} needs the online proposals {path} that the "
                     "checkpoint was saved with, and the file is missing or changed. Fix: put "
                     f"it back, or {names.afresh}"

@@ -112,6 +112,7 @@ class ObjectAwareSoloDataset(IndexedDataset):
     ) -> None:
         super().__init__(dataset)
         self.transform = transform
+        self.planner = transform.planner
         self.key_root = os.path.abspath(os.fspath(key_root))
         self.bad = SoloBadImages(len(dataset), max_failure_rate)
         self.boxes = self._box_index(transform.store, sampling, max_boxes_per_image)
@@ -153,8 +154,7 @@ class ObjectAwareSoloDataset(IndexedDataset):
     def set_epoch(self, epoch: int) -> None:
         """The epoch being trained, for online proposals (``crop.proposals``): the planner
         opens that epoch's store, in the DataLoader workers too."""
-        planner = self.__dict__.get("planner") or self.transform.planner
-        planner.set_epoch(epoch)
+        self.planner.set_epoch(epoch)
 
     def image(self, index: int) -> int:
         """The image (index into solo-learn's listing) item ``index`` is made from."""

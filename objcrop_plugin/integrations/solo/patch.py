@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ...proposals.online import OnlineSchedule
+from ...proposals.online import OnlineSchedule, OnlineSettings
 from ...proposals.store import MAGIC as STORE_MAGIC
 from ...stats import TooManyBadImagesError
 from .backbone import check_backbone, restore_timm_registry, timm_backbone
@@ -61,6 +61,7 @@ __all__ = ["IDENTITY_KEY", "STATE", "fix_solo_quirks", "import_solo", "install",
 class OnlineRun:
     """Online proposals in a solo-learn run: the schedule, and what the callback needs."""
 
+    settings: OnlineSettings
     schedule: OnlineSchedule
     backbone: str  # as the recipe names it, for messages
     workers: int  # decode workers of a refresh (data.num_workers)
@@ -82,7 +83,6 @@ class RunState:
 
 
 STATE = RunState()
-_FIT: inspect.Signature | None = None  # Trainer.fit's, to find its model and ckpt_path
 
 
 def _reported(fn: Callable) -> Callable:
@@ -410,7 +410,7 @@ def _online_run(cfg: Any, plan: ObjectAwareConfig) -> OnlineRun | None:
     if name == "timm":
         name = f"timm {(backbone.get('kwargs') or {}).get('model_name')}"
     workers = int((cfg.get("data") or {}).get("num_workers") or 0)
-    return OnlineRun(schedule, name, workers)
+    return OnlineRun(settings, schedule, name, workers)
 
 
 def _launcher() -> bool:
@@ -435,11 +435,8 @@ def attach_online(trainer: Any, model: Any, ckpt_path: Any = None) -> Any:
     run, dataset = STATE.online, STATE.dataset
     if run is None or dataset is None or model is None:
         return None
-    settings = STATE.config.online if STATE.config is not None else None
-    if settings is None:
-        return None
+    settings, schedule = run.settings, run.schedule
     check_network(settings, network_of(model), run.backbone, SoloConfigError, ONLINE_KEYS)
-    schedule = run.schedule
     keys = [dataset.key(j) for j in range(len(dataset.dataset))]
 
     def echo(line: str) -> None:
@@ -559,13 +556,12 @@ def _install_fit_report() -> None:
     except ImportError:  # pragma: no cover - solo-learn needs lightning
         return
     original = Trainer.fit
-    global _FIT
-    _FIT = inspect.signature(original)
+    signature = inspect.signature(original)  # to find its model and ckpt_path
 
     def fit(self: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             if STATE.online is not None and STATE.online.callback is None:
-                bound = _FIT.bind(self, *args, **kwargs).arguments
+                bound = signature.bind(self, *args, **kwargs).arguments
                 attach_online(self, bound.get("model"), bound.get("ckpt_path"))
             return original(self, *args, **kwargs)
         except TooManyBadImagesError as exc:
