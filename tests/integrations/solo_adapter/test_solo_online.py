@@ -16,6 +16,7 @@ from solo_testing import (
     RECIPES,
     H,
     W,
+    compose_recipe,
     make_cfg,
     make_entry,
     object_of,
@@ -88,6 +89,23 @@ def test_online_needs_object_aware_entries_an_epoch_count_and_a_timm_backbone():
         parse_object_aware(cfg)
     cfg["backbone"] = {"name": "timm", "kwargs": {"model_name": "resnet50"}}
     assert parse_object_aware(cfg).online is not None
+
+
+def test_the_shipped_online_recipe_parses_to_online_boxes_on_a_timm_resnet50():
+    """``mocov2plus_online.yaml``: ``mocov2plus.yaml`` with no store, ``crop.proposals:
+    online`` and a timm backbone, so the run needs no proposal stage."""
+    cfg = compose_recipe("mocov2plus_online.yaml")
+    assert cfg.backbone.name == "timm" and cfg.backbone.kwargs.model_name == "resnet50"
+    assert cfg.method == "mocov2plus" and cfg.max_epochs == 200
+    plan = parse_object_aware(cfg, check_paths=False)
+    # the initial weights' boxes, refreshed every tenth of the 200 epochs, 10 boxes kept
+    assert plan.online == OnlineSettings("heatmap", 0, 20, {"top_k": 10})
+    assert plan.proposals is None
+    assert [e.object_aware for e in plan.entries] == [True, True]
+    plan = parse_object_aware(compose_recipe("mocov2plus_online.yaml",
+                                             "++crop.proposals.params.max_side=256"),
+                              check_paths=False)
+    assert plan.online.params == {"max_side": 256, "top_k": 10}
 
 
 def test_workers_follow_the_schedule_from_scene_crops_to_each_refreshed_store(scenes, tmp_path):
