@@ -444,8 +444,9 @@ def online_proposals(
 
     Returns a ``pytorch_lightning`` callback; train with ``callback.fit(trainer, model,
     loader, ckpt_path=None)`` in place of ``trainer.fit(model, loader, ckpt_path=None)``: it
-    puts itself first among the trainer's callbacks (before the checkpoint callbacks) and reads
-    a resumed run's state from ``ckpt_path`` before Lightning starts. Before each refresh epoch
+    puts itself first among the trainer's callbacks (before the checkpoint callbacks), reads
+    a resumed run's state from ``ckpt_path`` (a file, a URL, or Lightning's ``"last"``,
+    ``"best"``, ``"hpc"``) and sets the dataset's epoch before Lightning starts. Before each refresh epoch
     the network (``network(module)``; default the module's ``backbone_momentum`` or
     ``momentum_backbone`` where it has one, else its ``backbone``: a timm model), in eval mode,
     computes boxes for every image of ``dataset`` and writes ``directory/epoch-NNNN.objcrop``

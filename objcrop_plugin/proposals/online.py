@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 __all__ = ["MODES", "ONLINE_METHODS", "OnlineKeys", "OnlineRefreshError", "OnlineSchedule",
-           "OnlineSettings", "check_network", "data_epoch", "file_sha256", "network_of",
-           "online_callback", "online_settings", "refresh_proposals", "resume_position"]
+           "OnlineSettings", "check_network", "data_epoch", "file_sha256",
+           "lightning_ckpt_path", "network_of", "online_callback", "online_settings",
+           "refresh_proposals", "resume_position"]
 
 #: generators that can run on the network being trained (they accept ``module=``)
 ONLINE_METHODS = ("heatmap", "token_cut")
@@ -443,6 +444,35 @@ def resume_position(ckpt: dict[str, Any]) -> tuple[int, int]:
 
 
 
+def lightning_ckpt_path(trainer: Any, ckpt_path: Any) -> Any:
+    """The checkpoint ``trainer.fit(ckpt_path=ckpt_path)`` would load, resolved as Lightning
+    resolves it: ``"last"``, ``"best"``, ``"hpc"`` and ``"registry"`` to a file (``None`` where
+    Lightning starts afresh: ``"last"`` before any checkpoint), ``None`` to the HPC or
+    on-exception checkpoint that Lightning picks by itself. A path or URL is returned as given.
+
+    Raises:
+        ValueError: a special value on a Lightning whose resolution is not reachable (its
+            message asks for the checkpoint's file).
+    """
+    special = isinstance(ckpt_path, str) and ckpt_path in ("last", "best", "hpc", "registry")
+    parse = getattr(getattr(trainer, "_checkpoint_connector", None), "_parse_ckpt_path", None)
+    try:
+        import importlib
+
+        states = importlib.import_module(type(trainer).__module__.rsplit(".", 1)[0] + ".states")
+        fitting = states.TrainerFn.FITTING
+    except (ImportError, AttributeError):
+        parse = None
+    if parse is None:
+        if special:
+            raise ValueError(f"online proposals: ckpt_path={ckpt_path!r} cannot be resolved on "
+                             "this Lightning version. Fix: pass the checkpoint's file path")
+        return ckpt_path
+    trainer.state.fn = fitting  # as Trainer.fit sets it first: Lightning's choice depends on it
+    return parse(fitting, ckpt_path, model_provided=True,
+                 model_connected=trainer.lightning_module is not None)
+
+
 def online_callback(
     settings: OnlineSettings,
     schedule: OnlineSchedule,
@@ -513,27 +543,41 @@ def online_callback(
             self.started = True
 
         def resume_from(self, ckpt_path: str | os.PathLike[str] | None,
-                        max_epochs: int | None) -> int:
+                        max_epochs: int | None,
+                        load: Callable[[Any], dict[str, Any]] | None = None) -> int:
             """Before ``Trainer.fit(..., ckpt_path=ckpt_path)``: this callback's state from the
-            Lightning checkpoint (``None``: a fresh run), then :meth:`start` at the epoch the
-            run resumes at, which it returns."""
+            Lightning checkpoint (``None``: a fresh run; read with ``load``, default
+            ``torch.load``), then :meth:`start` at the epoch the run resumes at, which it
+            returns and hands to ``on_epoch_start``: Lightning starts the DataLoader's workers
+            before its epoch hooks, and skips them when it resumes mid-epoch."""
             epoch, weights = 0, None
             if ckpt_path:
-                ckpt = torch.load(os.fspath(ckpt_path), map_location="cpu", weights_only=False)
+                ckpt = (load(ckpt_path) if load is not None else
+                        torch.load(os.fspath(ckpt_path), map_location="cpu", weights_only=False))
                 saved = [v for k, v in (ckpt.get("callbacks") or {}).items()
                          if "OnlineProposals" in str(k)]
                 self.load_state_dict(saved[0] if saved else {})
                 epoch, weights = resume_position(ckpt)[0], ckpt.get("state_dict")
             self.start(epoch, -1 if max_epochs is None else int(max_epochs), weights)
+            if on_epoch_start is not None:
+                on_epoch_start(epoch)
             return epoch
 
         def fit(self, trainer: Any, *args: Any, ckpt_path: Any = None, **kwargs: Any) -> Any:
             """``trainer.fit(*args, ckpt_path=ckpt_path, **kwargs)`` with this callback first
             among the trainer's callbacks (before any that saves checkpoints) and started from
-            ``ckpt_path`` (:meth:`resume_from`)."""
+            the checkpoint Lightning resumes (:meth:`resume_from`; ``"last"``, ``"best"``,
+            ``"hpc"``, URLs: :func:`lightning_ckpt_path`)."""
             if self not in trainer.callbacks:
                 trainer.callbacks.insert(0, self)
-            self.resume_from(ckpt_path, trainer.max_epochs)
+            try:
+                ckpt_path = lightning_ckpt_path(trainer, ckpt_path)
+            except ValueError as exc:
+                raise error(str(exc)) from None
+            io = getattr(trainer.strategy, "checkpoint_io", None)
+            load = None if io is None else (
+                lambda path: io.load_checkpoint(path, map_location="cpu", weights_only=False))
+            self.resume_from(ckpt_path, trainer.max_epochs, load)
             return trainer.fit(*args, ckpt_path=ckpt_path, **kwargs)
 
         def setup(self, trainer: Any, module: Any, stage: str) -> None:

@@ -54,7 +54,7 @@ class Recording(ObjectAwareDataset):
 ONLINE = {"warmup_epochs": 1, "every_epochs": 1, "params": {"scale": 2}}
 
 
-def _run(demo, folder, epochs, ckpt_path=None, proposals=ONLINE):
+def _run(demo, folder, epochs, ckpt_path=None, proposals=ONLINE, checkpoint=None):
     torch.manual_seed(0)
     dataset = Recording(demo.root, "online", size=64, seed=0)
     lines: list[str] = []
@@ -63,8 +63,8 @@ def _run(demo, folder, epochs, ckpt_path=None, proposals=ONLINE):
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=folder / "ck", save_top_k=-1, every_n_epochs=1,
-                                   filename="{epoch}")])
+        callbacks=[ModelCheckpoint(dirpath=folder / "ck", save_top_k=-1,
+                                   **(checkpoint or {"every_n_epochs": 1, "filename": "{epoch}"}))])
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=1, drop_last=True)
     model = SimCLR()
     online.fit(trainer, model, loader, ckpt_path=ckpt_path)
@@ -93,6 +93,25 @@ def test_a_lightly_run_crops_from_boxes_of_the_network_it_trains(demo_data, tmp_
     # resumed and extended: only the refresh still due is made
     _, more, seen = _run(demo, tmp_path, epochs=4, ckpt_path=tmp_path / "ck" / "epoch=2.ckpt")
     assert [ln.split(" before ")[1].split(":")[0] for ln in more] == ["epoch 4"]
+    assert seen == {3: {"epoch-0003.objcrop"}}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_resumed_from_a_step_checkpoint_or_last_the_workers_cut_from_its_store(demo_data,
+                                                                             tmp_path):
+    """Lightning starts the DataLoader's workers before its epoch hooks and, resuming a step
+    checkpoint mid-epoch, skips them: the dataset's epoch is set before ``fit``. ``"last"`` is
+    Lightning's last checkpoint."""
+    demo = demo_data(n_images=16, size=(128, 96), seed=0)
+    steps = {"every_n_train_steps": 2, "filename": "{epoch}-{step}", "save_last": True}
+    _run(demo, tmp_path, epochs=3, checkpoint=steps)  # 4 steps an epoch
+    # halfway through the third epoch: its store, no refresh made again
+    _, lines, seen = _run(demo, tmp_path, epochs=3, checkpoint=steps,
+                          ckpt_path=tmp_path / "ck" / "epoch=2-step=10.ckpt")
+    assert lines == [] and seen == {2: {"epoch-0002.objcrop"}}
+    # the last checkpoint (the third epoch's last step), extended: the refresh before epoch 4
+    _, lines, seen = _run(demo, tmp_path, epochs=4, checkpoint=steps, ckpt_path="last")
+    assert [ln.split(" before ")[1].split(":")[0] for ln in lines] == ["epoch 4"]
     assert seen == {3: {"epoch-0003.objcrop"}}
 
 

@@ -65,6 +65,7 @@ class OnlineRun:
     schedule: OnlineSchedule
     backbone: str  # as the recipe names it, for messages
     workers: int  # decode workers of a refresh (data.num_workers)
+    checkpoints: str | None = None  # where solo-learn's checkpoints go (None: checkpoint off)
     callback: Any = None  # the callback, once attached (its ``refreshes``)
 
 
@@ -397,11 +398,13 @@ def _online_run(cfg: Any, plan: ObjectAwareConfig) -> OnlineRun | None:
     settings = plan.online
     if settings is None:
         return None
+    checkpoint = cfg.get("checkpoint") or {}
+    # solo-learn's Checkpointer writes <checkpoint.dir>/<method>/<run>/*.ckpt
+    checkpoints = os.path.join(os.path.abspath(os.fspath(checkpoint.get("dir") or
+                                                         "trained_models")), str(cfg.get("method")))
     folder = plan.proposals_dir
     if folder is None:
-        checkpoint = cfg.get("checkpoint") or {}
-        base = os.fspath(checkpoint.get("dir") or "trained_models")
-        folder = os.path.join(os.path.abspath(base), str(cfg.get("method")), "objcrop-proposals",
+        folder = os.path.join(checkpoints, "objcrop-proposals",
                               f"{cfg.get('name')}-{cfg.get(IDENTITY_KEY)}")
     schedule = OnlineSchedule(os.fspath(folder), settings.warmup_epochs, settings.every_epochs,
                               None if plan.proposals is None else os.fspath(plan.proposals))
@@ -410,7 +413,23 @@ def _online_run(cfg: Any, plan: ObjectAwareConfig) -> OnlineRun | None:
     if name == "timm":
         name = f"timm {(backbone.get('kwargs') or {}).get('model_name')}"
     workers = int((cfg.get("data") or {}).get("num_workers") or 0)
-    return OnlineRun(settings, schedule, name, workers)
+    return OnlineRun(settings, schedule, name, workers,
+                     checkpoints if checkpoint.get("enabled") else None)
+
+
+def _earlier_run(run: OnlineRun) -> tuple[list[str], list[str]]:
+    """The stores in ``run``'s folder (names, shards left out) and the solo-learn checkpoints
+    saved since the first of them was written: a checkpoint that may record them, so a fresh
+    run must not replace them. Stores that no checkpoint can record (a run stopped before its
+    first checkpoint, or run with ``checkpoint.enabled=False``) cannot be resumed and are
+    replaced, as their refreshes come round."""
+    found = list(Path(run.schedule.directory).glob("epoch-*.objcrop"))
+    if not found or run.checkpoints is None:
+        return [p.name for p in found], []
+    since = min(p.stat().st_mtime for p in found)
+    later = sorted(os.fspath(p) for p in Path(run.checkpoints).glob("*/*.ckpt")
+                   if p.stat().st_mtime >= since)
+    return sorted(p.name for p in found if ".shard-" not in p.name), later
 
 
 def _launcher() -> bool:
@@ -447,17 +466,22 @@ def attach_online(trainer: Any, model: Any, ckpt_path: Any = None) -> Any:
                                echo=echo, base=Callback, error=SoloConfigError, names=ONLINE_KEYS,
                                on_epoch_start=dataset.set_epoch)
     if not ckpt_path and _launcher():
-        made = sorted(p.name for p in Path(schedule.directory).glob("epoch-*.objcrop"))
-        if made:
+        made, later = _earlier_run(run)
+        if later:
             raise SoloConfigError(
                 f"crop.proposals_dir: {schedule.directory} holds the online proposals of an "
                 f"earlier run with this crop setup ({', '.join(made[:3])}"
-                f"{', ...' if len(made) > 3 else ''}); this run starts afresh and would replace "
-                "them. Fix: resume that run (auto_resume.enabled=True, or "
-                "resume_from_checkpoint=ITS_CHECKPOINT), or give this one its own folder "
+                f"{', ...' if len(made) > 3 else ''}), which checkpoints saved since then may "
+                f"record ({later[-1]}{' and more' if len(later) > 1 else ''}); this run starts "
+                "afresh and would replace them. Fix: resume that run (auto_resume.enabled=True, "
+                "or resume_from_checkpoint=ITS_CHECKPOINT), or give this one its own folder "
                 "(++crop.proposals_dir=A_NEW_FOLDER), or remove that folder"
             )
-    dataset.set_epoch(callback.resume_from(ckpt_path, trainer.max_epochs))
+        if made:
+            echo(f"{schedule.directory} holds online proposals that no checkpoint records "
+                 f"({', '.join(made[:3])}{', ...' if len(made) > 3 else ''}: an earlier run "
+                 "stopped before its first checkpoint); this run replaces them")
+    callback.resume_from(ckpt_path, trainer.max_epochs)  # and the dataset's epoch
     trainer.callbacks.insert(0, callback)
     run.callback = callback
     return callback

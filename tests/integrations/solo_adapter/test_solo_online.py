@@ -214,6 +214,37 @@ def test_a_warm_up_on_scene_crops_is_reported_as_such(solo_root, tmp_path):
     assert ("objcrop: 32 samples (16 of them in the warm-up, scene crops), 16 cropped from "
             "proposals, 0 fell back") in run.stderr
     assert [p.name for p in (tmp_path / "boxes").iterdir()] == ["epoch-0001.objcrop"]
+    # no checkpoint can record these stores: the same command runs again and replaces them
+    again = _solo(tmp_path, "max_epochs=2", "++crop.proposals.warmup_epochs=1",
+                  "checkpoint.enabled=False", "++crop.proposals_dir=boxes")
+    assert again.returncode == 0, again.stderr[-6000:]
+    assert "holds online proposals that no checkpoint records (epoch-0001.objcrop" in again.stderr
+    assert len(_refreshes(again.stderr)) == 1
+
+
+def test_a_fresh_run_replaces_only_stores_that_no_checkpoint_can_record(tmp_path):
+    """A run stopped before its first checkpoint leaves stores (and a DDP refresh's shards)
+    that nothing can resume: a fresh run replaces them. A checkpoint saved after the first
+    store may record them: a fresh run refuses (the real run: the test above)."""
+    from objcrop_plugin.integrations.solo.patch import OnlineRun, _earlier_run
+
+    folder, checkpoints = tmp_path / "ck" / "simclr" / "objcrop-proposals" / "x", tmp_path / "ck"
+    run = OnlineRun(OnlineSettings("heatmap", 0, 1, {}), OnlineSchedule(str(folder), 0, 1),
+                    "timm test_resnet", 0, str(checkpoints / "simclr"))
+    assert _earlier_run(run) == ([], [])
+    folder.mkdir(parents=True)
+    for name in ("epoch-0000.objcrop", "epoch-0001.shard-00000-of-00002.objcrop"):
+        (folder / name).write_bytes(b"x")
+        os.utime(folder / name, (1000, 1000))
+    old = checkpoints / "simclr" / "abc" / "simclr-ep=0.ckpt"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"x")
+    os.utime(old, (999, 999))  # an earlier run's, saved before these stores
+    assert _earlier_run(run) == (["epoch-0000.objcrop"], [])
+    os.utime(old, (1001, 1001))
+    assert _earlier_run(run) == (["epoch-0000.objcrop"], [str(old)])
+    run.checkpoints = None  # checkpoint.enabled=False
+    assert _earlier_run(run)[1] == []
 
 
 def test_ddp_ranks_refresh_their_shares_into_one_store(solo_root, tmp_path):
