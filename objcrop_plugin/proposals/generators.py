@@ -24,8 +24,8 @@ from PIL import Image
 from .. import boxes as box_ops
 from ..images import to_rgb
 
-__all__ = ["BatchedProposalGenerator", "ProposalGenerator", "postprocess", "resolve_device",
-           "working_resize"]
+__all__ = ["BatchedProposalGenerator", "ProposalGenerator", "input_dtype", "postprocess",
+           "resolve_device", "working_resize"]
 
 
 def postprocess(
@@ -224,3 +224,10 @@ class BatchedProposalGenerator(ProposalGenerator):
 
     def params(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+def input_dtype(net: torch.nn.Module) -> torch.dtype:
+    """The dtype the network's weights hold (a run with ``precision: bf16-true`` or
+    ``16-true`` keeps them in half precision): its inputs must match them."""
+    p = next((q for q in net.parameters() if q.is_floating_point()), None)
+    return torch.float32 if p is None else p.dtype

@@ -103,7 +103,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .generators import BatchedProposalGenerator, resolve_device
+from .generators import BatchedProposalGenerator, input_dtype, resolve_device
 from .segments import _ximgproc, graph_segment_regions
 
 __all__ = [
@@ -950,7 +950,7 @@ class HeatmapGenerator(BatchedProposalGenerator):
                     if (ih, iw) != (wh, ww):
                         x = F.interpolate(x, size=(ih, iw), mode="bilinear", align_corners=False,
                                           antialias=ih < wh)
-                    x = (x - mean) / std
+                    x = ((x - mean) / std).to(input_dtype(net))
                     lvl = self.level_index((ih, iw))
                     feats = net.forward_intermediates(
                         x, indices=[lvl], intermediates_only=True, stop_early=True

@@ -73,7 +73,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .generators import BatchedProposalGenerator, resolve_device
+from .generators import BatchedProposalGenerator, input_dtype, resolve_device
 
 __all__ = ["TokenCutGenerator", "token_cut"]
 
@@ -416,8 +416,8 @@ class TokenCutGenerator(BatchedProposalGenerator):
         if len(sizes) != 1:
             raise ValueError(f"token_cut: patch_features needs one input size, got {sizes}")
         ih, iw = sizes.pop()
-        x = torch.stack([self._prepare(im, (ih, iw)) for im in images])
         net = self._net
+        x = torch.stack([self._prepare(im, (ih, iw)) for im in images]).to(input_dtype(net))
         captured: list[torch.Tensor] = []
         hook = net.blocks[-1].attn.qkv.register_forward_hook(
             lambda _m, _i, out: captured.append(out)

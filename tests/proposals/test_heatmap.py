@@ -751,3 +751,13 @@ def test_a_resumed_build_refuses_a_checkpoint_that_changed(tmp_path, folder, mon
     shutil.copyfile(weights, ckpt)
     summary = build_store(root, out, "heatmap", params=params, chunk_size=8, progress=False)
     assert summary.resumed_images == 8 and len(ProposalStore(out)) == 40
+
+
+def test_a_network_in_half_precision_gets_inputs_of_its_dtype():
+    """A run with ``precision: bf16-true`` keeps the backbone's weights in bfloat16: online
+    refreshes feed it bfloat16 inputs, and find the same object."""
+    net = timm.create_model(MODEL, pretrained=False, num_classes=0).eval()
+    img = np.full((96, 128, 3), 30, np.uint8)
+    img[30:62, 70:110] = (250, 240, 10)
+    boxes, _ = HeatmapGenerator(module=net.to(torch.bfloat16), device="cpu", top_k=3)(img)
+    assert iou(np.array([[70, 30, 110, 62]], np.float32), boxes).max() > 0.5

@@ -305,3 +305,10 @@ def test_registered_name(vit):
     assert "token_cut" in list_proposal_sources(kind="generator")
     gen = make_generator("token_cut", module=vit, input_side=160, device="cpu")
     assert isinstance(gen, TokenCutGenerator)
+
+
+def test_a_network_in_half_precision_gets_inputs_of_its_dtype():
+    """``precision: bf16-true`` keeps the ViT's weights in bfloat16; its inputs follow."""
+    net = _tiny_vit().to(torch.bfloat16)
+    feats = _gen(net).patch_features([_images()[0]])
+    assert feats.dtype == torch.float32 and torch.isfinite(feats).all()
