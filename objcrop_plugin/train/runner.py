@@ -606,6 +606,17 @@ def train(
         picked = _pick_checkpoint(ckpt_dir, echo)
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
 
+    labels = None
+    if cfg.data.labels and cfg.eval.enabled:  # read now: a bad file is found before training
+        try:
+            labels = load_eval_labels(cfg.data.labels)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RecipeError(
+                f"data.labels: {cfg.data.labels} cannot be read for the evaluation after "
+                f"training ({type(exc).__name__}: {str(exc).strip()}). Fix: a demo "
+                "labels.json or a COCO instances JSON, or data.labels=null (or "
+                "eval.enabled=false) to train without the evaluation"
+            ) from None
     dataset = build_dataset(cfg, keys)
     recipe = dataset.recipe
     sizes = {v.size for v in recipe.views}
@@ -738,8 +749,8 @@ def train(
         online_proposals=None if online_cb is None else online_cb.refreshes, resumed_from=resume, backbone_weights=str(out / "backbone.pth"),
         config=to_dict(cfg),
     )
-    if cfg.data.labels and cfg.eval.enabled:
-        result["eval"] = evaluate_recipe(cfg, module.backbone, echo)
+    if labels is not None:
+        result["eval"] = evaluate_recipe(cfg, module.backbone, echo, labels)
     from ..files import atomic_write
 
     atomic_write(out / "results.json", json.dumps(result, indent=2).encode() + b"\n")
@@ -765,11 +776,14 @@ def load_eval_labels(path: str | os.PathLike[str]) -> tuple[list[str], Any]:
     return list(keys), y
 
 
-def evaluate_recipe(cfg: RecipeConfig, backbone: torch.nn.Module, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Linear probe + kNN mAP (percent) of ``backbone`` on the labelled images of a recipe."""
+def evaluate_recipe(cfg: RecipeConfig, backbone: torch.nn.Module,
+                    echo: Callable[[str], None] = print,
+                    labels: tuple[list[str], Any] | None = None) -> dict[str, Any]:
+    """Linear probe + kNN mAP (percent) of ``backbone`` on the labelled images of a recipe
+    (``labels``: :func:`load_eval_labels` of ``data.labels``, read here when not given)."""
     from ..eval import evaluate_backbone
 
-    keys, y = load_eval_labels(cfg.data.labels)
+    keys, y = labels if labels is not None else load_eval_labels(cfg.data.labels)
     e = cfg.eval
     size = tuple(e.image_size) if isinstance(e.image_size, list) else e.image_size
     device = next(backbone.parameters()).device

@@ -309,6 +309,12 @@ def test_cli_errors_name_the_key_and_the_fix(tmp_path, data, capsys):
     with pytest.raises(RecipeError, match=r"was built for other images: .* 24 of 24 images "
                                           r"checked \(e.g. '.*': stored 72x96, image 96x72\)"):
         train(load_recipe(path, [f"data.proposals={turned}"]), echo=lambda s: None)
+    # a labels file that cannot be read is found before training, not after it
+    (tmp_path / "labels.json").write_text('{"images": [')
+    for labels in (tmp_path / "nope.json", tmp_path / "labels.json"):
+        with pytest.raises(RecipeError, match=r"data\.labels: .* cannot be read for the "
+                                              r"evaluation .*Fix: .*data\.labels=null"):
+            train(load_recipe(path, [f"data.labels={labels}"]), echo=lambda s: None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(RecipeError, match=r"data\.train_path: no images found under .*empty"):
         train(load_recipe(path, [f"data.train_path={tmp_path / 'empty'}"]), echo=lambda s: None)
