@@ -189,7 +189,23 @@ class SSLMethod(pl.LightningModule):
             raise ValueError(f"unknown optimizer {o.name!r}")
         total = max(1, int(self.trainer.estimated_stepping_batches))
         s = self.sched_cfg
-        steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        # optimizer steps per epoch from the epoch's batches (set by estimated_stepping_batches):
+        # total / max_epochs would be wrong where max_steps ends the run (epochs: -1, or
+        # max_steps before the last epoch)
+        def finite(n: Any) -> bool:
+            return isinstance(n, (int, float)) and math.isfinite(n) and n > 0
+
+        batches = getattr(self.trainer, "num_training_batches", float("inf"))
+        if not finite(batches):  # epochs: -1 leaves the data unset: set it up as Lightning does
+            try:
+                self.trainer.fit_loop.setup_data()
+                batches = self.trainer.num_training_batches
+            except Exception:  # noqa: BLE001 - the estimate below stands in
+                batches = float("inf")
+        if finite(batches):
+            steps_per_epoch = math.ceil(batches / max(1, self.trainer.accumulate_grad_batches))
+        else:  # an iterable dataset of unknown length
+            steps_per_epoch = total / max(1, self.trainer.max_epochs or 1)
         warmup = int(max(s.warmup_epochs * steps_per_epoch, s.warmup_fraction * total))
         floor = s.min_lr_ratio
 

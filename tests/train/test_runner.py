@@ -398,3 +398,28 @@ def test_backbone_starts_from_a_local_checkpoint(tmp_path, data):
     assert all(torch.equal(v, saved[k]) for k, v in net.state_dict().items())
     with pytest.raises(FileNotFoundError, match="backbone.checkpoint: file not found"):
         build_backbone(load_recipe(path, [f"backbone.checkpoint={tmp_path / 'nope.pth'}"]))
+
+
+@pytest.mark.parametrize("trainer", [{"epochs": 3}, {"epochs": -1, "max_steps": 9},
+                                     {"epochs": 30, "max_steps": 9}])
+def test_the_warm_up_lasts_its_epochs_when_max_steps_ends_the_run(tmp_path, data, monkeypatch,
+                                                                   trainer):
+    """24 images in batches of 8: 3 steps an epoch, so ``warmup_epochs: 1`` is 3 steps however
+    the run's length is given."""
+    from objcrop_plugin.train import methods
+
+    made = {}
+    configure = methods.SSLMethod.configure_optimizers
+
+    def keep(self):
+        out = configure(self)
+        made["scheduler"] = out["lr_scheduler"]["scheduler"]
+        return out
+
+    monkeypatch.setattr(methods.SSLMethod, "configure_optimizers", keep)
+    path = recipe(tmp_path, data, crop={"type": "scene", "views": "scene_scene"},
+                  data={"proposals": None}, trainer=trainer,
+                  schedule={"warmup_epochs": 1, "scheduler": "constant"})
+    train(load_recipe(path), echo=lambda s: None)
+    factor = made["scheduler"].lr_lambdas[0]
+    assert [round(factor(i), 2) for i in range(5)] == [0.33, 0.67, 1.0, 1.0, 1.0]
