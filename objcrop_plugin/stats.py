@@ -7,7 +7,7 @@ import logging
 import math
 import multiprocessing as mp
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from multiprocessing import context as mp_context
 
 from .images import ImageDecodeError
@@ -216,6 +216,17 @@ class BadImages:
         """Count ``n`` failed reads of an earlier part of the run (a resumed run's)."""
         with self._lock:
             self._counts[1] += int(n)
+
+    def restore(self, indices: Sequence[int]) -> None:
+        """Mark ``indices`` bad, as an earlier part of the run found them (a resumed run's),
+        without logging them again; their failed reads come with :meth:`add_failed_reads`."""
+        if self.n is None:
+            return
+        with self._lock:
+            for i in indices:
+                if 0 <= i < self.n and not self._flags[i]:
+                    self._flags[i] = 1
+                    self._counts[0] += 1
 
     def seen(self, k: int = 1) -> None:
         """Count ``k`` items met (``n=None`` only: the failure rate's denominator)."""

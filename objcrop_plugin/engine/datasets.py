@@ -29,6 +29,7 @@ What a sample is (both datasets, ``sampling`` and ``epoch_length``):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -513,11 +514,12 @@ class _FolderDataset(torch.utils.data.Dataset):
             lambda j: str(self.root / source.key(j)), source.image,
         )
 
-    def bad_images(self) -> list[tuple[str, str, str]]:
-        """``(key, path, reason)`` of every image found unreadable so far (in any worker);
-        ``self.bad`` counts images (indices into ``keys``), whatever the sampling."""
+    def bad_images(self, indices: Sequence[int] | None = None) -> list[tuple[str, str, str]]:
+        """``(key, path, reason)`` of every image found unreadable so far (in any worker;
+        ``indices``: of these images instead); ``self.bad`` counts images (indices into
+        ``keys``), whatever the sampling."""
         rows = []
-        for i in self.bad.indices():
+        for i in self.bad.indices() if indices is None else indices:
             path = self.root / self.keys[i]
             try:
                 read_image(path)
@@ -527,12 +529,17 @@ class _FolderDataset(torch.utils.data.Dataset):
             rows.append((self.keys[i], str(path), reason))
         return rows
 
-    def write_bad_images(self, path: str | os.PathLike[str]) -> int:
+    def write_bad_images(self, path: str | os.PathLike[str],
+                         indices: Sequence[int] | None = None) -> int:
         """Write :meth:`bad_images` as a tab-separated list (``key, path, reason``) atomically
-        when there are any; returns how many."""
-        rows = self.bad_images()
+        when there are any, else remove an earlier list at ``path`` (it would contradict the
+        run's counts); returns how many."""
+        rows = self.bad_images(indices)
         if rows:
             write_bad_list(path, rows, ("key", "path", "reason"))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
         return len(rows)
 
 

@@ -530,27 +530,32 @@ def online_callback(
             self.saved_schedule = None if saved is None else (int(saved[0]), int(saved[1]))
 
         def start(self, epoch: int, max_epochs: int,
-                  weights: dict[str, Any] | None = None) -> None:
+                  weights: dict[str, Any] | None = None, finished: bool = False) -> None:
             """Before ``fit``: check a resumed run (:meth:`check_resume`) and note the refresh
             due before ``epoch`` that was never made (``warmup_epochs: 0``'s first store, or
             the refresh after the last epoch of a run that is now extended), to be computed
-            from ``weights`` (the checkpoint's ``state_dict``; ``None``: the initial ones)."""
+            from ``weights`` (the checkpoint's ``state_dict``; ``None``: the initial ones).
+            A run with nothing left to train (``epoch`` at ``max_epochs``, or ``finished``:
+            its ``max_steps`` reached) needs no store: none is checked or made."""
+            self.started = True
+            self.due, self.weights = None, None
+            if finished or 0 <= max_epochs <= epoch:
+                return
             self.check_resume(epoch)
             r = schedule.refresh_epoch(epoch)
-            trains = max_epochs < 0 or epoch < max_epochs
-            self.due = r if r == epoch and r not in self.made and trains else None
+            self.due = r if r == epoch and r not in self.made else None
             self.weights = weights if self.due is not None else None
-            self.started = True
 
         def resume_from(self, ckpt_path: str | os.PathLike[str] | None,
                         max_epochs: int | None,
-                        load: Callable[[Any], dict[str, Any]] | None = None) -> int:
+                        load: Callable[[Any], dict[str, Any]] | None = None,
+                        max_steps: int | None = -1) -> int:
             """Before ``Trainer.fit(..., ckpt_path=ckpt_path)``: this callback's state from the
             Lightning checkpoint (``None``: a fresh run; read with ``load``, default
             ``torch.load``), then :meth:`start` at the epoch the run resumes at, which it
             returns and hands to ``on_epoch_start``: Lightning starts the DataLoader's workers
             before its epoch hooks, and skips them when it resumes mid-epoch."""
-            epoch, weights = 0, None
+            epoch, weights, finished = 0, None, False
             if ckpt_path:
                 ckpt = (load(ckpt_path) if load is not None else
                         torch.load(os.fspath(ckpt_path), map_location="cpu", weights_only=False))
@@ -558,7 +563,8 @@ def online_callback(
                          if "OnlineProposals" in str(k)]
                 self.load_state_dict(saved[0] if saved else {})
                 epoch, weights = resume_position(ckpt)[0], ckpt.get("state_dict")
-            self.start(epoch, -1 if max_epochs is None else int(max_epochs), weights)
+                finished = 0 < (max_steps or -1) <= int(ckpt.get("global_step") or 0)
+            self.start(epoch, -1 if max_epochs is None else int(max_epochs), weights, finished)
             if on_epoch_start is not None:
                 on_epoch_start(epoch)
             return epoch
@@ -577,7 +583,7 @@ def online_callback(
             io = getattr(trainer.strategy, "checkpoint_io", None)
             load = None if io is None else (
                 lambda path: io.load_checkpoint(path, map_location="cpu", weights_only=False))
-            self.resume_from(ckpt_path, trainer.max_epochs, load)
+            self.resume_from(ckpt_path, trainer.max_epochs, load, trainer.max_steps)
             return trainer.fit(*args, ckpt_path=ckpt_path, **kwargs)
 
         def setup(self, trainer: Any, module: Any, stage: str) -> None:

@@ -385,6 +385,17 @@ def _check_same_run(cfg: RecipeConfig, saved: Path) -> None:
         )
 
 
+def _all_ranks(value: Any) -> list[Any]:
+    """``value`` of every DDP rank, in rank order (``[value]`` without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return [value]
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, value)
+    return parts
+
+
 def _callbacks(
     cfg: RecipeConfig, ckpt_dir: Path, dataset: Any, echo: Callable[[str], None] = print,
     online: Any = None,
@@ -407,19 +418,42 @@ def _callbacks(
                  f"({time.perf_counter() - self.t0:.0f}s)")
 
     class RunCounts(pl.Callback):
-        """results.json's counts (samples, scene-crop fallbacks, failed reads) over the whole
-        run: saved in the checkpoint, a resumed run starts from them. Exact at an epoch-end
-        checkpoint; a step checkpoint also holds the samples the workers prepared ahead."""
+        """results.json's counts (samples, scene-crop fallbacks, failed reads, the unreadable
+        images) over the whole run and every DDP rank: saved in the checkpoint, which a
+        resumed run's rank 0 starts from. Exact at an epoch-end checkpoint; a step checkpoint
+        also holds the samples the workers prepared ahead."""
+
+        start_step = 0  # the global step this session started training from
+
+        def totals(self) -> dict[str, Any]:
+            """The counts of every rank together (DDP: every rank calls it at the same point,
+            a checkpoint or the run's end)."""
+            mine = {"fallbacks": dataset.recipe.fallbacks.as_dict(),
+                    "failed_reads": int(dataset.bad.failed_reads),
+                    "bad_keys": [dataset.keys[i] for i in dataset.bad.indices()]}
+            parts = _all_ranks(mine)
+            return {"fallbacks": {k: sum(p["fallbacks"].get(k, 0) for p in parts)
+                                  for k in mine["fallbacks"]},
+                    "failed_reads": sum(p["failed_reads"] for p in parts),
+                    "bad_keys": sorted({k for p in parts for k in p["bad_keys"]})}
 
         def state_dict(self) -> dict[str, Any]:
-            return {"fallbacks": dataset.recipe.fallbacks.as_dict(),
-                    "failed_reads": int(dataset.bad.failed_reads)}
+            return self.totals()
 
         def load_state_dict(self, state: dict[str, Any]) -> None:
+            from .._random import distributed_rank
+
+            if distributed_rank() != 0:  # rank 0 carries the run's earlier counts
+                return
             for field, n in (state.get("fallbacks") or {}).items():
                 if n and field in dataset.recipe.fallbacks.FIELDS:
                     dataset.recipe.fallbacks.add(field, int(n))
             dataset.bad.add_failed_reads(int(state.get("failed_reads") or 0))
+            index = {k: i for i, k in enumerate(dataset.keys)}
+            dataset.bad.restore([index[k] for k in state.get("bad_keys") or () if k in index])
+
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            self.start_step = int(trainer.global_step)  # after the checkpoint's restore
 
     class SetEpoch(pl.Callback):
         """New crops every epoch, reproducibly: the dataset draws from (seed, epoch, index)."""
@@ -438,8 +472,8 @@ def _callbacks(
     # the online refresh (at an epoch's end) runs after the epoch's log line and before the
     # epoch-end checkpoint (Lightning runs checkpoint callbacks last); a step checkpoint on an
     # epoch's last batch comes before the refresh, which a run resumed from it makes first
-    return [SetEpoch(), RunCounts(), *ckpts] + ([] if cfg.trainer.progress_bar else [EpochLog()]) + (
-        [] if online is None else [online])
+    return [SetEpoch(), RunCounts(), *ckpts] + (
+        [] if cfg.trainer.progress_bar else [EpochLog()]) + ([] if online is None else [online])
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler[tuple[int, int]]):
@@ -664,11 +698,13 @@ def train(
         preloaded[resume] = picked[1]
     with _quiet_lightning(not t.progress_bar):
         try:
+            callbacks = _callbacks(cfg, ckpt_dir, dataset, echo, online_cb)
+            (counts,) = [c for c in callbacks if hasattr(c, "totals")]
             trainer = pl.Trainer(
                 max_epochs=t.epochs, max_steps=t.max_steps, accelerator=t.accelerator,
                 devices=devices, num_nodes=t.num_nodes, strategy=t.strategy,
                 precision=t.precision, default_root_dir=out,
-                callbacks=_callbacks(cfg, ckpt_dir, dataset, echo, online_cb),
+                callbacks=callbacks,
                 plugins=[_checkpoint_io(preloaded)], logger=CSVLogger(out, name="logs"),
                 enable_progress_bar=t.progress_bar, log_every_n_steps=t.log_every_n_steps,
                 deterministic=t.deterministic, limit_train_batches=t.limit_train_batches,
@@ -693,13 +729,18 @@ def train(
                 "would be trained; lower it (it is the batch of one rank)"
             )
         epoch, done = _resume_position(picked[1]) if picked is not None else (0, 0)
+        if picked is not None:  # a finished run's fit trains nothing and starts no hooks
+            counts.start_step = int(picked[1].get("global_step") or 0)
         loader = build_loader(cfg, dataset, trainer.world_size, epoch, done)
         if online_cb is not None:
             if picked is not None:
                 saved = [v for k, v in (picked[1].get("callbacks") or {}).items()
                          if "OnlineProposals" in str(k)]
                 online_cb.load_state_dict(saved[0] if saved else {})
-            online_cb.start(epoch, t.epochs, None if picked is None else picked[1]["state_dict"])
+            finished = picked is not None and 0 < t.max_steps <= int(
+                picked[1].get("global_step") or 0)
+            online_cb.start(epoch, t.epochs, None if picked is None else picked[1]["state_dict"],
+                            finished)
         if resume:
             echo(f"resuming from {resume}")
         echo(
@@ -719,15 +760,17 @@ def train(
                 dataset.bad.message(listed_in=out / "bad_images.tsv")
             ) from None
     secs = time.perf_counter() - t0
+    totals = counts.totals()  # every rank's (DDP: all ranks are here)
     result: dict[str, Any] = {"name": cfg.name, "out_dir": str(out)}
     if trainer.global_rank != 0:
         return result
-    if dataset.write_bad_images(out / "bad_images.tsv"):
-        n = dataset.bad.count
-        echo(f"skipped {n} unreadable image{'' if n == 1 else 's'} (each replaced by the next "
-             f"readable one), listed in {out / 'bad_images.tsv'}")
+    index = {k: i for i, k in enumerate(dataset.keys)}
+    bad = [index[k] for k in totals["bad_keys"]]
+    if dataset.write_bad_images(out / "bad_images.tsv", bad):
+        echo(f"skipped {len(bad)} unreadable image{'' if len(bad) == 1 else 's'} (each "
+             f"replaced by the next readable one), listed in {out / 'bad_images.tsv'}")
     export_backbone(module.backbone, out / "backbone.pth")
-    fb = recipe.fallbacks.as_dict()
+    fb = totals["fallbacks"]
     fell_back = {k: v for k, v in fb.items() if k != "samples" and v}
     if fell_back and fb.get("samples"):
         why = ", ".join(f"{v} {k}" for k, v in fell_back.items())
@@ -738,15 +781,24 @@ def train(
              "each with its key")
     loss = trainer.callback_metrics.get("train_loss_epoch")
     steps = int(trainer.global_step)
+    # this session's optimizer steps (a resumed run trained only the rest)
+    session = (steps - counts.start_step) * t.accumulate_grad_batches
+    timing = {"train_seconds": round(secs, 1),
+              "images_per_s": round(session * t.batch_size * trainer.world_size
+                                    / max(secs, 1e-9), 1),
+              "final_loss": None if loss is None else round(float(loss), 4),
+              "online_proposals": None if online_cb is None else online_cb.refreshes}
+    if session == 0 and resume:  # a finished run rerun (e.g. for data.labels): keep its own
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            earlier = json.loads((out / "results.json").read_text(encoding="utf-8"))
+            timing = {k: earlier.get(k, v) for k, v in timing.items()}
     result.update(
         method=cfg.method.name, views=recipe.name, crop=cfg.crop.type,
         backbone=cfg.backbone.name, epochs=int(trainer.current_epoch), steps=steps,
-        samples_per_epoch=len(dataset),
-        train_seconds=round(secs, 1),
-        images_per_s=round(steps * t.batch_size * trainer.world_size / max(secs, 1e-9), 1),
-        final_loss=None if loss is None else round(float(loss), 4),
-        fallbacks=fb, bad_images=dataset.bad.as_dict(),
-        online_proposals=None if online_cb is None else online_cb.refreshes, resumed_from=resume, backbone_weights=str(out / "backbone.pth"),
+        samples_per_epoch=len(dataset), **timing,
+        fallbacks=fb, bad_images={"bad_images": len(bad),
+                                  "failed_reads": int(totals["failed_reads"])},
+        resumed_from=resume, backbone_weights=str(out / "backbone.pth"),
         config=to_dict(cfg),
     )
     if labels is not None:

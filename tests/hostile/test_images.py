@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -486,6 +487,17 @@ def test_train_skips_a_corrupt_image_and_lists_it_beside_the_run(tmp_path):
         "bad_images"] == 1
     assert snapshot(root) == before
 
+    # the finished run rerun (nothing left to train) and extended: the checkpoint carries the
+    # unreadable image, the list stays, and the rerun keeps the first session's timing
+    again = train(load_recipe(_train_recipe(tmp_path, root, store, 0.2)), echo=lambda s: None)
+    assert again["resumed_from"] and again["bad_images"] == res["bad_images"]
+    assert {k: again[k] for k in ("train_seconds", "images_per_s", "final_loss")} == {
+        k: res[k] for k in ("train_seconds", "images_per_s", "final_loss")}
+    more = train(load_recipe(_train_recipe(tmp_path, root, store, 0.2), ["trainer.epochs=2"]),
+                 echo=lambda s: None)
+    assert more["steps"] == 4 and more["bad_images"]["bad_images"] == 1
+    assert (tmp_path / "run" / "bad_images.tsv").read_text().splitlines() == listed
+
     # above the rate the run stops, naming the list
     (tmp_path / "run2").mkdir()
     path = _train_recipe(tmp_path / "run2", root, store, 0.0)
@@ -493,6 +505,13 @@ def test_train_skips_a_corrupt_image_and_lists_it_beside_the_run(tmp_path):
         train(load_recipe(path), echo=lambda s: None)
     listed = (tmp_path / "run2" / "run" / "bad_images.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in listed[1:]] == ["005.jpg"]
+
+    # the file replaced, a fresh run: no list is left that its counts contradict
+    shutil.copyfile(root / "004.jpg", root / "005.jpg")
+    fresh = train(load_recipe(_train_recipe(tmp_path, root, store, 0.2),
+                              ["trainer.resume=never"]), echo=lambda s: None)
+    assert fresh["bad_images"]["bad_images"] == 0
+    assert not (tmp_path / "run" / "bad_images.tsv").exists()
 
 
 def test_recipe_refuses_a_failure_rate_outside_zero_one(tmp_path):

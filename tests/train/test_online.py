@@ -306,13 +306,17 @@ def test_a_finished_run_reruns_and_extends(tmp_path, data):
     path = recipe(tmp_path, data, crop={"proposals": "online"}, trainer={"epochs": 2})
     first = train(load_recipe(path), echo=lambda s: None)  # no warm-up, every 1 (a tenth)
     assert [r["epoch"] for r in first["online_proposals"]] == [0, 1]
-    again = train(load_recipe(path), echo=lambda s: None)
-    assert again["resumed_from"] and again["online_proposals"] == [] and again["steps"] == 6
+    lines: list[str] = []
+    again = train(load_recipe(path), echo=lines.append)
+    # no refresh made; results.json keeps the run's own
+    assert not any("online proposals" in x for x in lines)
+    assert again["resumed_from"] and again["steps"] == 6
+    assert again["online_proposals"] == first["online_proposals"]
     with pytest.raises(RecipeError, match=r"first 2 epochs with a warm-up of 0 and a refresh "
                        r"every 1 epochs; the recipe now gives 0 and 3.*Fix: crop.proposals."
                        r"warmup_epochs=0 crop.proposals.every_epochs=1"):
         train(load_recipe(path, ["trainer.epochs=30"]), echo=lambda s: None)
-    lines: list[str] = []
+    lines = []
     more = train(load_recipe(path, ["trainer.epochs=3", "crop.proposals.every_epochs=1"]),
                  echo=lines.append)
     assert [r["epoch"] for r in more["online_proposals"]] == [2]

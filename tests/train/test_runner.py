@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -349,8 +350,15 @@ def test_vit_with_views_of_several_sizes_needs_dynamic_img_size(tmp_path, data):
 
 
 def test_ddp_on_two_cpu_processes(tmp_path, data):
-    """Lightning DDP (gloo, 2 processes) through the real CLI: one voice, one export."""
-    path = recipe(tmp_path, data, trainer={"devices": 2, "strategy": "ddp", "epochs": 1})
+    """Lightning DDP (gloo, 2 processes) through the real CLI: one voice, one export, and the
+    counts of both ranks (an unreadable image among 25, met by one of them)."""
+    root = tmp_path / "data"
+    shutil.copytree(data.root, root)
+    (root / data.image_dir.relative_to(data.root) / "zz_corrupt.jpg").write_bytes(
+        b"\xff\xd8\xff\xe0 not a jpeg")
+    path = recipe(tmp_path, data, trainer={"devices": 2, "strategy": "ddp", "epochs": 1,
+                                           "batch_size": 13},
+                  data={"train_path": str(root), "max_failure_rate": 0.1})
     done = subprocess.run(
         [sys.executable, "-m", "objcrop_plugin.cli", "train", str(path)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
@@ -358,7 +366,11 @@ def test_ddp_on_two_cpu_processes(tmp_path, data):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("objcrop train:") == 1 and done.stdout.count("done in") == 1
     res = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert res["steps"] == 24 // (2 * 8)  # each rank takes half the images per epoch
+    assert res["steps"] == 1  # each rank takes half the 25 images (13) per epoch
+    assert res["fallbacks"]["samples"] == 2 * 13 and res["bad_images"]["bad_images"] == 1
+    listed = (tmp_path / "run" / "bad_images.tsv").read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed[1:]] == [
+        str((data.image_dir.relative_to(data.root) / "zz_corrupt.jpg").as_posix())]
     assert (tmp_path / "run" / "backbone.pth").is_file()
 
 

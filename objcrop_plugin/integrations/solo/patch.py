@@ -481,7 +481,8 @@ def attach_online(trainer: Any, model: Any, ckpt_path: Any = None) -> Any:
             echo(f"{schedule.directory} holds online proposals that no checkpoint records "
                  f"({', '.join(made[:3])}{', ...' if len(made) > 3 else ''}: an earlier run "
                  "stopped before its first checkpoint); this run replaces them")
-    callback.resume_from(ckpt_path, trainer.max_epochs)  # and the dataset's epoch
+    # and the dataset's epoch
+    callback.resume_from(ckpt_path, trainer.max_epochs, max_steps=trainer.max_steps)
     trainer.callbacks.insert(0, callback)
     run.callback = callback
     return callback
