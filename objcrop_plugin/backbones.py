@@ -243,14 +243,23 @@ def load_backbone_weights(
                 "Fix: pass the model name the checkpoint was trained with (and its kwargs)."
             )
     state = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
-    missing = [k for k in own if k not in state]
+    # BatchNorm's step counters are absent from some older checkpoints; they change nothing
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     if missing:
         raise BackboneError(
             f"{path}: under prefix {prefix!r} the checkpoint lacks {len(missing)} of the "
             f"model's {len(own)} tensors (e.g. {missing[:3]}). Fix: pass the right model name "
             "or prefix=."
         )
-    wrong = [k for k in own if tuple(state[k].shape) != tuple(own[k].shape)]
+    extra = _extra_tensors(net, own, state)
+    if extra:
+        raise BackboneError(
+            f"{path}: under prefix {prefix!r} the checkpoint holds {len(extra)} tensors of the "
+            f"model's parts that the model lacks (e.g. {extra[:3]}): it was trained with a "
+            "larger model, and loading it would drop them. Fix: pass the model name the "
+            "checkpoint was trained with (and its kwargs)."
+        )
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if wrong:
         raise BackboneError(
             f"{path}: under prefix {prefix!r} {len(wrong)} tensors have other shapes than the "
@@ -258,5 +267,23 @@ def load_backbone_weights(
             f"{tuple(own[wrong[0]].shape)} in the model). Fix: pass the model the checkpoint "
             "was trained with (and its kwargs)."
         )
-    net.load_state_dict({k: state[k] for k in own})
+    net.load_state_dict({k: state.get(k, own[k]) for k in own})
     return net
+
+
+def _extra_tensors(net: nn.Module, own: Mapping[str, Any], state: Mapping[str, Any]) -> list[str]:
+    """Tensors of ``state`` that belong under one of ``net``'s top-level parts (``layer3``,
+    ``blocks``, ...) but that ``net`` lacks: a deeper or wider network's. A classifier that
+    ``num_classes=0`` replaced by ``Identity`` (``fc``, ``head.fc``) is not counted."""
+    top = {k.split(".", 1)[0] for k in own}
+    extra = []
+    for key, value in state.items():
+        if key in own or not isinstance(value, torch.Tensor) or key.split(".", 1)[0] not in top:
+            continue
+        try:
+            parent = net.get_submodule(key.rsplit(".", 1)[0]) if "." in key else net
+        except AttributeError:
+            parent = None
+        if not isinstance(parent, nn.Identity):
+            extra.append(key)
+    return extra

@@ -103,8 +103,29 @@ def test_errors_name_the_model_or_file(tmp_path):
     partial = {f"backbone.{k}": v for k, v in list(state.items())[:-3]}
     torch.save(partial, tmp_path / "partial.pth")
     with pytest.raises(BackboneError, match=r"partial\.pth: under prefix 'backbone\.' the "
-                       r"checkpoint lacks 3 of"):
+                       r"checkpoint lacks 2 of"):  # the third, a BatchNorm step count, may go
         create_backbone("resnet18", tmp_path / "partial.pth")
+
+
+def test_a_deeper_networks_checkpoint_is_refused_not_cut_down(tmp_path):
+    """A ResNet-34 checkpoint holds every tensor of a ResNet-18 under the same names (and a
+    solo-learn checkpoint a projection head beside them): loading it would silently drop
+    the blocks the smaller model lacks. A classifier that ``num_classes=0`` removed is no
+    such part, and BatchNorm's step counters may be absent."""
+    deep = timm.create_model("resnet34", pretrained=False, num_classes=10)
+    ckpt = {"state_dict": {**{f"backbone.{k}": v for k, v in deep.state_dict().items()},
+                           "projector.0.weight": torch.zeros(4, 4)}}
+    torch.save(ckpt, tmp_path / "r34.ckpt")
+    with pytest.raises(BackboneError, match=r"r34\.ckpt: under prefix 'backbone\.' the "
+                       r"checkpoint holds \d+ tensors of the model's parts that the model "
+                       r"lacks \(e\.g\. \['layer1\.2\..*Fix: pass the model name"):
+        create_backbone("resnet18", tmp_path / "r34.ckpt")
+    net = create_backbone("resnet34", tmp_path / "r34.ckpt")  # its head (fc) left out
+    assert torch.equal(net.layer4[2].conv2.weight, deep.layer4[2].conv2.weight)
+    old = {k: v for k, v in deep.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pth")
+    assert torch.equal(create_backbone("resnet34", tmp_path / "old.pth").conv1.weight,
+                       deep.conv1.weight)
 
 
 def test_load_backbone_accepts_a_module(tmp_path):
