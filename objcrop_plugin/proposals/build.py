@@ -235,7 +235,7 @@ def _run_pool(todo: list[tuple[int, list[str], str]], workers: int, ctx: Any,
     # each worker. The executor starts its processes in submit(): all of them are submitted
     # here, in this window.
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(*init, True))
+                               initargs=(*init, True, os.getpid()))
     futures = []
     try:
         old = _block_sigint()
@@ -267,9 +267,18 @@ def _run_pool(todo: list[tuple[int, list[str], str]], workers: int, ctx: Any,
 
 
 def _init_worker(method: str, params: dict[str, Any], root: str, max_pixels: int,
-                 settings: str = "", ignore_sigint: bool = False) -> None:
+                 settings: str = "", ignore_sigint: bool = False,
+                 parent: int | None = None) -> None:
     import torch
 
+    if parent is not None:  # a build killed by SIGKILL leaves no worker behind
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:  # killed while this worker started (imports take seconds)
+            os._exit(1)
+        except OSError:
+            pass
+        _die_with(parent)
     if ignore_sigint:  # Ctrl-C reaches the whole process group: the main process handles it
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if hasattr(signal, "pthread_sigmask"):
@@ -358,9 +367,10 @@ def _as_is(item: Any) -> Any:
 
 
 def _die_with(parent: int) -> None:
-    """End this (forked) worker when ``parent`` dies, even by SIGKILL (Linux): a DataLoader
-    worker whose parent is gone otherwise blocks forever writing into its result queue."""
-    # only a forked worker (a spawned or forkserver one has another parent: left alone)
+    """End this worker when ``parent`` dies, even by SIGKILL (Linux): a DataLoader worker
+    whose parent is gone otherwise blocks forever writing into its result queue, a pool
+    worker holds its memory and the parent's output pipe."""
+    # only a child of ``parent`` (a forkserver's child has another parent: left alone)
     if not sys.platform.startswith("linux") or os.getppid() != parent:
         return
     try:

@@ -79,6 +79,39 @@ def test_kill_9_then_same_command_resumes_to_an_identical_store(tmp_path):
     assert out.read_bytes() == ref.read_bytes()
 
 
+def test_a_build_killed_by_sigkill_leaves_no_worker_behind(tmp_path):
+    """Only the main process gets the SIGKILL (the out-of-memory killer's choice): its pool
+    workers end with it instead of holding their memory and its output pipe."""
+    root = make_folder(tmp_path / "imgs", 150)
+    out = tmp_path / "p.objcrop"
+    cmd = [sys.executable, "-m", "objcrop_plugin.cli", "proposals", "build", str(root),
+           "--out", str(out), "--method", METHOD, "--workers", "2", "--chunk-size", "2",
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    parts = out.parent / ".p.objcrop.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("chunk-*.jsonl"))) < 2:
+        time.sleep(0.005)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            try:
+                os.killpg(proc.pid, 0)  # is any process of the build's group left?
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            left = subprocess.run(["ps", "-o", "pid,ppid,stat,cmd", "-g", str(proc.pid)],
+                                  capture_output=True, text=True).stdout
+            pytest.fail(f"the build's workers outlived it:\n{left}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 _KILL_ONE_WORKER = """
 import os, sys
 import objcrop_plugin.proposals.build as B
