@@ -846,13 +846,30 @@ class HeatmapGenerator(BatchedProposalGenerator):
                             "(seed %d), whose boxes are those of regions that stand out, not "
                             "of what a trained network knows (--checkpoint FILE, or "
                             "checkpoint=PATH in Python, for a trained network's)", self.model, self.seed)
-            module = create_backbone(self.model, self.checkpoint, prefix,
-                                     seed=self.seed,
-                                     **self.model_kwargs)
+            # a ViT or Swin takes each image's own input size with dynamic_img_size; a CNN's
+            # constructor refuses the keyword (before any weights are read)
+            kwargs = {"dynamic_img_size": True, **self.model_kwargs}
+            try:
+                module = create_backbone(self.model, self.checkpoint, prefix, seed=self.seed,
+                                         **kwargs)
+            except TypeError:
+                if "dynamic_img_size" in self.model_kwargs:
+                    raise
+                module = create_backbone(self.model, self.checkpoint, prefix, seed=self.seed,
+                                         **self.model_kwargs)
             module = module.to(self._device)
-        elif str(device) == "auto":
-            p = next(module.parameters(), None)
-            self._device = p.device if p is not None else resolve_device(device)
+        else:
+            if getattr(module, "dynamic_img_size", None) is False:
+                raise ValueError(
+                    f"heatmap: the module ({type(module).__name__}) was built without "
+                    "dynamic_img_size, so it only takes its training input size, not each "
+                    "image's. Fix: build it with dynamic_img_size=True (objcrop train: "
+                    "backbone.kwargs.dynamic_img_size: true; objcrop-solo: "
+                    "++backbone.kwargs.dynamic_img_size=True), or pass model=NAME"
+                )
+            if str(device) == "auto":
+                p = next(module.parameters(), None)
+                self._device = p.device if p is not None else resolve_device(device)
         self._net = module
         self._vit = hasattr(module, "patch_embed") and hasattr(module, "blocks")
         reductions = [int(f["reduction"]) for f in getattr(module, "feature_info", [])]

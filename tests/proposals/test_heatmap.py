@@ -761,3 +761,17 @@ def test_a_network_in_half_precision_gets_inputs_of_its_dtype():
     img[30:62, 70:110] = (250, 240, 10)
     boxes, _ = HeatmapGenerator(module=net.to(torch.bfloat16), device="cpu", top_k=3)(img)
     assert iou(np.array([[70, 30, 110, 62]], np.float32), boxes).max() > 0.5
+
+
+def test_a_vit_built_by_name_takes_each_images_own_size():
+    """timm's ViTs and Swins are built for one input size: by name the generator builds them
+    with ``dynamic_img_size``; a module built without it is refused, naming the fix."""
+    img = np.full((96, 128, 3), 30, np.uint8)
+    img[30:62, 70:110] = (250, 240, 10)
+    gen = HeatmapGenerator(model="vit_tiny_patch16_224", device="cpu", scale=4, top_k=3,
+                           model_kwargs={"depth": 2})
+    assert gen._net.dynamic_img_size is True and len(gen(img)[0]) > 0
+    fixed = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, depth=2)
+    with pytest.raises(ValueError, match=r"without dynamic_img_size.*Fix: build it with "
+                                         r"dynamic_img_size=True"):
+        HeatmapGenerator(module=fixed)
