@@ -497,6 +497,11 @@ def _content_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+#: parameters that say where and how a generator runs, not which boxes it gives: left out of
+#: the settings a resumed build or a merge compares, and of the store's metadata
+RUNTIME_PARAMS = ("device", "batch_size", "components")
+
+
 def _input_contents(params: dict[str, Any]) -> dict[str, str]:
     """The content of every file or folder a parameter names (``checkpoint``, ``model_dir``):
     a resumed build refuses one whose weights changed since its first chunks."""
@@ -665,11 +670,14 @@ def build_store(
                     shard[0], shard[1], root, len(all_keys))
     generator = make_generator(method, **params)  # fail fast on a bad method / parameters
     parts = _parts_dir(out)
-    manifest = _manifest(method, params, generator, root, keys, chunk_size, shard, max_pixels)
+    # where and in what batches the network runs is no setting of the boxes: each shard of a
+    # build may run on its own device, a resumed build on another
+    kept = {k: v for k, v in params.items() if k not in RUNTIME_PARAMS}
+    manifest = _manifest(method, kept, generator, root, keys, chunk_size, shard, max_pixels)
     settings = _settings_digest(manifest)
     # what every shard of one build shares (not the shard, folder path or chunking)
     build_settings = _settings_digest({
-        "method": method, "params": params, "top_k": manifest["top_k"],
+        "method": method, "params": kept, "top_k": manifest["top_k"],
         "max_side": manifest["max_side"], "max_pixels": max_pixels,
         "inputs_sha256": manifest["inputs_sha256"],
         "images_sha256": hashlib.sha256("\n".join(all_keys).encode("utf-8")).hexdigest(),
@@ -740,7 +748,7 @@ def build_store(
                     summary.empty += len(rec.boxes) == 0
                     yield rec
 
-        meta = {"method": method, "params": params, "generator": "objcrop_plugin",
+        meta = {"method": method, "params": kept, "generator": "objcrop_plugin",
                 "settings": build_settings,
                 # the same in every shard: a sample of the whole folder's image list
                 "files": file_sample(root, all_keys)}

@@ -15,6 +15,7 @@ is one).
 
 from __future__ import annotations
 
+import os
 from typing import Any, ClassVar
 
 import numpy as np
@@ -148,9 +149,16 @@ class ProposalGenerator:
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"`` / ``None``: CUDA when available, else the CPU; otherwise ``torch.device(device)``."""
+    """``"auto"`` / ``None``: CUDA when available (under ``torchrun`` or another launcher
+    that sets ``LOCAL_RANK``, that rank's GPU, so the shards of a build share out the
+    machine's GPUs), else the CPU; otherwise ``torch.device(device)``."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local = os.environ.get("LOCAL_RANK", "")
+        if local.isdigit():
+            return torch.device("cuda", int(local) % max(1, torch.cuda.device_count()))
+        return torch.device("cuda")
     return torch.device(device)
 
 

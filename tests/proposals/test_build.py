@@ -437,3 +437,31 @@ def test_unknown_method_and_importer_as_method_are_clear_errors(tmp_path):
         build_store(root, tmp_path / "p.objcrop", "nope", progress=False)
     with pytest.raises(ValueError, match="importer"):
         build_store(root, tmp_path / "p.objcrop", "jsonl", progress=False)
+
+
+def test_shards_run_on_their_own_devices_and_still_merge(tmp_path, monkeypatch):
+    """Where a network runs (``device``, ``batch_size``) is no setting of the boxes: shards
+    built on different devices merge, and their metadata holds neither. Under a launcher
+    that sets ``LOCAL_RANK``, ``device="auto"`` is that rank's GPU."""
+    pytest.importorskip("cv2")
+    import torch
+
+    from objcrop_plugin.proposals.generators import resolve_device
+
+    root = make_folder(tmp_path / "imgs", 4)
+    out = tmp_path / "h.objcrop"
+    for i, run in enumerate(({"device": "cpu", "batch_size": 2}, {"device": "cpu:0"})):
+        build_store(root, out, "heatmap", params={"model": "test_resnet", **run},
+                    shard=(i, 2), progress=False)
+    merged = tmp_path / "m.objcrop"
+    assert cli_main(["proposals", "merge", str(shard_path(out, 0, 2)),
+                     str(shard_path(out, 1, 2)), "--out", str(merged)]) == 0
+    store = ProposalStore(merged)
+    assert len(store) == 4 and store.meta["params"] == {"model": "test_resnet"}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert resolve_device("auto") == torch.device("cuda", 1)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == torch.device("cuda")
