@@ -370,8 +370,12 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
     undecodable: list[str] = []  # names that are not UTF-8 (no key can hold them)
     unreadable: list[str] = []  # folders (or entries) that could not be listed
 
+    duplicates: list[str] = []  # other names (hard or symbolic links) of listed files
+
     def add(path: str, ident: tuple[int, int]) -> None:
-        if ident not in seen_files:
+        if ident in seen_files:
+            duplicates.append(os.path.relpath(path, root))
+        else:
             seen_files.add(ident)
             rel = os.path.relpath(path, root)
             if os.sep != "\\" and "\\" in rel:
@@ -445,6 +449,16 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
             "%d image file(s) under %s left out: their names are not valid UTF-8, which keys "
             "and stores need: %s. Fix: rename them (e.g. convmv -f latin1 -t utf8 -r --notest "
             "FOLDER).", len(undecodable), root, shown)
+    if duplicates:
+        duplicates.sort()
+        shown = ", ".join(repr(k) for k in duplicates[:5]) + (
+            ", ..." if len(duplicates) > 5 else "")
+        _log.warning(
+            "%d image name(s) under %s are hard or symbolic links to files listed under "
+            "another name, and are left out (each file is listed once): %s. A library that "
+            "lists every name (torchvision's ImageFolder) finds no proposals under these and "
+            "takes scene crops for them. Fix: keep one name per file, or copy the files.",
+            len(duplicates), root, shown)
     if unreadable:
         shown = "; ".join(unreadable[:5]) + ("; ..." if len(unreadable) > 5 else "")
         _log.warning(

@@ -64,7 +64,7 @@ def fifo_supported() -> bool:
 
 # ------------------------------------------------------------ item 4: directory link cycles
 
-def test_a_link_back_up_the_tree_lists_each_image_once(tmp_path):
+def test_a_link_back_up_the_tree_lists_each_image_once(tmp_path, caplog):
     root = tmp_path / "data"
     write_images(root, 4)
     write_images(root / "sub", 4)
@@ -72,8 +72,14 @@ def test_a_link_back_up_the_tree_lists_each_image_once(tmp_path):
     os.symlink("..", root / "sub" / "up")
     os.symlink("sub", root / "again")  # the same folder twice
     os.symlink("000.jpg", root / "link.jpg")  # the same file twice
-    keys = list_images(root)
+    os.link(root / "001.jpg", root / "hard.jpg")  # a second name (walked after 001.jpg)
+    with caplog.at_level(logging.WARNING):
+        keys = list_images(root)
     assert len(keys) == 8 and len(set(keys)) == 8
+    # the other names are said (an ImageFolder lists them, and finds no proposals there)
+    said = [r.getMessage() for r in caplog.records if "links to files listed" in r.getMessage()]
+    assert len(said) == 1 and "2 image name(s)" in said[0]
+    assert "'hard.jpg', 'link.jpg'" in said[0]
     assert keys == [f"{i:03d}.jpg" for i in range(4)] + [f"sub/{i:03d}.jpg" for i in range(4)]
     ds = ObjectCropDataset(root, None, views="scene_scene", size=16, seed=0)
     assert len(ds) == 8  # so an epoch sees each image once
