@@ -213,8 +213,9 @@ class OnlineSchedule:
         if not os.path.isfile(path):
             raise FileNotFoundError(
                 f"{path}: the proposal store for epoch {epoch} is missing (online "
-                "proposals are written before the epoch starts). Fix: rerun the same "
-                "command; a run resumes and recomputes them"
+                "proposals are written before the epoch starts; was it moved or deleted?). "
+                "Fix: put it back and rerun the same command (the run resumes; a refresh "
+                "made after its last checkpoint is computed again)"
             )
         return ProposalStore(path, verify=verify)
 

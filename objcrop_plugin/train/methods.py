@@ -148,6 +148,10 @@ class SSLMethod(pl.LightningModule):
         loss = self.ssl_loss(list(views))
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True,
                  batch_size=views[0].shape[0], sync_dist=True)
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        if optimizers:  # the schedule's learning rate, in the run's CSV log
+            self.log("lr", float(optimizers[0].param_groups[0]["lr"]), on_step=True,
+                     on_epoch=False, batch_size=views[0].shape[0])
         return loss
 
     def ssl_loss(self, views: list[torch.Tensor]) -> torch.Tensor:  # pragma: no cover
