@@ -56,7 +56,8 @@ def sample_rng(
     if seed is None:
         # torch's seed does not change in the main process (num_workers=0) or in persistent
         # workers: a per-process draw counter keeps epochs from repeating their crops
-        # (restarted whenever the torch seed changes, so re-seeding torch replays the stream)
+        # (restarted whenever the torch seed changes, so seeding torch with another seed
+        # starts a new stream; the same seed set again continues the count)
         global _DRAWS, _LAST_SEED
         torch_seed = _torch_seed()
         if torch_seed != _LAST_SEED:
@@ -83,12 +84,18 @@ def process_rng(seed: int | None = None) -> np.random.Generator:
     It is keyed by the process id and torch's seed of this process (a DataLoader worker's seed),
     so a forked worker never continues its parent's stream, and by the DDP rank.
     """
-    key = (os.getpid(), _torch_seed(), distributed_rank(), -1 if seed is None else int(seed))
+    pid = os.getpid()
+    key = (pid, _torch_seed(), distributed_rank(), -1 if seed is None else int(seed))
     rng = _PROCESS_RNG.get(key)
     if rng is None:
         entropy = [key[1], key[2], 0 if seed is None else int(seed) + 1]
         rng = np.random.default_rng(np.random.SeedSequence(entropy))
-        _PROCESS_RNG.clear()
+        # one stream per key: users of different seeds in one process (a dataset's views and
+        # a collate function) each keep theirs; a forked parent's streams go
+        for old in [k for k in _PROCESS_RNG if k[0] != pid]:
+            del _PROCESS_RNG[old]
+        if len(_PROCESS_RNG) >= 64:  # torch seeds of past epochs' workers
+            del _PROCESS_RNG[next(iter(_PROCESS_RNG))]
         _PROCESS_RNG[key] = rng
     return rng
 

@@ -382,12 +382,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
         probe={"epochs": args.epochs}, knn_kwargs={"k": args.k}, pooling=args.pooling,
         scale=args.scale,
     )
-    summary = {k: float(res[k]) for k in ("probe_map", "knn_map", "prevalence_map")}
+    # JSON has no NaN: a mAP with no class to average (no positive in the test split) is null
+    import math
+
+    import numpy as np
+
+    log = logging.getLogger("objcrop_plugin.eval")
+    summary: dict[str, object] = {k: None if math.isnan(float(res[k])) else float(res[k])
+                               for k in ("probe_map", "knn_map", "prevalence_map")}
+    n_classes = int(np.asarray(labels).reshape(len(keys), -1).shape[1]) if len(keys) else 0
     summary.update(n_train=int(res["n_train"]), n_test=int(res["n_test"]),
+                   classes_evaluated=int(res["probe"]["classes_evaluated"]), classes=n_classes,
                    unreadable=res["unreadable"])
-    print(json.dumps(summary, indent=2))
+    if summary["probe_map"] is None:
+        log.warning("objcrop eval: no class has a positive among the %d test images, so no "
+                    "mAP can be computed. Fix: more labelled images, or another --seed or "
+                    "--train-fraction", summary["n_test"])
+    elif summary["classes_evaluated"] < n_classes:
+        log.warning("objcrop eval: %d of the %d classes have no positive among the test "
+                    "images; the mAPs average the other %d", n_classes -
+                    summary["classes_evaluated"], n_classes, summary["classes_evaluated"])
+    text = json.dumps(summary, indent=2)
+    print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        from .files import atomic_write
+
+        atomic_write(args.json, (text + "\n").encode())
     return 0
 
 

@@ -172,7 +172,7 @@ def test_stats_eval_and_coco_import_commands(tmp_path, capsys):
     assert result["recall"]["0.5"]["1"] == 1.0
 
 
-def test_eval_command_on_demo_data(tmp_path, capsys, demo_data, monkeypatch):
+def test_eval_command_on_demo_data(tmp_path, capsys, demo_data, monkeypatch, caplog):
     demo = demo_data(n_images=12, size=(96, 72), seed=0)
     rc = main(["eval", "--root", str(demo.root), "--model", "resnet10t", "--image-size", "64",
                "--epochs", "5", "--k", "3", "--json", str(tmp_path / "r.json")])
@@ -195,6 +195,20 @@ def test_eval_command_on_demo_data(tmp_path, capsys, demo_data, monkeypatch):
     assert main(["eval", "--root", str(demo.root), "--model", "resnet10t", "--image-size", "32",
                  "--pooling", "avgmax", "--scale", "2", "--epochs", "2", "--k", "3"]) == 0
     assert seen == {"pooling": "avgmax", "scale": 2.0}
+    monkeypatch.undo()
+
+    # labels with no positive at all: no mAP, said, and the JSON stays JSON (null, not NaN)
+    labels = json.loads((demo.root / "labels.json").read_text())
+    for image in labels["images"]:
+        image["labels"] = []
+    (tmp_path / "none.json").write_text(json.dumps(labels))
+    capsys.readouterr()
+    assert main(["eval", "--root", str(demo.root), "--labels", str(tmp_path / "none.json"),
+                 "--model", "resnet10t", "--image-size", "32", "--epochs", "2", "--k", "3",
+                 "--json", str(tmp_path / "none-r.json")]) == 0
+    res = json.loads((tmp_path / "none-r.json").read_text())
+    assert res["probe_map"] is None and res["classes_evaluated"] == 0
+    assert "no class has a positive" in caplog.text
 
 
 def test_demo_command_quick_budget_writes_results_picture_and_ends_with_result(tmp_path, capsys):

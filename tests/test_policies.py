@@ -280,6 +280,20 @@ def test_process_rng_differs_between_dataloader_workers_and_from_the_parent():
     assert len(set(draws[0])) == len(draws[0])  # a worker's stream moves on between calls
 
 
+def test_process_streams_of_different_seeds_do_not_reset_each_other():
+    """A dataset's views (one seed) and a collate function (another) in one process: each
+    keeps its own stream instead of restarting it whenever the other draws."""
+    alone = process_rng(7).bit_generator.state  # a fresh key: the stream from its start
+    first = [int(process_rng(7).integers(2**62))]
+    for _ in range(3):
+        process_rng(8).integers(2**62)
+        first.append(int(process_rng(7).integers(2**62)))
+    replay = np.random.default_rng()
+    replay.bit_generator.state = alone
+    assert first == [int(replay.integers(2**62)) for _ in range(4)]
+    assert len(set(first)) == 4
+
+
 # ----------------------------------------------------------------------------- obj_obj_dilate
 
 

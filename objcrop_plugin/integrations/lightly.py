@@ -284,6 +284,25 @@ def _warn_left_out(root: str | os.PathLike[str], listed: int) -> None:
             "list every image under the folder", root, len(top), shown, listed)
 
 
+def _check_store_keys(store: ProposalStore | None, keys: Sequence[str], root: Any,
+                      n: int = 200) -> None:
+    """Refuse a store that has none of (up to ``n`` evenly spaced) images of the folder: one
+    built over another folder, whose views would all be scene crops (a baseline run)."""
+    if store is None or not keys or len(store) == 0:
+        return
+    probe = keys[:: max(1, len(keys) // n)][:n]
+    if any(k in store for k in probe):
+        return
+    example = next(iter(store.keys()), "")
+    raise ValueError(
+        f"proposals: none of the {len(probe)} images checked under {root} has an entry in "
+        f"{store.path}: the image key '{probe[0]}' (its path relative to the folder) is not "
+        f"in the store, whose keys look like '{example}', so every view would be a scene "
+        "crop. Fix: pass the folder the store was built over, or rebuild the store from "
+        f"this one (`objcrop proposals build {root} --out STORE`)"
+    )
+
+
 class ObjectAwareDataset(ObjectCropDataset):
     """A folder of images with object-aware views, item for item like ``LightlyDataset``.
 
@@ -395,14 +414,17 @@ class ObjectAwareDataset(ObjectCropDataset):
 
             views, recipe_kwargs = make_recipe(views, **recipe_kwargs), {}
             views.scene_only, proposals = True, None
+        store = _open_store(proposals)
+        keys = [normalize_key(f) for f in self.filenames]
+        _check_store_keys(store, keys, root)
         super().__init__(
             root,
-            _open_store(proposals),
+            store,
             views,
             photometrics,
             draft,
             seed,
-            keys=[normalize_key(f) for f in self.filenames],
+            keys=keys,
             max_failure_rate=max_failure_rate,
             sampling=sampling,
             max_boxes_per_image=max_boxes_per_image,

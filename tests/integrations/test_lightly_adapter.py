@@ -152,6 +152,17 @@ def test_dataset_items_are_lightly_datasets(demo):
     assert torch.equal(default[1], rdefault[1]) and default[2] == rdefault[2]
 
 
+def test_dataset_refuses_a_store_built_over_another_folder(demo, tmp_path):
+    """None of the folder's images in the store: every view would be a scene crop (a
+    baseline run, silently); refused, naming the keys on both sides and the fix."""
+    _jpeg(tmp_path / "photos" / "a.jpg")
+    _jpeg(tmp_path / "photos" / "b.jpg")
+    with pytest.raises(ValueError, match=r"none of the 2 images checked .* 'a\.jpg' .* keys "
+                                         r"look like .*Fix: pass the folder the store was built"):
+        ObjectAwareDataset(tmp_path / "photos", demo.proposals_path, size=32)
+    assert len(ObjectAwareDataset(tmp_path / "photos", None, views="scene_scene", size=32)) == 2
+
+
 def _jpeg(path, color=(90, 120, 200), size=(48, 40)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path)
