@@ -435,38 +435,34 @@ def list_images(root: str | os.PathLike[str]) -> list[str]:
         if stat.S_ISREG(st.st_mode):  # not a FIFO, device, folder or broken link
             add(path, (st.st_dev, st.st_ino))
     if unkeyable:
-        unkeyable.sort()
-        shown = ", ".join(repr(k) for k in unkeyable[:5]) + (", ..." if len(unkeyable) > 5 else "")
         _log.warning(
             "%d image file(s) under %s left out: a backslash in a file or folder name cannot be "
             "part of a key (keys read it as a folder separator, as on Windows): %s. Fix: rename "
-            "them.", len(unkeyable), root, shown)
+            "them.", len(unkeyable), root, _some(sorted(unkeyable), repr))
     if undecodable:
-        undecodable.sort()
-        shown = ", ".join(ascii(k) for k in undecodable[:5]) + (
-            ", ..." if len(undecodable) > 5 else "")
         _log.warning(
             "%d image file(s) under %s left out: their names are not valid UTF-8, which keys "
             "and stores need: %s. Fix: rename them (e.g. convmv -f latin1 -t utf8 -r --notest "
-            "FOLDER).", len(undecodable), root, shown)
+            "FOLDER).", len(undecodable), root, _some(sorted(undecodable), ascii))
     if duplicates:
-        duplicates.sort()
-        shown = ", ".join(repr(k) for k in duplicates[:5]) + (
-            ", ..." if len(duplicates) > 5 else "")
         _log.warning(
             "%d image name(s) under %s are hard or symbolic links to files listed under "
             "another name, and are left out (each file is listed once): %s. A library that "
             "lists every name (torchvision's ImageFolder) finds no proposals under these and "
             "takes scene crops for them. Fix: keep one name per file, or copy the files.",
-            len(duplicates), root, shown)
+            len(duplicates), root, _some(sorted(duplicates), repr))
     if unreadable:
-        shown = "; ".join(unreadable[:5]) + ("; ..." if len(unreadable) > 5 else "")
         _log.warning(
             "%d folder(s) or file(s) under %s could not be read and were left out of the image "
             "list: %s. Fix: check their permissions or the file system, then rerun (a resumed "
-            "run needs the same image list).", len(unreadable), root, shown)
+            "run needs the same image list).", len(unreadable), root, _some(unreadable, str, "; "))
     keys.sort()
     return keys
+
+
+def _some(names: list[str], show: Callable[[str], str], sep: str = ", ") -> str:
+    """The first five of ``names`` for a message, then ``...`` when there are more."""
+    return sep.join(show(k) for k in names[:5]) + (sep + "..." if len(names) > 5 else "")
 
 
 def _is_utf8(name: str) -> bool:

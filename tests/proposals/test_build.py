@@ -53,21 +53,28 @@ def test_build_then_rebuild_with_other_worker_count_is_identical(tmp_path):
     assert p.image_size == (160, 120) and 0 < len(p.boxes) <= 10
 
 
+def _build_under_way(root: Path, out: Path, workers: int, chunk_size: int):
+    """``objcrop proposals build`` started in a session of its own, once two of its chunks
+    are written: ``(process, parts folder)``."""
+    cmd = [sys.executable, "-m", "objcrop_plugin.cli", "proposals", "build", str(root),
+           "--out", str(out), "--method", METHOD, "--workers", str(workers), "--chunk-size",
+           str(chunk_size), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    parts = out.parent / f".{out.name}.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(parts.glob("chunk-*.jsonl"))) < 2:
+        time.sleep(0.005)
+    return proc, parts
+
+
 def test_kill_9_then_same_command_resumes_to_an_identical_store(tmp_path):
     root = make_folder(tmp_path / "imgs", 150)
     ref = tmp_path / "ref" / "p.objcrop"
     build_store(root, ref, METHOD, workers=1, chunk_size=4, progress=False)
 
     out = tmp_path / "run" / "p.objcrop"
-    cmd = [sys.executable, "-m", "objcrop_plugin.cli", "proposals", "build", str(root),
-           "--out", str(out), "--method", METHOD, "--workers", "1", "--chunk-size", "4",
-           "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    parts = out.parent / ".p.objcrop.parts"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("chunk-*.jsonl"))) < 2:
-        time.sleep(0.005)
+    proc, parts = _build_under_way(root, out, workers=1, chunk_size=4)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     done = len(list(parts.glob("chunk-*.jsonl")))
@@ -83,16 +90,7 @@ def test_a_build_killed_by_sigkill_leaves_no_worker_behind(tmp_path):
     """Only the main process gets the SIGKILL (the out-of-memory killer's choice): its pool
     workers end with it instead of holding their memory and its output pipe."""
     root = make_folder(tmp_path / "imgs", 150)
-    out = tmp_path / "p.objcrop"
-    cmd = [sys.executable, "-m", "objcrop_plugin.cli", "proposals", "build", str(root),
-           "--out", str(out), "--method", METHOD, "--workers", "2", "--chunk-size", "2",
-           "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    parts = out.parent / ".p.objcrop.parts"
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(parts.glob("chunk-*.jsonl"))) < 2:
-        time.sleep(0.005)
+    proc, _ = _build_under_way(root, tmp_path / "p.objcrop", workers=2, chunk_size=2)
     try:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
