@@ -29,7 +29,7 @@ import torch
 __all__ = ["MODES", "ONLINE_METHODS", "OnlineKeys", "OnlineRefreshError", "OnlineSchedule",
            "OnlineSettings", "check_network", "data_epoch", "file_sha256",
            "lightning_ckpt_path", "network_of", "online_callback", "online_settings",
-           "refresh_proposals", "resume_position"]
+           "refresh_proposals", "resume_position", "steps_reached"]
 
 #: generators that can run on the network being trained (they accept ``module=``)
 ONLINE_METHODS = ("heatmap", "token_cut")
@@ -445,6 +445,12 @@ def resume_position(ckpt: dict[str, Any]) -> tuple[int, int]:
 
 
 
+def steps_reached(ckpt: dict[str, Any], max_steps: int | None) -> bool:
+    """Whether a Lightning checkpoint's run already made ``max_steps`` optimizer steps
+    (resumed, it trains nothing)."""
+    return 0 < (max_steps or -1) <= int(ckpt.get("global_step") or 0)
+
+
 def lightning_ckpt_path(trainer: Any, ckpt_path: Any) -> Any:
     """The checkpoint ``trainer.fit(ckpt_path=ckpt_path)`` would load, resolved as Lightning
     resolves it: ``"last"``, ``"best"``, ``"hpc"`` and ``"registry"`` to a file (``None`` where
@@ -460,8 +466,7 @@ def lightning_ckpt_path(trainer: Any, ckpt_path: Any) -> Any:
     try:
         import importlib
 
-        states = importlib.import_module(type(trainer).__module__.rsplit(".", 1)[0] + ".states")
-        fitting = states.TrainerFn.FITTING
+        fitting = importlib.import_module(type(trainer.state).__module__).TrainerFn.FITTING
     except (ImportError, AttributeError):
         parse = None
     if parse is None:
@@ -564,7 +569,7 @@ def online_callback(
                          if "OnlineProposals" in str(k)]
                 self.load_state_dict(saved[0] if saved else {})
                 epoch, weights = resume_position(ckpt)[0], ckpt.get("state_dict")
-                finished = 0 < (max_steps or -1) <= int(ckpt.get("global_step") or 0)
+                finished = steps_reached(ckpt, max_steps)
             self.start(epoch, -1 if max_epochs is None else int(max_epochs), weights, finished)
             if on_epoch_start is not None:
                 on_epoch_start(epoch)

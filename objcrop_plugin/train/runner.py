@@ -423,7 +423,7 @@ def _callbacks(
         resumed run's rank 0 starts from. Exact at an epoch-end checkpoint; a step checkpoint
         also holds the samples the workers prepared ahead."""
 
-        start_step = 0  # the global step this session started training from
+        start_step = 0  # the global step this session starts from (its checkpoint's)
 
         def totals(self) -> dict[str, Any]:
             """The counts of every rank together (DDP: every rank calls it at the same point,
@@ -451,9 +451,6 @@ def _callbacks(
             dataset.bad.add_failed_reads(int(state.get("failed_reads") or 0))
             index = {k: i for i, k in enumerate(dataset.keys)}
             dataset.bad.restore([index[k] for k in state.get("bad_keys") or () if k in index])
-
-        def on_train_start(self, trainer: Any, module: Any) -> None:
-            self.start_step = int(trainer.global_step)  # after the checkpoint's restore
 
     class SetEpoch(pl.Callback):
         """New crops every epoch, reproducibly: the dataset draws from (seed, epoch, index)."""
@@ -683,6 +680,7 @@ def train(
 
     online_cb = None
     if dataset.source.schedule is not None:
+        from ..proposals.online import steps_reached
         from .online import _network, check_network, online_callback, parse_online
 
         settings = parse_online(cfg)
@@ -737,10 +735,8 @@ def train(
                 saved = [v for k, v in (picked[1].get("callbacks") or {}).items()
                          if "OnlineProposals" in str(k)]
                 online_cb.load_state_dict(saved[0] if saved else {})
-            finished = picked is not None and 0 < t.max_steps <= int(
-                picked[1].get("global_step") or 0)
             online_cb.start(epoch, t.epochs, None if picked is None else picked[1]["state_dict"],
-                            finished)
+                            picked is not None and steps_reached(picked[1], t.max_steps))
         if resume:
             echo(f"resuming from {resume}")
         echo(
