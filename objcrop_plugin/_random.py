@@ -24,7 +24,13 @@ SEED_HIGH = 2**63 - 1
 
 
 def distributed_rank() -> int:
-    """This process's global rank: torch.distributed when initialised, else ``RANK``, else 0."""
+    """This process's global rank: torch.distributed when initialised, else the environment's.
+
+    A DataLoader worker started with ``spawn`` (or ``forkserver``) has no process group, and
+    Lightning's own DDP launcher sets ``LOCAL_RANK`` and ``NODE_RANK`` but not ``RANK``: there
+    the rank is ``LOCAL_RANK`` on the first node (exactly the global rank on one machine), and
+    a number no other process has on further nodes, so ranks never share a stream.
+    """
     try:
         import torch.distributed as dist
 
@@ -32,7 +38,15 @@ def distributed_rank() -> int:
             return int(dist.get_rank())
     except Exception:  # pragma: no cover - torch without distributed support
         pass
-    return int(os.environ.get("RANK", "0") or 0)
+    env = os.environ
+    if env.get("RANK"):
+        return int(env["RANK"])
+    local = int(env.get("LOCAL_RANK") or 0)
+    node = int(env.get("NODE_RANK") or env.get("GROUP_RANK") or 0)
+    if node == 0:
+        return local
+    per_node = int(env.get("LOCAL_WORLD_SIZE") or 0) or max(int(env.get("WORLD_SIZE") or 1), local + 1)
+    return node * per_node + local
 
 
 def _torch_seed() -> int:

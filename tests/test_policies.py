@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from objcrop_plugin import boxes as box_ops
-from objcrop_plugin._random import process_rng, sample_rng
+from objcrop_plugin._random import distributed_rank, process_rng, sample_rng
 from objcrop_plugin.policies import (
     CropPolicy,
     NoProposalError,
@@ -278,6 +278,45 @@ def test_process_rng_differs_between_dataloader_workers_and_from_the_parent():
     assert draws[0][0] != draws[1][0]
     assert parent_next not in draws[0] + draws[1]
     assert len(set(draws[0])) == len(draws[0])  # a worker's stream moves on between calls
+
+
+class _RankedDraws(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return distributed_rank(), sample_rng(7, i).integers(2**62, size=2).tolist()
+
+
+def test_spawned_workers_under_lightnings_launcher_keep_their_ranks_streams(monkeypatch):
+    """Lightning's DDP launcher sets LOCAL_RANK and NODE_RANK, not RANK, and a spawned worker
+    has no process group: rank 1's workers must still draw rank 1's crops, not rank 0's."""
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("NODE_RANK", "0")
+    loader = torch.utils.data.DataLoader(
+        _RankedDraws(), batch_size=None, num_workers=1, multiprocessing_context="spawn"
+    )
+    got = list(loader)
+    assert [rank for rank, _ in got] == [1, 1]
+    assert [draws for _, draws in got] == [
+        sample_rng(7, i, rank=1).integers(2**62, size=2).tolist() for i in range(2)]
+    assert got[0][1] != sample_rng(7, 0, rank=0).integers(2**62, size=2).tolist()
+
+
+@pytest.mark.parametrize("env, rank", [
+    ({}, 0),
+    ({"RANK": "5", "LOCAL_RANK": "1"}, 5),  # torchrun
+    ({"LOCAL_RANK": "3"}, 3),  # Lightning's launcher, one machine
+    ({"LOCAL_RANK": "1", "NODE_RANK": "2", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"}, 9),
+    ({"LOCAL_RANK": "1", "NODE_RANK": "1", "WORLD_SIZE": "8"}, 9),  # unique, if not exact
+])
+def test_rank_from_the_environment_without_a_process_group(monkeypatch, env, rank):
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert distributed_rank() == rank
 
 
 def test_process_streams_of_different_seeds_do_not_reset_each_other():

@@ -112,6 +112,9 @@ class ObjectAwareCollate:
 
     Images without a usable proposal (no entry in the store, or only unusable boxes) get scene
     crops instead, counted in ``collate_fn.recipe.fallbacks`` across all DataLoader workers.
+    A store with an entry for none of the first 64 images a process sees (one built over
+    another folder, or keys that need ``root`` or ``key_fn``) is refused with a ``ValueError``
+    naming a key of each side: every view would be a scene crop, a baseline run.
 
     An image that cannot be decoded here (a lazily opened, corrupt or truncated file) is
     skipped: its place in the batch takes a copy of the next readable item of the batch
@@ -195,6 +198,8 @@ class ObjectAwareCollate:
         self.key_fn = key_fn
         self.bad = BadImages(None, max_failure_rate)
         self._collate = MultiViewCollate()
+        # keys looked up, none in the store so far (None once one was: see _check_key)
+        self._unmatched: list[str] | None = []
 
     @property
     def recipe(self) -> ViewRecipe:
@@ -240,8 +245,10 @@ class ObjectAwareCollate:
                     f"{type(image).__name__}. Fix: create the dataset with transform=None "
                     "(this collate function crops and augments the views itself)."
                 )
+            key = self.key(filename)
+            self._check_key(key)
             try:
-                items.append((self.views(image, self.key(filename), rng), target, filename))
+                items.append((self.views(image, key, rng), target, filename))
             except ImageDecodeError as exc:
                 items.append(None)
                 self.bad.record(None, str(filename), str(exc).split(": ", 1)[-1])
@@ -255,6 +262,24 @@ class ObjectAwareCollate:
         items = [it if it is not None else items[next((j for j in readable if j > k), readable[0])]
                  for k, it in enumerate(items)]
         return self._collate(items)
+
+    #: images looked up, none in the store, after which the store is refused
+    KEY_PROBE = 64
+
+    def _check_key(self, key: str) -> None:
+        """Refuse a store built over another folder: once :attr:`KEY_PROBE` images in a row
+        (in this process) have no entry, every view would be a scene crop (a baseline run)."""
+        unmatched = self._unmatched
+        if unmatched is None or self.store is None or len(self.store) == 0:
+            return
+        if key in self.store:
+            self._unmatched = None
+            return
+        unmatched.append(key)
+        if len(unmatched) >= self.KEY_PROBE:
+            root = self.root or "the dataset's folder"
+            raise _foreign_store(self.store, len(unmatched), unmatched[0], "in the batches so far",
+                                 str(root))
 
     def __repr__(self) -> str:
         store = None if self.store is None else str(self.store.path)
@@ -291,12 +316,15 @@ def _check_store_keys(store: ProposalStore | None, keys: Sequence[str], root: An
     if store is None or not keys or len(store) == 0:
         return
     probe = keys[:: max(1, len(keys) // n)][:n]
-    if any(k in store for k in probe):
-        return
+    if not any(k in store for k in probe):
+        raise _foreign_store(store, len(probe), probe[0], f"under {root}", str(root))
+
+
+def _foreign_store(store: ProposalStore, n: int, key: str, where: str, root: str) -> ValueError:
     example = next(iter(store.keys()), "")
-    raise ValueError(
-        f"proposals: none of the {len(probe)} images checked under {root} has an entry in "
-        f"{store.path}: the image key '{probe[0]}' (its path relative to the folder) is not "
+    return ValueError(
+        f"proposals: none of the {n} images checked {where} has an entry in "
+        f"{store.path}: the image key '{key}' (its path relative to the folder) is not "
         f"in the store, whose keys look like '{example}', so every view would be a scene "
         "crop. Fix: pass the folder the store was built over, or rebuild the store from "
         f"this one (`objcrop proposals build {root} --out STORE`)"

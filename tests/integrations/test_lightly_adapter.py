@@ -222,6 +222,28 @@ def test_keys_from_key_fn_or_root(demo):
     assert rooted.recipe.fallbacks.fallbacks == 0
 
 
+def test_collate_refuses_a_store_with_none_of_the_images_it_sees(demo):
+    """Filenames that are not the store's keys (here: a LightlyDataset over the images'
+    subfolder, without key_fn) make every view a scene crop: after 64 images without an entry
+    the collate function says so, naming a key of each side; one match ends the check."""
+    images_only = LightlyDataset(str(demo.image_dir))
+    batch = [images_only[i] for i in range(4)]
+    plain = ObjectAwareCollate(demo.proposals_path, views="obj_obj", size=16)
+    for _ in range(ObjectAwareCollate.KEY_PROBE // 4 - 1):
+        plain(batch)  # scene crops so far, counted as fallbacks
+    with pytest.raises(ValueError, match=r"none of the 64 images checked in the batches so far "
+                                         r".* '000000\.jpg' .* keys look like 'images/.*Fix: "):
+        plain(batch)
+    mapped = ObjectAwareCollate(demo.proposals_path, views="obj_obj", size=16, key_fn=_prefixed)
+    for _ in range(ObjectAwareCollate.KEY_PROBE // 4 + 1):
+        mapped(batch)
+    matched_once = ObjectAwareCollate(demo.proposals_path, views="obj_obj", size=16)
+    matched_once([LightlyDataset(str(demo.root))[0]])
+    for _ in range(ObjectAwareCollate.KEY_PROBE // 4 + 1):
+        matched_once(batch)  # a store covering only some images is the user's choice
+    assert matched_once.recipe.fallbacks.as_dict()["missing"] == ObjectAwareCollate.KEY_PROBE + 4
+
+
 def test_exif_rotated_images_are_cropped_upright(tmp_path):
     """lightly's loader keeps the EXIF tag without rotating; boxes refer to the upright image."""
     pytest.importorskip("lightly", reason=NEEDS_LIGHTLY)

@@ -53,8 +53,8 @@ from .errors import INSTALL_HINT, INSTALL_STEPS, SoloConfigError, SoloNotFoundEr
 from .gpu import GPUViews, ObjectAwareCanvasDataset, gpu_method, gpu_views
 from .transform import ObjectAwareTransform, SlotPlanner
 
-__all__ = ["IDENTITY_KEY", "STATE", "fix_solo_quirks", "import_solo", "install", "run_identity",
-           "uninstall"]
+__all__ = ["IDENTITY_KEY", "STATE", "fix_solo_quirks", "import_solo", "install", "lightning_devices",
+           "run_identity", "uninstall"]
 
 
 @dataclass
@@ -104,27 +104,62 @@ def _reported(fn: Callable) -> Callable:
 def fix_solo_quirks(cfg: Any) -> None:
     """Make a recipe that works on solo-learn's intended setup also work on this one.
 
-    - ``devices``: solo-learn computes ``len(cfg.devices)``, so an integer fails; Lightning's
-      CPU accelerator refuses a list. On CPU an int or list becomes a string (``"1"``); on a
-      GPU an int ``n`` becomes the list of the first ``n`` devices.
+    Called before solo-learn's ``parse_cfg``; :func:`lightning_devices` after it.
+
+    - ``devices``: solo-learn scales the learning rate by ``len(cfg.devices)``, so an integer
+      fails and a string such as ``"2"`` counts as one device. Every form Lightning takes (an
+      int, ``"2"``, ``"0,1"``, a list, ``-1`` or ``"auto"`` for all GPUs) becomes the list of
+      the devices it names, so the scaling counts them all.
     - ``strategy``: solo-learn defaults it to ``None``, which Lightning 2 refuses; ``auto``.
 
     ``accelerator: auto`` (or none) is what Lightning will pick: a GPU where CUDA (or Apple's
     MPS) is available, else the CPU.
     """
+    devices = as_plain(cfg.get("devices"))
+    count = _device_count(devices, on_cpu=_accelerator(cfg) == "cpu")
+    if count is not None:
+        cfg["devices"] = list(devices) if isinstance(devices, (list, tuple)) else list(range(count))
+    if "strategy" in cfg and cfg.get("strategy") is None:
+        cfg["strategy"] = "auto"
+
+
+def lightning_devices(cfg: Any) -> None:
+    """After solo-learn's ``parse_cfg``: Lightning's CPU accelerator refuses a list of devices,
+    so on a CPU the list :func:`fix_solo_quirks` made becomes its count as a string (``"2"``)."""
+    devices = as_plain(cfg.get("devices"))
+    if _accelerator(cfg) == "cpu" and isinstance(devices, (list, tuple)):
+        cfg["devices"] = str(max(1, len(devices)))
+
+
+def _accelerator(cfg: Any) -> str:
     accelerator = str(cfg.get("accelerator") or "auto").lower()
     if accelerator == "auto":
         accelerator = "gpu" if _has_gpu() else "cpu"
-    devices = as_plain(cfg.get("devices"))
-    if accelerator == "cpu":
-        if devices is None or isinstance(devices, int):
-            cfg["devices"] = str(devices or 1)
-        elif isinstance(devices, (list, tuple)):
-            cfg["devices"] = str(max(1, len(devices)))
-    elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
-        cfg["devices"] = list(range(devices))
-    if "strategy" in cfg and cfg.get("strategy") is None:
-        cfg["strategy"] = "auto"
+    return accelerator
+
+
+def _device_count(devices: Any, *, on_cpu: bool) -> int | None:
+    """How many devices Lightning's ``devices`` value names; ``None`` where that is unknown."""
+    if devices is None:
+        return 1 if on_cpu else None
+    if isinstance(devices, bool):
+        return None
+    if isinstance(devices, (list, tuple)):
+        return max(1, len(devices))
+    text = str(devices).strip()
+    if text in ("-1", "auto"):
+        if on_cpu:
+            return 1
+        import torch
+
+        return torch.cuda.device_count() or None
+    if "," in text:  # Lightning's "0,1" or "1,": the GPUs listed
+        return len([part for part in text.split(",") if part.strip()]) or None
+    try:
+        count = int(text)
+    except ValueError:
+        return None
+    return count if count > 0 else None
 
 
 def _has_gpu() -> bool:
@@ -329,6 +364,7 @@ def _wrap_parse_cfg(original: Callable, backbones: Mapping[str, Any]) -> Callabl
         check_backbone(cfg, backbones)
         views = gpu_views(cfg, plan) if plan.enabled and plan.engine == "gpu" else None
         cfg = original(cfg)
+        lightning_devices(cfg)
         if cfg.get("strategy") is None:
             cfg.strategy = "auto"
         _set_identity(cfg)

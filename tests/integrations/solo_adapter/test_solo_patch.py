@@ -11,6 +11,7 @@ import pytest
 from solo_testing import (
     OBJ_OBJ_DILATE,
     colour_fractions,
+    compose_recipe,
     dilated_object_of,
     make_entry,
     object_of,
@@ -19,7 +20,7 @@ from solo_testing import (
 )
 
 from objcrop_plugin.integrations.solo.errors import INSTALL_HINT
-from objcrop_plugin.integrations.solo.patch import fix_solo_quirks
+from objcrop_plugin.integrations.solo.patch import fix_solo_quirks, lightning_devices
 
 CASES = {
     # method: (dataset node, backbone, what it exercises)
@@ -102,22 +103,50 @@ def test_multicrop_counts_small_crops_and_keeps_solo_crops_for_plain_entries(
 
 
 def test_solo_quirks_are_fixed():
-    cpu = {"accelerator": "cpu", "devices": 1, "strategy": None}
-    fix_solo_quirks(cpu)
-    assert cpu == {"accelerator": "cpu", "devices": "1", "strategy": "auto"}
-    cpu = {"accelerator": "cpu", "devices": [0, 1]}
-    fix_solo_quirks(cpu)
-    assert cpu["devices"] == "2"
-    gpu = {"accelerator": "gpu", "devices": 2}
-    fix_solo_quirks(gpu)
-    assert gpu["devices"] == [0, 1]
-    kept = {"accelerator": "gpu", "devices": [0, 1], "strategy": "ddp"}
-    fix_solo_quirks(kept)
-    assert kept == {"accelerator": "gpu", "devices": [0, 1], "strategy": "ddp"}
+    def fixed(cfg):
+        fix_solo_quirks(cfg)
+        before = dict(cfg)
+        lightning_devices(cfg)
+        return before, cfg
+
+    # before solo-learn's parse_cfg: the list of devices, whose length it scales the LR by
+    assert fixed({"accelerator": "cpu", "devices": 1, "strategy": None}) == (
+        {"accelerator": "cpu", "devices": [0], "strategy": "auto"},
+        {"accelerator": "cpu", "devices": "1", "strategy": "auto"})
+    for devices in (2, "2", [0, 1]):
+        before, after = fixed({"accelerator": "cpu", "devices": devices})
+        assert len(before["devices"]) == 2 and after["devices"] == "2", devices
+    for devices, listed in ((2, [0, 1]), ("2", [0, 1]), ("0,1", [0, 1]), ("1,", [0]), ([2, 3], [2, 3])):
+        before, after = fixed({"accelerator": "gpu", "devices": devices, "strategy": "ddp"})
+        assert before == after == {"accelerator": "gpu", "devices": listed, "strategy": "ddp"}
     omegaconf = pytest.importorskip("omegaconf")
     node = omegaconf.OmegaConf.create({"accelerator": "cpu", "devices": 1})
     fix_solo_quirks(node)
-    assert node.devices == "1" and len(node.devices) == 1
+    assert len(node.devices) == 1
+    lightning_devices(node)
+    assert node.devices == "1"
+
+
+@pytest.mark.parametrize("devices", [1, 2])
+def test_solo_scales_the_learning_rate_by_every_cpu_device(solo_root, tmp_path, devices):
+    """solo-learn's parse_cfg multiplies the LR by batch size x len(devices) / 256: two CPU
+    processes count twice (a string "2" would count once)."""
+    from omegaconf import OmegaConf
+    from solo.args import pretrain
+
+    from objcrop_plugin.integrations.solo.patch import install
+
+    undo = install(solo_root)
+    try:
+        cfg = compose_recipe("simclr.yaml", "augmentations=scene.yaml", "accelerator=cpu",
+                             f"devices={devices}", "optimizer.batch_size=64", "optimizer.lr=0.4",
+                             f"data.train_path={tmp_path}")
+        OmegaConf.set_struct(cfg, False)  # as main_pretrain.py does before parse_cfg
+        cfg = pretrain.parse_cfg(cfg)
+    finally:
+        undo()
+    assert cfg.optimizer.lr == pytest.approx(0.4 * 64 * devices / 256)
+    assert cfg.devices == str(devices)  # what Lightning's CPU accelerator takes
 
 
 def test_adapter_imports_without_solo_and_says_how_to_install():
@@ -151,13 +180,16 @@ def test_auto_accelerator_without_a_gpu_is_the_cpu(monkeypatch, accelerator):
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     cfg = {"devices": 1} if accelerator is None else {"accelerator": accelerator, "devices": 1}
     fix_solo_quirks(cfg)
+    lightning_devices(cfg)
     assert cfg["devices"] == "1"
     cfg = {"accelerator": accelerator, "devices": [0, 1]}
     fix_solo_quirks(cfg)
+    lightning_devices(cfg)
     assert cfg["devices"] == "2"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     cfg = {"accelerator": accelerator, "devices": 2}
     fix_solo_quirks(cfg)
+    lightning_devices(cfg)
     assert cfg["devices"] == [0, 1]
 
 
