@@ -371,6 +371,41 @@ def test_ddp_ranks_share_one_merged_store(tmp_path, data, warmup):
     assert res["online_proposals"][0]["images"] == 24  # both ranks' shares
 
 
+def test_two_nodes_of_one_process_each_share_one_merged_store(tmp_path, data):
+    """`trainer.num_nodes: 2` as two launches (NODE_RANK 0 and 1) over one shared folder, as
+    on two machines: each is its node's LOCAL_RANK 0, yet only the global rank 0 speaks,
+    merges and writes the results; the other node's share is in every count."""
+    import os
+    import socket
+
+    path = recipe(tmp_path, data, trainer={"devices": 1, "num_nodes": 2, "strategy": "ddp",
+                                           "epochs": 2, "batch_size": 6},
+                  crop={"proposals": {**ONLINE, "warmup_epochs": 1, "every_epochs": 2}})
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    command = [sys.executable, "-m", "objcrop_plugin.cli", "train", str(path)]
+    nodes = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "MASTER_ADDR": "127.0.0.1",
+                                              "MASTER_PORT": str(port), "NODE_RANK": str(rank)})
+             for rank in (1, 0)]
+    try:
+        outputs = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    (out1, err1), (out0, err0) = outputs
+    assert [node.returncode for node in nodes] == [0, 0], (err0 + err1)[-3000:]
+    assert out1 == "" and out0.count("done in") == 1
+    assert out0.count("online proposals (heatmap) before epoch 2: 24 images") == 1
+    assert [p.name for p in (tmp_path / "run" / "proposals").iterdir()] == ["epoch-0001.objcrop"]
+    assert len(ProposalStore(tmp_path / "run" / "proposals" / "epoch-0001.objcrop")) == 24
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    # each node takes 12 images an epoch: two steps of 6; the samples of both nodes counted
+    assert res["steps"] == 4 and res["fallbacks"]["samples"] == 2 * 24
+    assert res["online_proposals"][0]["images"] == 24
+
+
 _RANK_1_FAILS = """
 import os, sys
 from objcrop_plugin.cli import main
