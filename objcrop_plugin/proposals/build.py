@@ -778,6 +778,21 @@ def _shard_of(store: ProposalStore) -> tuple[int, int] | None:
     return None
 
 
+def _shards_held(store: ProposalStore) -> tuple[list[int], int] | None:
+    """The shards a store holds and their count: one for a shard, several for the result of a
+    ``--allow-partial`` merge (its ``partial_shards``); ``None`` for any other store."""
+    shard = _shard_of(store)
+    if shard is not None:
+        return [shard[0]], shard[1]
+    partial = store.meta.get("partial_shards")
+    if isinstance(partial, dict):
+        held, n = partial.get("merged"), partial.get("of")
+        if (isinstance(n, int) and isinstance(held, list) and held
+                and all(isinstance(i, int) and 0 <= i < n for i in held)):
+            return sorted(set(held)), n
+    return None
+
+
 def _build_of(store: ProposalStore) -> tuple[Any, ...] | None:
     """What a store built by a generator was built with (``None``: an imported store)."""
     meta = store.meta
@@ -789,13 +804,22 @@ def _build_of(store: ProposalStore) -> tuple[Any, ...] | None:
 
 def _check_merge(stores: Sequence[ProposalStore], allow_partial: bool,
                  allow_mixed: bool) -> dict[str, Any]:
-    """Refuse shards of different builds, a shard given twice, or an incomplete set of shards.
+    """Refuse shards of different builds, a built store with an imported one, a shard given
+    twice, or an incomplete set of shards.
 
     Returns extra metadata for the merged store (which shards a partial merge holds).
     """
     if allow_mixed:
         return {}
     builds = [(s, b) for s in stores if (b := _build_of(s)) is not None]
+    imported = [s for s in stores if _build_of(s) is None]
+    if builds and imported:
+        raise ValueError(
+            f"{builds[0][0].path} was built by `objcrop proposals build` (method "
+            f"{builds[0][1][0]!r}) and {imported[0].path} was imported (no build method): "
+            "merging them would make one store of two kinds of proposals. Fix: merge stores "
+            "of one kind only, or pass --allow-mixed to join them anyway."
+        )
     for s, b in builds[1:]:
         s0, b0 = builds[0]
         if b[:2] != b0[:2]:
@@ -811,30 +835,36 @@ def _check_merge(stores: Sequence[ProposalStore], allow_partial: bool,
             "only, rebuild the odd one with the same command, or pass --allow-mixed to join "
             "them anyway."
         )
-    shards = [(s, _shard_of(s)) for s in stores]
+    shards = [(s, _shards_held(s)) for s in stores]
     first = next(((s, sh) for s, sh in shards if sh is not None), None)
     if first is None:
         return {}
+
+    def held(sh: tuple[list[int], int]) -> str:
+        ids, n = sh
+        return f"shard {ids[0]} of {n}" if len(ids) == 1 else \
+            f"shards {', '.join(map(str, ids))} of {n}"
+
     for s, sh in shards:
         if sh is not None and sh[1] == first[1][1]:
             continue
-        this = "is not a shard" if sh is None else f"is shard {sh[0]} of {sh[1]}"
+        this = "is not a shard" if sh is None else f"holds {held(sh)}"
         raise ValueError(
-            f"{s.path} {this}, but {first[0].path} is shard {first[1][0]} of {first[1][1]}: "
-            "they are not shards of one build. Fix: merge the shards of one build only (or "
-            "pass --allow-mixed)."
+            f"{s.path} {this}, but {first[0].path} holds {held(first[1])}: they are not "
+            "shards of one build. Fix: merge the shards of one build only (or pass "
+            "--allow-mixed)."
         )
     n = first[1][1]
     owner: dict[int, ProposalStore] = {}
     for s, sh in shards:
-        if sh is None:
-            continue
-        if sh[0] in owner:
-            raise ValueError(
-                f"shard {sh[0]} of {sh[1]} is given twice ({owner[sh[0]].path} and {s.path}). "
-                "Fix: merge each shard once."
-            )
-        owner[sh[0]] = s
+        assert sh is not None
+        for i in sh[0]:
+            if i in owner:
+                raise ValueError(
+                    f"shard {i} of {n} is given twice ({owner[i].path} and {s.path}). "
+                    "Fix: merge each shard once."
+                )
+            owner[i] = s
     missing = [i for i in range(n) if i not in owner]
     if missing and not allow_partial:
         names = ", ".join(str(i) for i in missing[:10]) + (" ..." if len(missing) > 10 else "")
@@ -856,7 +886,9 @@ def merge_stores(
 
     Shards carry their index, count and a digest of their build's settings in their metadata.
     Merging shards checks that they come from one build and that every shard ``0..N-1`` is
-    there; stores made by builds with another method or parameters are refused too. The
+    there (the result of a ``--allow-partial`` merge counts as the shards it holds, so it can
+    be completed later); stores made by builds with another method or parameters, or a built
+    store with an imported one, are refused too. The
     shards' failure lists are joined into ``<out>.failures.tsv`` (an earlier one is removed
     when they have none).
 
@@ -885,7 +917,9 @@ def merge_stores(
                     "Fix: merge each shard once, and shards of the same build only."
                 )
             owner[key] = si
-    metas = [{k: v for k, v in s.meta.items() if k != "shard"} for s in stores]
+    # what a shard or a partial merge says of itself is not what tells builds apart
+    metas = [{k: v for k, v in s.meta.items() if k not in ("shard", "partial_shards")}
+             for s in stores]
     meta = metas[0] if all(m == metas[0] for m in metas) else {"merged_from": [str(p) for p in inputs]}
     meta = {**meta, **extra}
 

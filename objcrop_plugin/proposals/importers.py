@@ -124,6 +124,15 @@ def _key(prefix: str, name: str) -> str:
     return f"{prefix}{name}"
 
 
+def _check_prefix(prefix: str, example: str) -> None:
+    """Warn about a key prefix without its trailing slash: the keys are plain concatenations,
+    so ``train2017`` makes ``train2017000000000139.jpg``, which names no image."""
+    if prefix and not prefix.endswith(("/", "\\")):
+        log.warning("key prefix %r has no trailing '/': keys are the prefix and file_name joined "
+                    "as they are (e.g. %r). Fix: --key-prefix %r if %r is the image folder",
+                    prefix, _key(prefix, example), prefix + "/", prefix)
+
+
 class _CocoImages:
     """The ``images`` table of a COCO file: id -> index, file names, sizes."""
 
@@ -441,6 +450,8 @@ class CocoImporter(ProposalImporter):
         idx, boxes, scores = idx[keep], boxes[keep], scores[keep]
         order, offsets = _group(idx, scores, len(images))
         boxes, scores = boxes[order], scores[order]
+        if images.file_names:
+            _check_prefix(self.key_prefix, images.file_names[0])
         for j, name in enumerate(images.file_names):
             key = _key(self.key_prefix, name)
             if self.images_root is not None and not (self.images_root / key).is_file():
@@ -523,6 +534,8 @@ def coco_labels(
     keep = np.ones(len(idx), dtype=bool) if include_crowd else ~crowd
     y = np.zeros((len(images), len(names)), dtype=np.float32)
     y[idx[keep], cols[keep]] = 1.0
+    if images.file_names:
+        _check_prefix(key_prefix, images.file_names[0])
     keys = [_key(key_prefix, n) for n in images.file_names]
     return keys, y, names
 

@@ -342,7 +342,7 @@ def test_merge_refuses_an_incomplete_set_or_shards_of_other_builds(tmp_path, cap
                        r'params \{\} vs method .graph_segments. with params \{"top_k": 3\}'):
         merge_stores(merged, [sh[0], sh[1], shard_path(other, 2, 3)])
     build_store(root, other, METHOD, shard=(1, 2), progress=False)
-    with pytest.raises(ValueError, match=r"is shard 1 of 2, but .* is shard 0 of 3"):
+    with pytest.raises(ValueError, match=r"holds shard 1 of 2, but .* holds shard 0 of 3"):
         merge_stores(merged, [sh[0], shard_path(other, 1, 2), sh[2]])
     # the same shard twice (an empty shard would slip past the duplicate-key check)
     with pytest.raises(ValueError, match="shard 2 of 3 is given twice"):
@@ -363,6 +363,21 @@ def test_merge_refuses_an_incomplete_set_or_shards_of_other_builds(tmp_path, cap
     (root / "new.jpg").unlink()
     build_store(root, full, METHOD, progress=False)
     assert merged.read_bytes() == full.read_bytes()
+    # a partial merge counts as the shards it holds: the missing shard completes it later
+    part = tmp_path / "part.objcrop"
+    merge_stores(part, [sh[0], sh[2]], allow_partial=True)
+    assert ProposalStore(part).meta["partial_shards"] == {"merged": [0, 2], "of": 3}
+    assert merge_stores(merged, [part, sh[1]]) == 6
+    assert merged.read_bytes() == full.read_bytes()
+    with pytest.raises(ValueError, match="shard 2 of 3 is given twice"):
+        merge_stores(merged, [part, sh[1], sh[2]])
+    # a built store with an imported one: two kinds of proposals
+    imported = tmp_path / "gt.objcrop"
+    ProposalStore.write(imported, [("zz.jpg", [[1, 1, 5, 5]], [1.0], (10, 8))], {"source": "coco"})
+    with pytest.raises(ValueError, match=r"full.objcrop was built .*/gt.objcrop was imported "
+                                         r".*--allow-mixed"):
+        merge_stores(merged, [full, imported])
+    assert merge_stores(merged, [full, imported], allow_mixed=True) == 7
 
 
 def test_stores_without_shard_metadata_still_merge(tmp_path):

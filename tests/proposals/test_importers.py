@@ -66,6 +66,22 @@ def test_coco_ground_truth_boxes_keys_sizes_and_empty_images(tmp_path):
     np.testing.assert_array_equal(c.boxes, [[1.5, 2.25, 4.5, 6.25]])
 
 
+def test_a_key_prefix_without_its_slash_is_warned_about(tmp_path, caplog):
+    """Keys are plain concatenations: `--key-prefix train2017` makes `train2017a.jpg`."""
+    path = _write(tmp_path / "ann.json", _coco())
+    with caplog.at_level(logging.WARNING, logger="objcrop_plugin"):
+        keys = [r.key for r in CocoImporter(path, key_prefix="train2017").records()]
+        labels = coco_labels(path, "train2017")[0]
+    assert keys == labels == ["train2017a.jpg", "train2017b.jpg", "train2017c.jpg"]
+    warned = [r.getMessage() for r in caplog.records if "trailing '/'" in r.getMessage()]
+    assert len(warned) == 2 and "'train2017a.jpg'" in warned[0] and "'train2017/'" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="objcrop_plugin"):
+        list(CocoImporter(path, key_prefix="train2017/").records())
+        list(CocoImporter(path).records())
+    assert not caplog.records
+
+
 def test_coco_crowd_is_kept_on_request(tmp_path):
     path = _write(tmp_path / "ann.json", _coco())
     a = next(CocoImporter(path, include_crowd=True).records())
