@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import os
+import unicodedata
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -122,6 +123,21 @@ def _load_json(path: Path) -> Any:
 
 def _key(prefix: str, name: str) -> str:
     return f"{prefix}{name}"
+
+
+def _image_file(root: Path, key: str) -> Path | None:
+    """The file of ``key`` under ``root``, or ``None``; a name the annotations write composed
+    (NFC) is found decomposed (NFD, as files copied from macOS keep it), and the other way
+    round (the store's lookups match both forms too)."""
+    file = root / key
+    if file.is_file():
+        return file
+    if not key.isascii():
+        for form in ("NFC", "NFD"):
+            other = root / unicodedata.normalize(form, key)
+            if other != file and other.is_file():
+                return other
+    return None
 
 
 def _check_prefix(prefix: str, example: str) -> None:
@@ -454,7 +470,7 @@ class CocoImporter(ProposalImporter):
             _check_prefix(self.key_prefix, images.file_names[0])
         for j, name in enumerate(images.file_names):
             key = _key(self.key_prefix, name)
-            if self.images_root is not None and not (self.images_root / key).is_file():
+            if self.images_root is not None and _image_file(self.images_root, key) is None:
                 self.missing.append(key)
                 continue
             a, b = offsets[j], offsets[j + 1]
@@ -723,8 +739,8 @@ class OpenImagesImporter(ProposalImporter):
             )
         from ..images import ImageDecodeError, open_image
 
-        file = self.images_root / key
-        if not file.is_file():
+        file = _image_file(self.images_root, key)
+        if file is None:
             self.missing.append(key)
             return None
         try:

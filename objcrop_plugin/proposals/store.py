@@ -43,6 +43,7 @@ import os
 import stat
 import struct
 import sys
+import unicodedata
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -702,6 +703,18 @@ class ProposalStore:
             raise self._fail(f"hash table entry {r} is outside [-1, {self._n})") from None
         return -1
 
+    def _find(self, key: str) -> int:
+        """:meth:`_index` of ``key``, else of its other Unicode normal form: a name written
+        composed (NFC, as most tools write ``café.jpg``) finds the entry of the same name
+        decomposed (NFD, as macOS file systems hand it over), and the other way round."""
+        r = self._index(key)
+        if r < 0 and not key.isascii():
+            for form in ("NFC", "NFD"):
+                other = unicodedata.normalize(form, key)
+                if other != key and (r := self._index(other)) >= 0:
+                    break
+        return r
+
     def _record(self, r: int) -> Proposals:
         a, b = self._bo[r], self._bo[r + 1]
         w, h = self._sizes[r]
@@ -709,7 +722,7 @@ class ProposalStore:
 
     def get(self, key: str | os.PathLike[str]) -> Proposals | None:
         """The proposals of ``key`` (boxes in the stored image size), or ``None``."""
-        r = self._index(normalize_key(key))
+        r = self._find(normalize_key(key))
         return None if r < 0 else self._record(r)
 
     def lookup(
@@ -723,7 +736,7 @@ class ProposalStore:
         ratio (see :meth:`Proposals.rescaled`).
         """
         k = normalize_key(key)
-        r = self._index(k)
+        r = self._find(k)
         if r < 0:
             if self.strict:
                 raise MissingProposalsError(self._missing_message(k))
@@ -740,13 +753,13 @@ class ProposalStore:
 
     def __getitem__(self, key: str | os.PathLike[str]) -> Proposals:
         k = normalize_key(key)
-        r = self._index(k)
+        r = self._find(k)
         if r < 0:
             raise MissingProposalsError(self._missing_message(k))
         return self._record(r)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, (str, os.PathLike)) and self._index(normalize_key(key)) >= 0
+        return isinstance(key, (str, os.PathLike)) and self._find(normalize_key(key)) >= 0
 
     def __len__(self) -> int:
         return self._n

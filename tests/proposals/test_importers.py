@@ -91,6 +91,17 @@ def test_coco_crowd_is_kept_on_request(tmp_path):
     )
 
 
+def test_coco_images_root_finds_a_name_stored_in_the_other_unicode_form(tmp_path):
+    """The annotations write `café.jpg` composed; the file on disk is named decomposed."""
+    data = _coco(images=[{"id": 7, "file_name": "caf\u00e9.jpg", "width": 640, "height": 480}],
+                 annotations=[])
+    path = _write(tmp_path / "ann.json", data)
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (640, 480)).save(tmp_path / "imgs" / "cafe\u0301.jpg")
+    importer = CocoImporter(path, images_root=tmp_path / "imgs")
+    assert [r.key for r in importer.records()] == ["caf\u00e9.jpg"] and importer.missing == []
+
+
 def test_coco_annotation_scores_are_used_and_sorted(tmp_path):
     data = _coco()
     data["annotations"][0]["score"] = 0.2

@@ -133,6 +133,24 @@ def test_lookup_normalizes_keys(tmp_path):
         assert k in store and store.lookup(k) is not None
 
 
+def test_lookup_matches_a_name_in_either_unicode_normal_form(tmp_path):
+    """`café.jpg` composed (NFC, as annotation files write it) and decomposed (NFD, as files
+    copied from macOS are named) is one image to a lookup; an exact match wins."""
+    nfc, nfd = "photos/caf\u00e9.jpg", "photos/cafe\u0301.jpg"
+    path = tmp_path / "p.objcrop"
+    ProposalStore.write(path, [(nfc, [[1, 2, 3, 4]], None, (10, 10))])
+    store = ProposalStore(path)
+    for key in (nfc, nfd):
+        assert key in store and store.get(key) is not None and store.lookup(key) is not None
+        assert store[key].boxes.tolist() == [[1, 2, 3, 4]]
+    assert "photos/cafe.jpg" not in store
+    both = tmp_path / "both.objcrop"  # two files whose names differ only so: each its own
+    ProposalStore.write(both, [(nfc, [[1, 2, 3, 4]], None, (10, 10)),
+                               (nfd, [[5, 6, 7, 8]], None, (10, 10))])
+    store = ProposalStore(both)
+    assert store[nfc].boxes.tolist() == [[1, 2, 3, 4]] and store[nfd].boxes.tolist() == [[5, 6, 7, 8]]
+
+
 def test_duplicate_keys_are_rejected(tmp_path):
     path = tmp_path / "p.objcrop"
     with pytest.raises(ValueError, match="duplicate key 'a/b.jpg'"):
