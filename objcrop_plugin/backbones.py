@@ -129,6 +129,7 @@ def create_backbone(
     prefix: str | None = None,
     *,
     seed: int | None = None,
+    any_size: bool = False,
     **timm_kwargs: Any,
 ) -> nn.Module:
     """``timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)``, with the
@@ -148,6 +149,10 @@ def create_backbone(
             is; with ``checkpoint`` it changes nothing). The model is built under a forked generator seeded with it, so the same
             seed gives the same weights in every process and the caller's random state is
             left as it was.
+        any_size: for a network that takes images of any size (a heat map's or an
+            evaluation's input, not the training size): ViTs and Swins are built with
+            ``dynamic_img_size=True`` (unless ``timm_kwargs`` says otherwise); models whose
+            constructor has no such keyword (CNNs) are built without it.
         **timm_kwargs: passed to ``timm.create_model`` (e.g. ``drop_path_rate=0.1``,
             ``dynamic_img_size=True``); ``num_classes`` is ignored (always 0) and
             ``pretrained=True`` is refused (nothing is downloaded, pass ``checkpoint``).
@@ -176,7 +181,16 @@ def create_backbone(
     with contextlib.nullcontext() if seed is None else torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(int(seed))
-        net = timm.create_model(str(name), pretrained=False, num_classes=0, **kwargs)
+        try:
+            net = timm.create_model(str(name), pretrained=False, num_classes=0,
+                                    **({"dynamic_img_size": True} if any_size else {}), **kwargs)
+        except TypeError:
+            # a CNN's constructor refuses the keyword (before any weights were drawn)
+            if not any_size or "dynamic_img_size" in kwargs:
+                raise
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            net = timm.create_model(str(name), pretrained=False, num_classes=0, **kwargs)
     if checkpoint is not None:
         load_backbone_weights(net, checkpoint, prefix)
     return net

@@ -19,16 +19,43 @@ def _demo_data(args: argparse.Namespace):
     from .data.synthetic import write_dataset
 
     root = Path(args.data_dir) if args.data_dir else DEFAULT_HOME / "demo"
-    size = tuple(int(v) for v in args.image_size.lower().split("x"))
     workers = getattr(args, "workers", 1)
-    return write_dataset(root, n_images=args.n_images, size=size, seed=args.data_seed, workers=workers)
+    return write_dataset(root, n_images=args.n_images, size=args.image_size, seed=args.data_seed,
+                         workers=workers, overwrite=args.overwrite)
+
+
+def _size_wxh(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    try:
+        w, h = (int(v) for v in parts) if len(parts) == 2 else (0, 0)
+    except ValueError:
+        w = h = 0
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT in pixels (e.g. 640x480), got {text!r}")
+    return w, h
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _add_demo_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", help="where the demo data lives (default: $OBJCROP_HOME/demo)")
-    p.add_argument("--n-images", type=int, default=200, help="demo images to generate (default 200)")
-    p.add_argument("--image-size", default="640x480", help="demo image size WxH (default 640x480)")
-    p.add_argument("--data-seed", type=int, default=0, help="demo data seed (default 0)")
+    p.add_argument("--n-images", type=_positive_int, default=200,
+                   help="demo images to generate (default 200)")
+    p.add_argument("--image-size", type=_size_wxh, default=(640, 480),
+                   help="demo image size WxH (default 640x480)")
+    p.add_argument("--data-seed", type=_non_negative_int, default=0,
+                   help="demo data seed (default 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the demo data in --data-dir when it was written with other "
+                   "settings (only files the demo wrote are removed)")
 
 
 def _readable(root: Path, keys: list[str], n: int) -> list[str]:
@@ -70,6 +97,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         keys = args.keys  # named by the user: one that cannot be read is an error naming it
     else:
         candidates = keys[args.first :]
+        if not candidates:
+            raise ValueError(f"--first {args.first} is past the last image of {root} "
+                             f"({len(keys)} images). Fix: a smaller --first")
         keys = _readable(Path(root), candidates, args.n)
         if not keys:
             raise ValueError(f"no image of {root} from index {args.first} on could be read "
@@ -85,23 +115,29 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .data.synthetic import load_labels
-    from .demo import run_demo
+    from .demo import RESULTS_KIND, run_demo
+    from .files import check_output
     from .proposals.store import ProposalStore
-    from .viz import crops_figure
+    from .viz import PICTURE_KIND, crops_figure
 
     out = Path(args.out)
     data_dir = args.data_dir or (DEFAULT_HOME / "demo-train")
+    # before the minutes of training: the folder's results.json and crops.png may be the user's
+    for name, kind in (("results.json", RESULTS_KIND), ("crops.png", PICTURE_KIND)):
+        check_output(out / name, kind, [data_dir], args.force)
     lines: list[str] = []
 
     def log(line: str) -> None:
         lines.append(line)
         print(line, flush=True)
 
-    results = run_demo(out, budget=args.budget, seed=args.seed, data_dir=data_dir, log=log)
+    results = run_demo(out, budget=args.budget, seed=args.seed, data_dir=data_dir, log=log,
+                       force=args.force)
     root = Path(results["data_root"])
     keys = load_labels(root / "labels.json")[0][:4]
     picture = crops_figure(root, keys, ProposalStore(root / "proposals_gt.objcrop"),
-                           out=out / "crops.png", seed=args.seed, tile=128)
+                           out=check_output(out / "crops.png", PICTURE_KIND, [root], args.force),
+                           seed=args.seed, tile=128)
     print(f"wrote {out / 'results.json'} and {picture}")
     result_line = next((ln for ln in reversed(lines) if ln.startswith("RESULT ")), None)
     if result_line:
@@ -357,9 +393,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+#: what ``objcrop eval --json`` may replace: the numbers an earlier eval wrote
+EVAL_KIND_HEAD = b'{\n  "probe_map": '
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .eval import evaluate_backbone, load_backbone
+    from .files import OutputKind, check_output
 
+    if args.json:  # before any work; never over the labels, the checkpoint or another file
+        check_output(args.json, OutputKind("eval JSON", lambda h: h.startswith(EVAL_KIND_HEAD)),
+                     [args.root, args.labels, args.coco, args.checkpoint], args.force)
     if args.coco:
         from .proposals.importers import coco_labels
 
@@ -375,6 +419,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 '"labels": [class indices]}]}) or --coco instances.json')
         keys, labels, _ = load_labels(labels_file)
     net = load_backbone(args.model, args.checkpoint, args.prefix)
+    if len(args.image_size) > 2:
+        raise ValueError(f"--image-size takes one side or HEIGHT WIDTH, got "
+                         f"{' '.join(map(str, args.image_size))}")
     size = args.image_size[0] if len(args.image_size) == 1 else tuple(args.image_size)
     res = evaluate_backbone(
         net, args.root, keys, labels, train_fraction=args.train_fraction, seed=args.seed,
@@ -445,9 +492,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     root = Path(args.root)
     # its own list may be replaced; nothing the scan reads, nor another file without --force
-    check_output(args.out, OutputKind("bad-image list", lambda h: h.startswith(
-        b"key\tproblem\tdetail\n")), [root, args.proposals], args.force)
+    kind = OutputKind("bad-image list", lambda h: h.startswith(b"key\tproblem\tdetail\n"))
+    check_output(args.out, kind, [root, args.proposals], args.force)
     keys = list_images(root)
+    if not keys:
+        from .images import IMAGE_EXTENSIONS
+
+        raise ValueError(f"no image under {root} (files ending in {', '.join(IMAGE_EXTENSIONS)}; "
+                         "hidden files and folders are skipped). Fix: pass the image folder")
     stored_size = None
     if args.proposals:
         from .proposals.store import ProposalStore
@@ -462,6 +514,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not rows:
         print(f"objcrop check: all {len(keys)} images under {root} are readable"
               + (f" and match {args.proposals}" if args.proposals else ""))
+        # an earlier run's list would still name images that are fine now
+        if os.path.isfile(args.out) and not os.path.islink(args.out):
+            with open(args.out, "rb") as f:
+                earlier = kind.matches(f.read(kind.head_bytes))
+            if earlier:
+                os.unlink(args.out)
+                print(f"objcrop check: removed the earlier list {args.out}")
         return 0
     out = write_bad_list(args.out, rows, ("key", "problem", "detail"))
     counts: dict[str, int] = {}
@@ -484,11 +543,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="write a PNG of proposals and the views recipes cut from them")
     p.add_argument("--root", help="image folder (default: the embedded demo data)")
-    p.add_argument("--proposals", help="proposal store (default: the demo's ground truth)")
+    p.add_argument("--proposals", help="proposal store (default: the demo's ground truth; with "
+                   "--root, needed for every recipe but scene_scene)")
     p.add_argument("--views", nargs="+", default=["scene_scene", "obj_obj_dilate"],
                    help="view recipes to show (default: scene_scene obj_obj_dilate)")
-    p.add_argument("--n", type=int, default=4, help="images to show (default 4)")
-    p.add_argument("--first", type=int, default=0, help="index of the first image")
+    p.add_argument("--n", type=_positive_int, default=4, help="images to show (default 4)")
+    p.add_argument("--first", type=_non_negative_int, default=0, help="index of the first image")
     p.add_argument("--keys", nargs="*", help="show these image keys instead")
     p.add_argument("--photometrics", default="none",
                    help="apply a photometric preset to the views (default none)")
@@ -512,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", help="where the training data is generated "
                    "(default: $OBJCROP_HOME/demo-train)")
+    p.add_argument("--force", action="store_true",
+                   help="replace results.json and crops.png in --out even when they are not "
+                   "files an objcrop demo wrote")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -541,7 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="resnet18", help="timm model name")
     p.add_argument("--checkpoint", help="weights to load (a timm state dict or a training checkpoint)")
     p.add_argument("--prefix", help="key prefix of the backbone inside the checkpoint")
-    p.add_argument("--image-size", type=int, nargs="+", default=[224])
+    p.add_argument("--image-size", type=_positive_int, nargs="+", default=[224],
+                   metavar="PX", help="the images' input size: one side (square) or HEIGHT "
+                   "WIDTH, before --scale (default 224)")
     p.add_argument("--pooling", choices=("avg", "max", "avgmax"), default="avg",
                    help="feature pooling (the demo's protocol: avgmax)")
     p.add_argument("--scale", type=float, default=1.0,
@@ -553,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the numbers here")
+    p.add_argument("--force", action="store_true",
+                   help="replace --json even when it is not a file objcrop eval wrote (never "
+                   "an input of the command, a folder or a device)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("policies", help="list registered crop policies and proposal sources")

@@ -38,7 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["BUDGETS", "run_demo"]
+from .files import OutputKind, atomic_write, check_output
+
+__all__ = ["BUDGETS", "RESULTS_KIND", "run_demo"]
+
+#: what ``run_demo`` may replace in its folder: a ``results.json`` it wrote
+RESULTS_KIND = OutputKind("demo results.json", lambda head: head.startswith(b'{\n  "budget": '))
 
 #: Settings of each budget. See docs/demo-design.md for how they were chosen (measured on a
 #: 2-core CPU).
@@ -292,6 +297,7 @@ def run_demo(
     proposal_params: dict[str, dict[str, Any]] | None = None,
     domain: str = "demo",
     reuse: Sequence[str] = (),
+    force: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Pretrain with scene and object-aware crops, probe both and a random init; write results.
@@ -328,6 +334,8 @@ def run_demo(
             and, for a pretrained run, its ``backbone.pth`` is still there; a run with nothing
             to reuse is run. Reused entries carry ``"reused": true``. The settings of the
             code itself are not compared: reuse only runs that a change has not touched.
+        force: replace ``out_dir/results.json`` even when it is not a file this function
+            wrote (never without: it may be the user's own).
         overrides: any key of :data:`BUDGETS` entries (e.g. ``epochs=5``).
 
     Returns:
@@ -359,6 +367,8 @@ def run_demo(
             )
     cfg = dict(BUDGETS[budget], **overrides)
     out = Path(out_dir)
+    # before any work: the folder's results.json may be the user's own file
+    check_output(out / "results.json", RESULTS_KIND, [data_dir], force)
     out.mkdir(parents=True, exist_ok=True)
 
     t_start = time.perf_counter()
@@ -510,7 +520,7 @@ def run_demo(
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write(out / "results.json", [(json.dumps(summary, indent=2) + "\n").encode()])
 
     log("")
     width = max(16, *(len(n) + 2 for n in results))

@@ -289,7 +289,8 @@ def load_backbone(
 
     ``checkpoint`` is a ``backbone.pth`` exported by ``objcrop train``, a timm state dict, or a
     lightly/Lightning/solo-learn checkpoint whose backbone prefix is detected (pass ``prefix``
-    to choose, ``""`` for none). ``**timm_kwargs`` go to ``timm.create_model``.
+    to choose, ``""`` for none). ``**timm_kwargs`` go to ``timm.create_model``; a ViT or Swin
+    named by ``model`` is built with ``dynamic_img_size=True``, so it takes any input size.
 
     Raises:
         objcrop_plugin.backbones.BackboneError: unknown model name (close matches are named),
@@ -300,8 +301,8 @@ def load_backbone(
     """
     from .backbones import create_backbone, load_backbone_weights
 
-    if isinstance(model, str):
-        return create_backbone(model, checkpoint, prefix, **timm_kwargs).eval()
+    if isinstance(model, str):  # a ViT takes the evaluation's input size (dynamic_img_size)
+        return create_backbone(model, checkpoint, prefix, any_size=True, **timm_kwargs).eval()
     if checkpoint is not None:
         load_backbone_weights(model, checkpoint, prefix)
     return model.eval()

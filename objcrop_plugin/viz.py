@@ -76,8 +76,13 @@ def crops_figure(
         the path written (atomically).
     """
     engines = [ViewEngine(r, photometrics="none", **(recipe_kwargs or {}).get(r, {})) for r in recipes]
-    if store is None and any(e.recipe.needs_proposals for e in engines):
-        raise ValueError("the recipes crop from proposals but no proposal store was given")
+    needy = [r for r, e in zip(recipes, engines) if e.recipe.needs_proposals]
+    if store is None and needy:
+        raise ValueError(
+            f"{', '.join(map(str, needy))} crop from proposals, but no proposal store was given "
+            "(the demo's ground truth is the default for the demo data only). Fix: a store "
+            "(objcrop show --proposals STORE; `objcrop proposals build` makes one), or "
+            "scene_scene alone (--views scene_scene)")
     pad, head = 6, 22
     font, small = _font(14), _font(11)
     row_h = tile + 22

@@ -71,7 +71,35 @@ def test_show_with_an_object_recipe_and_no_store_is_a_clear_error(tmp_path, caps
     (tmp_path / "imgs").mkdir()
     Image.new("RGB", (50, 40)).save(tmp_path / "imgs" / "a.png")
     rc = main(["show", "--root", str(tmp_path / "imgs"), "--out", str(tmp_path / "x.png")])
-    assert rc == 2 and "no proposal store" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "obj_obj_dilate crop from proposals, but no proposal store" in err
+    assert "--proposals STORE" in err and "--views scene_scene" in err
+    # --first past the end is said so (not "could not be read")
+    rc = main(["show", "--root", str(tmp_path / "imgs"), "--views", "scene_scene", "--first",
+               "5", "--out", str(tmp_path / "x.png")])
+    assert rc == 2 and "--first 5 is past the last image" in capsys.readouterr().err
+
+
+def test_demo_data_options_are_checked_and_other_data_is_replaced_on_request(tmp_path, capsys):
+    import pytest
+
+    common = ["demo-data", "--data-dir", str(tmp_path / "d"), "--n-images", "3"]
+    for bad in (["--image-size", "640"], ["--image-size", "64x48x9"], ["--data-seed", "-1"],
+                ["--n-images", "0"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*common, *bad])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and bad[0] in err, err  # argparse names the option
+    for bad in (["--n", "0"], ["--n", "-1"], ["--first", "-1"]):
+        with pytest.raises(SystemExit):
+            main(["show", *bad])
+        assert bad[0] in capsys.readouterr().err
+    assert main([*common, "--image-size", "64x48"]) == 0
+    assert main([*common, "--image-size", "80x48"]) == 2
+    err = capsys.readouterr().err
+    assert "differs in: width" in err and "--overwrite" in err and "overwrite=True" in err
+    assert main([*common, "--image-size", "80x48", "--overwrite"]) == 0
+    assert Image.open(tmp_path / "d" / "images" / "000000.jpg").size == (80, 48)
 
 
 def test_policies_lists_registered_names_by_kind(capsys):
@@ -219,6 +247,34 @@ def test_demo_command_quick_budget_writes_results_picture_and_ends_with_result(t
     assert set(res["runs"]) == {"random", "scene_scene", "obj_obj_dilate"}
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("RESULT scene_map=") and "delta=" in last
+
+
+def test_demo_and_eval_never_write_over_the_users_files(tmp_path, capsys, demo_data):
+    """`objcrop demo --out` over a folder holding the user's results.json or crops.png, and
+    `objcrop eval --json` over its own labels or a folder: refused before any work, the files
+    unchanged, --force named; eval's own JSON is replaced on a rerun."""
+    for name, content in (("results.json", b'{"mine": 1}\n'), ("crops.png", b"\x89PNG\r\n\x1a\nmine")):
+        out = tmp_path / f"project-{name}"
+        out.mkdir()
+        (out / name).write_bytes(content)
+        assert main(["demo", "--budget", "quick", "--out", str(out),
+                     "--data-dir", str(tmp_path / "d")]) == 2
+        err = capsys.readouterr().err
+        assert str(out / name) in err and "--force" in err
+        assert (out / name).read_bytes() == content and not (tmp_path / "d").exists()
+    demo = demo_data(n_images=12, size=(96, 72), seed=0)
+    labels = demo.root / "labels.json"
+    before = labels.read_bytes()
+    common = ["eval", "--root", str(demo.root), "--model", "resnet10t", "--image-size", "32",
+              "--epochs", "2", "--k", "3"]
+    for target in (labels, tmp_path):
+        assert main([*common, "--json", str(target)]) == 2
+        assert "objcrop: error:" in capsys.readouterr().err
+    assert labels.read_bytes() == before
+    result = tmp_path / "r.json"
+    assert main([*common, "--json", str(result)]) == 0
+    assert main([*common, "--json", str(result)]) == 0  # its own file: replaced
+    assert json.loads(result.read_text())["n_train"] > 0
 
 
 def test_demo_data_with_worker_processes_writes_the_same_files(tmp_path):

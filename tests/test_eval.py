@@ -347,3 +347,24 @@ def test_load_backbone_finds_the_online_backbone_in_a_checkpoint(demo, tmp_path)
     assert torch.equal(explicit.conv1.weight, momentum.conv1.weight)
     with pytest.raises(ValueError, match="lacks"):
         load_backbone("resnet18", tmp_path / "last.ckpt", prefix="projection_head.")
+
+
+def test_a_vit_by_name_takes_the_evaluations_input_size(tmp_path):
+    """`objcrop eval --model vit_... --scale 2` fed a 224 px ViT 448 px images: an
+    AssertionError traceback. A ViT named here is built with dynamic_img_size; its weights
+    load from a checkpoint of one built without it, and CNNs are built as before."""
+    import timm
+
+    vit = load_backbone("test_vit")
+    assert vit(torch.zeros(2, 3, 96, 64)).shape == (2, vit.num_features)
+    trained = timm.create_model("test_vit", pretrained=False, num_classes=0)
+    torch.save(trained.state_dict(), tmp_path / "vit.pth")
+    loaded = load_backbone("test_vit", tmp_path / "vit.pth")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in trained.state_dict().items())
+    x = torch.rand(1, 3, 224, 224)  # pos_embed grid = dynamic_img_size at its own size
+    assert torch.allclose(loaded(x), trained.eval()(x), atol=1e-5)
+    torch.manual_seed(0)
+    cnn = load_backbone("resnet10t")
+    torch.manual_seed(0)
+    plain = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    assert all(torch.equal(cnn.state_dict()[k], v) for k, v in plain.state_dict().items())

@@ -860,7 +860,8 @@ def write_dataset(
                             if params.get(k) != existing.get(k))
             raise ValueError(
                 f"{root} already holds a different dataset (differs in: {', '.join(differ)}). "
-                "Pass overwrite=True to replace it, or choose another folder."
+                "Fix: pass overwrite=True (the command line's --overwrite) to replace it, or "
+                "choose another folder (--data-dir)."
             )
         _remove_ours(root)
         existing = manifest = None

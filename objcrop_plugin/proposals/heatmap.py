@@ -846,17 +846,9 @@ class HeatmapGenerator(BatchedProposalGenerator):
                             "(seed %d), whose boxes are those of regions that stand out, not "
                             "of what a trained network knows (--checkpoint FILE, or "
                             "checkpoint=PATH in Python, for a trained network's)", self.model, self.seed)
-            # a ViT or Swin takes each image's own input size with dynamic_img_size; a CNN's
-            # constructor refuses the keyword (before any weights are read)
-            kwargs = {"dynamic_img_size": True, **self.model_kwargs}
-            try:
-                module = create_backbone(self.model, self.checkpoint, prefix, seed=self.seed,
-                                         **kwargs)
-            except TypeError:
-                if "dynamic_img_size" in self.model_kwargs:
-                    raise
-                module = create_backbone(self.model, self.checkpoint, prefix, seed=self.seed,
-                                         **self.model_kwargs)
+            # a ViT or Swin takes each image's own input size (dynamic_img_size)
+            module = create_backbone(self.model, self.checkpoint, prefix, seed=self.seed,
+                                     any_size=True, **self.model_kwargs)
             module = module.to(self._device)
         else:
             if getattr(module, "dynamic_img_size", None) is False:

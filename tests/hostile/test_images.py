@@ -455,6 +455,22 @@ def test_check_never_writes_its_list_over_what_it_reads_or_a_foreign_file(tmp_pa
     assert main(["check", str(root), "--out", str(out), "--no-progress"]) == 3
     assert main(["check", str(root), "--out", str(out), "--no-progress"]) == 3
     assert out.read_text().startswith("key\tproblem\tdetail\n")
+    # the bad image removed: a clean rerun removes its stale list, never another file
+    (root / names[0]).unlink()
+    assert main(["check", str(root), "--out", str(out), "--no-progress"]) == 0
+    assert not out.exists() and "removed the earlier list" in capsys.readouterr().out
+    assert main(["check", str(root), "--out", str(notes), "--no-progress", "--force"]) == 0
+    assert notes.read_bytes() == notes_before
+
+
+def test_check_of_a_folder_without_images_is_an_error(tmp_path, capsys):
+    """A wrong folder (or one of .heic files only) is not "all 0 images are readable"."""
+    (tmp_path / "heic").mkdir()
+    (tmp_path / "heic" / "a.heic").write_bytes(b"not listed")
+    assert main(["check", str(tmp_path / "heic"), "--out", str(tmp_path / "b.tsv"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"no image under {tmp_path / 'heic'}" in err and ".jpg" in err and "Fix:" in err
 
 
 # ------------------------------------------------------------------- objcrop train
