@@ -81,6 +81,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .proposals.store import ProposalStore
     from .viz import PICTURE_KIND, crops_figure
 
+    if Path(args.out).suffix.lower() != ".png":
+        raise ValueError(f"--out {args.out}: the picture is a PNG. Fix: a name ending in .png")
+
     # before any work (the demo data may have to be written), and again once the inputs are known
     check_output(args.out, PICTURE_KIND, [args.root, args.proposals], args.force)
     if args.root:
@@ -759,11 +762,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = prop.add_parser("info", help="counts and metadata of a store")
     p.add_argument("store")
     p.set_defaults(func=cmd_info)
+    _verbose_everywhere(parser)
     return parser
+
+
+def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``-v`` after the command too (``objcrop check DATA -v``), not only before it; a
+    subcommand's flag never resets the one given before it (``SUPPRESS`` default)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if "--verbose" not in child._option_string_actions:
+                    child.add_argument("-v", "--verbose", action="store_true",
+                                       default=argparse.SUPPRESS, help="log fallbacks and details")
+                _verbose_everywhere(child)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    overrides = getattr(args, "overrides", None)
+    if overrides and any(o in ("-v", "--verbose") for o in overrides):  # after a recipe too
+        args.overrides = [o for o in overrides if o not in ("-v", "--verbose")]
+        args.verbose = True
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",

@@ -286,3 +286,34 @@ def test_demo_data_with_worker_processes_writes_the_same_files(tmp_path):
     assert one == two and len(one) == 5 + 3
     for rel in one:
         assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+
+
+def test_verbose_flag_before_or_after_the_command(monkeypatch):
+    """`-v` is taken before the command, after it, and after a recipe's overrides; a
+    subcommand's own default never resets the one given before it."""
+    import logging
+
+    from objcrop_plugin.cli import build_parser
+
+    parser = build_parser()
+    for argv, verbose in ((["-v", "check", "d"], True), (["check", "d", "-v"], True),
+                          (["check", "d"], False), (["proposals", "info", "s", "-v"], True),
+                          (["-v", "proposals", "info", "s"], True)):
+        assert parser.parse_args(argv).verbose is verbose, argv
+    seen = {}
+
+    def fake_train(args):
+        seen.update(overrides=args.overrides, verbose=args.verbose)
+        return 0
+
+    monkeypatch.setattr("objcrop_plugin.cli.cmd_train", fake_train)
+    levels = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: levels.append(kw["level"]))
+    assert main(["train", "r.yaml", "trainer.epochs=1", "-v"]) == 0
+    assert seen == {"overrides": ["trainer.epochs=1"], "verbose": True}
+    assert levels == [logging.INFO]
+
+
+def test_show_writes_png_only(tmp_path, capsys):
+    assert main(["show", "--out", str(tmp_path / "x.jpg")]) == 2
+    assert "a name ending in .png" in capsys.readouterr().err and not (tmp_path / "x.jpg").exists()
