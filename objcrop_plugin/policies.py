@@ -378,17 +378,23 @@ class ProposalChoice:
             return int(candidates[rng.choice(len(candidates), p=w / w.sum())])
         return int(rng.choice(candidates))
 
+    def usable(self, image_size: Size, boxes: np.ndarray) -> np.ndarray:
+        """``bool (K,)``: the boxes a view can be cut from (valid once clipped) whose clipped
+        area lies in ``[min_area, max_area]`` of the image's."""
+        b = box_ops.as_boxes(boxes)
+        ok = box_ops.valid_mask(b, image_size)
+        if len(b) and (self.min_area > 0 or self.max_area < 1):
+            rel = box_ops.area(box_ops.clip(np.where(ok[:, None], b, 0.0), image_size))
+            rel = rel / (float(image_size[0]) * float(image_size[1]))
+            ok &= (rel >= self.min_area) & (rel <= self.max_area)
+        return ok
+
     def candidates(self, image_size: Size, boxes: np.ndarray, scores: np.ndarray | None) -> np.ndarray:
         """Indices of the boxes that may be drawn, best score first."""
         b = box_ops.as_boxes(boxes)
         if len(b) == 0:
             return np.zeros(0, dtype=np.int64)
-        ok = box_ops.valid_mask(b, image_size)
-        if self.min_area > 0 or self.max_area < 1:
-            rel = box_ops.area(box_ops.clip(np.where(ok[:, None], b, 0.0), image_size))
-            rel = rel / (float(image_size[0]) * float(image_size[1]))
-            ok &= (rel >= self.min_area) & (rel <= self.max_area)
-        idx = np.flatnonzero(ok)
+        idx = np.flatnonzero(self.usable(image_size, b))
         if scores is not None and len(idx) > 1:
             s = np.asarray(scores, dtype=np.float64)[idx]
             s = np.where(np.isfinite(s), s, -np.inf)

@@ -51,7 +51,7 @@ from ..images import (
     read_image,
     write_bad_list,
 )
-from ..policies import ViewRecipe
+from ..policies import ProposalChoice, ViewRecipe
 from ..proposals.store import Proposals, ProposalStore
 from ..stats import BadImages, SharedEpoch, counts_held
 from .cpu import ViewEngine
@@ -101,27 +101,33 @@ def _rank(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-np.where(np.isfinite(s), s, -np.inf), kind="stable")
 
 
-def _usable_ranked(proposals: Proposals) -> np.ndarray:
+def _usable_ranked(proposals: Proposals, choice: ProposalChoice | None = None) -> np.ndarray:
     """Indices of the usable boxes (:func:`~objcrop_plugin.boxes.valid_mask` in the stored
-    image: finite, at least 2 px a side once clipped), best first."""
+    image: finite, at least 2 px a side once clipped; and within ``choice``'s ``min_area`` /
+    ``max_area`` when given, as the recipe would take them), best first."""
     order = _rank(proposals.scores)
-    return order[valid_mask(proposals.boxes, proposals.image_size)[order]]
+    ok = (valid_mask(proposals.boxes, proposals.image_size) if choice is None
+          else choice.usable(proposals.image_size, proposals.boxes))
+    return order[ok[order]]
 
 
-def ranked_box(proposals: Proposals, rank: int) -> Proposals:
+def ranked_box(proposals: Proposals, rank: int, choice: ProposalChoice | None = None) -> Proposals:
     """The image's ``rank``-th best usable box (0: the best) as proposals of one box.
 
-    Input: an image's stored :class:`~objcrop_plugin.proposals.store.Proposals` (``K`` boxes).
+    Input: an image's stored :class:`~objcrop_plugin.proposals.store.Proposals` (``K`` boxes);
+    ``choice``: the recipe's box choice, whose area bounds decide which boxes are usable.
     Output: ``Proposals`` with boxes ``(1, 4)``, scores ``(1,)`` and the same image size, so a
     view recipe given it cuts every object view from that box.
     """
-    b = int(_usable_ranked(proposals)[rank])
+    b = int(_usable_ranked(proposals, choice)[rank])
     return Proposals(proposals.boxes[b : b + 1], proposals.scores[b : b + 1], proposals.image_size)
 
 
 class BoxIndex:
     """The items of per-box sampling: every usable stored box of every image, one item each
-    (a NaN box, one under 2 px a side or outside the image makes none).
+    (a NaN box, one under 2 px a side or outside the image makes none, nor one outside the
+    recipe's ``min_area`` / ``max_area`` when ``choice`` is given: the recipe could not cut
+    its views from it).
 
     Items are in image order (the order of ``keys``), then box order: best first (by score,
     stored order where scores tie or are missing; a store ranked at build time keeps its
@@ -130,7 +136,10 @@ class BoxIndex:
     Args:
         store: the proposal store (fixed: the index is built once).
         keys: the images, as store keys.
-        max_boxes_per_image: take at most the ``m`` best boxes of each image (``None``: all).
+        max_boxes_per_image: take at most the ``m`` best boxes of each image (``None``: all;
+            per-box sampling's counterpart of the recipe's ``top_k``, which it does not read).
+        choice: the recipe's :class:`~objcrop_plugin.policies.ProposalChoice` (its area
+            bounds); ``None``: every valid box.
 
     Attributes:
         counts: ``int64 (N,)`` the number of items of each image.
@@ -143,7 +152,8 @@ class BoxIndex:
     """
 
     def __init__(
-        self, store: ProposalStore, keys: Sequence[str], max_boxes_per_image: int | None = None
+        self, store: ProposalStore, keys: Sequence[str], max_boxes_per_image: int | None = None,
+        choice: ProposalChoice | None = None,
     ) -> None:
         if max_boxes_per_image is not None and int(max_boxes_per_image) < 1:
             raise ValueError(
@@ -153,7 +163,7 @@ class BoxIndex:
         for j, key in enumerate(keys):
             props = store.get(key)
             if props is not None:  # a box no view can be cut from makes no item
-                counts[j] = int(valid_mask(props.boxes, props.image_size).sum())
+                counts[j] = len(_usable_ranked(props, choice))
         if max_boxes_per_image is not None:
             counts = np.minimum(counts, int(max_boxes_per_image))
         self.counts = counts
@@ -204,7 +214,9 @@ class FolderSource:
             ``proposals``, capped by ``max_boxes_per_image``: a scene run with the steps of
             a per-box run) or an int. Another length than the items' cycles them: sample
             ``k`` is item ``perm[k mod n]``, ``perm`` a random order per epoch from ``(seed,
-            epoch)``, with sample ``k``'s own random stream (repeated visits crop anew).
+            epoch)``, with sample ``k``'s own random stream (repeated visits crop anew). Call
+            ``set_epoch`` every epoch: with persistent workers (or none) it is what changes
+            the order, also with ``seed=None``.
 
     Attributes:
         root, store, keys, seed, epoch, sampling; ``classes``: the top-level subfolders when
@@ -284,7 +296,8 @@ class FolderSource:
         self.n_boxes: int | None = None
         if counted:
             assert self.store is not None
-            index = BoxIndex(self.store, self.keys, max_boxes)
+            index = BoxIndex(self.store, self.keys, max_boxes,
+                             None if self.recipe is None else self.recipe.choice)
             self.n_boxes = len(index)
             if not self.n_boxes:
                 raise ValueError(
@@ -356,7 +369,9 @@ class FolderSource:
     def _order_seed(self) -> int:
         """What an epoch's order of items is drawn from besides the epoch: the seed, or with
         ``seed=None`` the DataLoader's base seed, which its workers share and which changes
-        every epoch and run (in the main process, torch's seed: call ``set_epoch``)."""
+        every epoch and run. Persistent workers keep theirs, and the main process has torch's
+        seed: there only ``set_epoch`` (shared with the workers) changes the order, so call it
+        every epoch (``objcrop train`` and the lightly callbacks do)."""
         if self.seed is not None:
             return int(self.seed)
         info = torch.utils.data.get_worker_info()
@@ -404,7 +419,9 @@ class FolderSource:
 
         def lookup(_size: tuple[int, int]) -> Proposals | None:
             props = store.get(key) if store is not None else None
-            return props if props is None or rank is None else ranked_box(props, rank)
+            if props is None or rank is None:
+                return props
+            return ranked_box(props, rank, None if self.recipe is None else self.recipe.choice)
 
         rng = sample_rng(self.seed, index if stream is None else stream, self.epoch)
         return Sample(key, self.root / key, rng, lookup if store is not None else None)
@@ -457,7 +474,13 @@ def first_readable(
 
     Returns:
         ``(item, j)``: the item and the index of the item it was made from.
+
+    Raises:
+        IndexError: ``index`` outside ``[-n, n)`` (negative indices count from the end).
     """
+    if not -n <= index < n:  # plain iteration (`for item in dataset`) ends here
+        raise IndexError(f"index {index} out of range for a dataset of {n}")
+    index %= n  # ds[-1]: the last item, with the last item's random stream
     failed: set[int] = set()
     for step in range(n):
         j = (index + step) % n

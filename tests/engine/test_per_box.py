@@ -106,6 +106,38 @@ def test_max_boxes_per_image_takes_the_best_and_canvas_dataset_agrees(folder):
     assert index.counts.tolist() == [1, 1, 0, 0] and index.locate(1) == (1, 0)
 
 
+def test_the_recipes_area_bounds_decide_which_boxes_are_items(folder):
+    """`min_area=0.1` leaves out the red box (8% of the image): it makes no item, instead of
+    an item whose views fall back to scene crops (27 of 32 items did, silently)."""
+    ds = per_box(folder, min_area=0.1)
+    items = [("a/0.png", "green"), ("a/0.png", "yellow"), ("a/1.png", "yellow")]
+    assert len(ds) == 3
+    for i, (key, colour) in enumerate(items):
+        views, _, name = ds[i]
+        assert name == key and [colour_of(v) for v in views] == [colour, colour]
+    assert ds.recipe.fallbacks.fallbacks == 0
+    canvas = CanvasDataset(folder, folder / "p.objcrop", views="obj_obj", size=16, seed=0,
+                           canvas=(H, W), sampling="per_box", max_area=0.14)
+    assert len(canvas) == 3  # green, red; red
+    assert [canvas[i]["key"] for i in range(3)] == ["a/0.png", "a/0.png", "a/1.png"]
+
+
+def test_an_index_past_the_end_is_an_index_error(folder):
+    """`for item in dataset` (Python's sequence protocol) ends at len(dataset), instead of
+    wrapping round for ever; ds[-1] is the last item."""
+    for ds in (per_box(folder), ObjectCropDataset(folder, folder / "p.objcrop", views="obj_obj",
+                                                  size=16, seed=0),
+               CanvasDataset(folder, folder / "p.objcrop", views="obj_obj", size=16, seed=0)):
+        with pytest.raises(IndexError, match=f"index {len(ds)} out of range"):
+            ds[len(ds)]
+        with pytest.raises(IndexError):
+            ds[-len(ds) - 1]
+        assert len(list(ds)) == len(ds)
+        last = ds[-1]
+        name = last["key"] if isinstance(last, dict) else last[2]
+        assert name == ds.keys[ds.source.image(len(ds) - 1)]
+
+
 def test_boxes_no_view_can_be_cut_from_make_no_item(tmp_path):
     """A NaN box and a sliver under 2 px wide, scored best: per-box items are the usable
     box only, so the image's one item with max_boxes_per_image=1 is an object view."""

@@ -135,7 +135,7 @@ class ObjectAwareSoloDataset(IndexedDataset):
         from ...engine.datasets import BoxIndex
 
         keys = [self.key(j) for j in range(len(self.dataset))]
-        index = BoxIndex(store, keys, max_boxes)
+        index = BoxIndex(store, keys, max_boxes, self.planner.recipe.choice)
         if not len(index):
             raise SoloConfigError(
                 f"data.proposals: none of the {len(keys)} images (e.g. '{keys[0] if keys else ''}'"

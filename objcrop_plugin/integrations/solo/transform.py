@@ -122,7 +122,7 @@ class SlotPlanner:
                 if box is not None:
                     from ...engine.datasets import ranked_box
 
-                    props = ranked_box(props, box)
+                    props = ranked_box(props, box, self.recipe.choice)
                 boxes, scores, size = props.boxes, props.scores, props.image_size
         planned = self.recipe(image_size, boxes, scores, rng=rng, key=key, boxes_size=size)
         return [None if pos is None else planned[pos] for _, pos in self.slots]
