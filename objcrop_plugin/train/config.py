@@ -4,6 +4,10 @@ A recipe is a YAML mapping with the sections below; every key has a default exce
 ``data.train_path``. Unknown keys and values of the wrong type are errors that name the key,
 the file, what was expected and (for misspellings) the closest known key.
 
+The example below is a MoCo-v2 recipe (ResNet-50, 200 epochs), with the main keys: its values
+are that recipe's, not the defaults. The dataclasses of this module hold every key and its
+default, and ``objcrop train RECIPE --print-config`` prints a recipe with all of them.
+
 .. code-block:: yaml
 
     data:
