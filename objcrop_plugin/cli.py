@@ -35,14 +35,18 @@ def _size_wxh(text: str) -> tuple[int, int]:
     return w, h
 
 
-def _non_negative_int(text: str) -> int:
+def _int_from(lowest: int, text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    if value < lowest:
+        raise argparse.ArgumentTypeError(f"must be at least {lowest}, got {value}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_from(0, text)
 
 
 def _add_demo_data_args(p: argparse.ArgumentParser) -> None:
@@ -462,13 +466,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _int_from(1, text)
 
 
 def _fraction(text: str) -> float:
