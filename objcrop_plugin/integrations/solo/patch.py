@@ -116,9 +116,9 @@ def fix_solo_quirks(cfg: Any) -> None:
     MPS) is available, else the CPU.
     """
     devices = as_plain(cfg.get("devices"))
-    count = _device_count(devices, on_cpu=_accelerator(cfg) == "cpu")
-    if count is not None:
-        cfg["devices"] = list(devices) if isinstance(devices, (list, tuple)) else list(range(count))
+    listed = _device_list(devices, on_cpu=_accelerator(cfg) == "cpu")
+    if listed is not None:
+        cfg["devices"] = listed
     if "strategy" in cfg and cfg.get("strategy") is None:
         cfg["strategy"] = "auto"
 
@@ -138,28 +138,28 @@ def _accelerator(cfg: Any) -> str:
     return accelerator
 
 
-def _device_count(devices: Any, *, on_cpu: bool) -> int | None:
-    """How many devices Lightning's ``devices`` value names; ``None`` where that is unknown."""
+def _device_list(devices: Any, *, on_cpu: bool) -> list[int] | None:
+    """The devices Lightning's ``devices`` value names, as a list; ``None`` where unknown."""
     if devices is None:
-        return 1 if on_cpu else None
+        return [0] if on_cpu else None
     if isinstance(devices, bool):
         return None
     if isinstance(devices, (list, tuple)):
-        return max(1, len(devices))
+        return list(devices) or None
     text = str(devices).strip()
     if text in ("-1", "auto"):
         if on_cpu:
-            return 1
+            return [0]
         import torch
 
-        return torch.cuda.device_count() or None
-    if "," in text:  # Lightning's "0,1" or "1,": the GPUs listed
-        return len([part for part in text.split(",") if part.strip()]) or None
+        return list(range(torch.cuda.device_count())) or None
     try:
+        if "," in text:  # Lightning's "0,1" or "1,": the GPUs listed, by index
+            return [int(part) for part in text.split(",") if part.strip()] or None
         count = int(text)
     except ValueError:
         return None
-    return count if count > 0 else None
+    return list(range(count)) if count > 0 else None
 
 
 def _has_gpu() -> bool:

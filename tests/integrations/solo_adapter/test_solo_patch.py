@@ -116,7 +116,7 @@ def test_solo_quirks_are_fixed():
     for devices in (2, "2", [0, 1]):
         before, after = fixed({"accelerator": "cpu", "devices": devices})
         assert len(before["devices"]) == 2 and after["devices"] == "2", devices
-    for devices, listed in ((2, [0, 1]), ("2", [0, 1]), ("0,1", [0, 1]), ("1,", [0]), ([2, 3], [2, 3])):
+    for devices, listed in ((2, [0, 1]), ("2", [0, 1]), ("0,1", [0, 1]), ("1,", [1]), ([2, 3], [2, 3])):
         before, after = fixed({"accelerator": "gpu", "devices": devices, "strategy": "ddp"})
         assert before == after == {"accelerator": "gpu", "devices": listed, "strategy": "ddp"}
     omegaconf = pytest.importorskip("omegaconf")
