@@ -59,16 +59,18 @@ def kill_and_resume() -> Callable[..., Any]:
     import subprocess
     import time
 
+    import warm_python
+
     def run(cmd: list[str], out: Any, ref_out: Any, kill_when: Any = None) -> tuple[Any, dict[str, Any]]:
         """``kill_when``: kill as soon as the run prints a line holding this text instead
         (it must come after the first checkpoint)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        warm = warm_python.shared("objcrop")  # the runs' processes skip the imports
         # the reference runs in a process like the others (same torch thread count: float sums
         # in another order would differ in the last bits)
-        subprocess.run(cmd + [f"trainer.out_dir={ref_out}"], check=True, env=env,
-                       capture_output=True, timeout=300)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if kill_when else subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, env=env, text=True)
+        warm.run(cmd + [f"trainer.out_dir={ref_out}"], check=True, env=env, timeout=300)
+        proc = warm.popen(cmd, stdout=subprocess.PIPE if kill_when else subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, env=env)
         last = out / "checkpoints" / "last.ckpt"
         deadline = time.monotonic() + 120
         if kill_when:
@@ -79,9 +81,11 @@ def kill_and_resume() -> Callable[..., Any]:
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()
         assert last.exists(), "the run ended before writing a checkpoint"
         assert not (out / "results.json").exists(), "the run finished before it was killed"
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        done = warm.run(cmd, env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert "resuming from" in done.stdout
         return done, json.loads((out / "results.json").read_text())

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import warm_python
 from PIL import Image, ImageOps
 
 from objcrop_plugin.cli import main as cli_main
@@ -59,8 +60,8 @@ def _build_under_way(root: Path, out: Path, workers: int, chunk_size: int):
     cmd = [sys.executable, "-m", "objcrop_plugin.cli", "proposals", "build", str(root),
            "--out", str(out), "--method", METHOD, "--workers", str(workers), "--chunk-size",
            str(chunk_size), "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = warm_python.shared("objcrop").popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     parts = out.parent / f".{out.name}.parts"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(parts.glob("chunk-*.jsonl"))) < 2:
@@ -135,8 +136,9 @@ def test_a_killed_worker_ends_the_build_with_a_resumable_error(tmp_path):
     ref = tmp_path / "ref.objcrop"
     build_store(root, ref, METHOD, workers=1, chunk_size=2, progress=False)
     out = tmp_path / "p.objcrop"
-    proc = subprocess.run([sys.executable, "-c", _KILL_ONE_WORKER, str(root), str(out),
-                           str(tmp_path / "killed")], capture_output=True, text=True, timeout=300)
+    proc = warm_python.shared("objcrop").run(
+        [sys.executable, "-c", _KILL_ONE_WORKER, str(root), str(out), str(tmp_path / "killed")],
+        timeout=300)
     assert (tmp_path / "killed").exists(), proc.stderr
     assert proc.stdout.startswith("DIED a worker process died"), proc.stdout + proc.stderr
     assert "Run the same command again to resume" in proc.stdout

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import warm_python
 
 cv2 = pytest.importorskip("cv2", reason="the heatmap generator needs OpenCV (proposals extra)")
 timm = pytest.importorskip("timm")
@@ -470,14 +471,16 @@ def test_kill_9_mid_build_resumes_to_the_identical_store(tmp_path, folder):
     params = ["--method", "heatmap", "--model", MODEL, "--checkpoint", str(weights),
               "--device", "cpu", "--batch-size", "2", "--workers", "1", "--chunk-size", "2",
               "--param", "scale=4", "--no-progress", "--max-failure-rate", "0.1"]
-    # every build in a fresh process: the same torch thread count (CPU float sums depend on it)
+    # every build in a process of its own: the same torch thread count (CPU float sums depend
+    # on it)
     ref = tmp_path / "ref.objcrop"
     cli = [sys.executable, "-m", "objcrop_plugin.cli", "proposals", "build", str(root), "-o"]
-    subprocess.run(cli + [str(ref)] + params, check=True, capture_output=True, timeout=300)
+    warm = warm_python.shared("objcrop")  # processes forked after the imports
+    warm.run(cli + [str(ref)] + params, check=True, timeout=300)
     out = tmp_path / "run" / "p.objcrop"
     cmd = cli + [str(out)] + params
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = warm.popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                      start_new_session=True)
     parts = out.parent / ".p.objcrop.parts"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(parts.glob("chunk-*.jsonl"))) < 2:
@@ -486,7 +489,7 @@ def test_kill_9_mid_build_resumes_to_the_identical_store(tmp_path, folder):
     proc.wait()
     done = len(list(parts.glob("chunk-*.jsonl")))
     assert 2 <= done < 21, "the kill must land mid-build for this test to mean anything"
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = warm.run(cmd, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resumed" in done.stdout
     assert out.read_bytes() == ref.read_bytes()
@@ -502,8 +505,7 @@ def test_without_a_checkpoint_every_process_builds_the_same_seeded_network(tmp_p
            "--no-progress", "--max-failure-rate", "0.1", "-o"]
     a, b, c = (tmp_path / f"{n}.objcrop" for n in "abc")
     for out, extra in ((a, []), (b, []), (c, ["--param", "seed=1"])):
-        done = subprocess.run(cli + [str(out)] + extra, capture_output=True, text=True,
-                              timeout=300)
+        done = warm_python.shared("objcrop").run(cli + [str(out)] + extra, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         assert "keeps its initial weights (seed" in done.stderr
     assert a.read_bytes() == b.read_bytes()

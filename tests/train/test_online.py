@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import warm_python
 import yaml
 
 pytest.importorskip("lightly")
@@ -357,9 +358,9 @@ def test_ddp_ranks_share_one_merged_store(tmp_path, data, warmup):
     process group already exists."""
     path = recipe(tmp_path, data, trainer={"devices": 2, "strategy": "ddp", "epochs": 2},
                   crop={"proposals": {**ONLINE, "warmup_epochs": warmup, "every_epochs": 2}})
-    done = subprocess.run(
+    done = warm_python.shared("objcrop").run(
         [sys.executable, "-m", "objcrop_plugin.cli", "train", str(path)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        timeout=300, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count(f"online proposals (heatmap) before epoch {warmup + 1}") == 1
@@ -385,9 +386,10 @@ def test_two_nodes_of_one_process_each_share_one_merged_store(tmp_path, data):
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     command = [sys.executable, "-m", "objcrop_plugin.cli", "train", str(path)]
-    nodes = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "MASTER_ADDR": "127.0.0.1",
-                                              "MASTER_PORT": str(port), "NODE_RANK": str(rank)})
+    warm = warm_python.shared("objcrop")
+    nodes = [warm.popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                        env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                             "NODE_RANK": str(rank)})
              for rank in (1, 0)]
     try:
         outputs = [node.communicate(timeout=300) for node in nodes]
@@ -427,8 +429,8 @@ def test_a_rank_that_fails_its_refresh_stops_every_rank(tmp_path, data):
                   crop={"proposals": {**ONLINE, "warmup_epochs": 1, "every_epochs": 2}})
     script = tmp_path / "rank_1_fails.py"
     script.write_text(_RANK_1_FAILS)
-    done = subprocess.run([sys.executable, str(script), "train", str(path)],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done = warm_python.shared("objcrop").run([sys.executable, str(script), "train", str(path)],
+                                             timeout=300, cwd=tmp_path)
     assert done.returncode != 0
     assert "failed on another rank (rank 1: OSError" in done.stderr, done.stderr[-3000:]
     assert "No space left on device" in done.stderr

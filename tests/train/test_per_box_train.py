@@ -4,12 +4,12 @@ epoch, matched compute for the scene baseline, exact resume after a kill, DDP, r
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import warm_python
 
 pytest.importorskip("lightly")
 pytest.importorskip("pytorch_lightning")
@@ -77,9 +77,9 @@ def test_a_killed_per_box_run_resumes_to_the_same_weights(tmp_path, data, kill_a
 def test_per_box_ddp_on_two_cpu_processes(tmp_path, data):
     path = recipe(tmp_path, data, data={"sampling": "per_box"},
                   trainer={"devices": 2, "strategy": "ddp", "epochs": 1})
-    done = subprocess.run(
+    done = warm_python.shared("objcrop").run(
         [sys.executable, "-m", "objcrop_plugin.cli", "train", str(path)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        timeout=300, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     res = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import warm_python
 import yaml
 
 pytest.importorskip("lightly")
@@ -359,9 +359,9 @@ def test_ddp_on_two_cpu_processes(tmp_path, data):
     path = recipe(tmp_path, data, trainer={"devices": 2, "strategy": "ddp", "epochs": 1,
                                            "batch_size": 13},
                   data={"train_path": str(root), "max_failure_rate": 0.1})
-    done = subprocess.run(
+    done = warm_python.shared("objcrop").run(
         [sys.executable, "-m", "objcrop_plugin.cli", "train", str(path)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        timeout=300, cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("objcrop train:") == 1 and done.stdout.count("done in") == 1

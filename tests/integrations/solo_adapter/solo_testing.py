@@ -7,15 +7,15 @@ inside the dilated box still shows that object and never the other one, and a sc
 shows the blue background.
 
 Tests that run solo-learn (the ``solo_root`` fixture) train two steps through the real
-``main_pretrain.py`` in a subprocess (:func:`train_through_main`), so solo-learn's global state
-never leaks into the test process; they skip, saying how to install solo-learn, when no
+``main_pretrain.py`` in a subprocess (:func:`train_through_main`, forked from a process that
+has imported solo-learn once: ``warm_python``), so solo-learn's global state never leaks into
+the test process or from one run to the next; they skip, saying how to install solo-learn, when no
 checkout is found.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import warm_python
 import yaml
 from PIL import Image
 from torchvision import transforms as T
@@ -254,10 +255,10 @@ def train_through_main(tmp_path: Path, recipe_dir: Path, recipe: str, *overrides
     script = tmp_path / "record.py"
     script.write_text(RECORDER)
     out = tmp_path / "record.pt"
-    proc = subprocess.run(
+    proc = warm_python.shared("solo").run(
         [sys.executable, str(script), str(out), "--config-path", str(recipe_dir),
          "--config-name", recipe, *overrides],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     record = torch.load(out, weights_only=False)
@@ -327,10 +328,10 @@ def run_main_several(tmp_path: Path, recipe_dir: Path, recipe: str,
 
     script = tmp_path / "runs.py"
     script.write_text(RUNS)
-    proc = subprocess.run(
+    proc = warm_python.shared("solo").run(
         [sys.executable, str(script), json.dumps(runs), "--config-path", str(recipe_dir),
          "--config-name", recipe],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, timeout=300,
     )
     tail = proc.stdout[-3000:] + proc.stderr[-6000:]
     assert proc.returncode == 0 and "RCS " in proc.stdout, tail

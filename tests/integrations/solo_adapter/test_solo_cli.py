@@ -12,6 +12,7 @@ import textwrap
 
 import pytest
 import solo_testing
+import warm_python
 from solo_testing import OBJ_OBJ_DILATE, RECIPES, SOLO_SKIP, solo_missing, write_recipe
 
 from objcrop_plugin.integrations.solo.cli import find_solo_root, split_args
@@ -123,27 +124,25 @@ def test_two_rounds_heatmap_boxes_from_a_solo_checkpoint(solo_root, tmp_path):
     from objcrop_plugin.data.synthetic import write_dataset
 
     demo = write_dataset(tmp_path / "datasets" / "objcrop-demo", n_images=8, size=(128, 96))
-    command = shutil.which("objcrop-solo")
-    command = [command] if command else [sys.executable, "-m", "objcrop_plugin.solo"]
+    solo = warm_python.shared("solo")
+    command = [sys.executable, "-m", "objcrop_plugin.solo"]  # the console script's main
     common = ["--config-path", str(RECIPES), "--config-name", "demo_cpu.yaml", "++max_steps=2",
               "optimizer.batch_size=4", "data.num_workers=0", "max_epochs=1",
               "backbone.kwargs.model_name=test_resnet", "++enable_progress_bar=False"]
-    first = subprocess.run([*command, *common, "checkpoint.dir=round1"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=300)
+    first = solo.run([*command, *common, "checkpoint.dir=round1"], cwd=tmp_path, timeout=300)
     assert first.returncode == 0, first.stderr[-6000:]
     (ckpt,) = sorted((tmp_path / "round1").rglob("*.ckpt"))[-1:]
     store = tmp_path / "demo.heatmap.objcrop"
-    build = subprocess.run(
+    build = warm_python.shared("objcrop").run(
         [sys.executable, "-m", "objcrop_plugin.cli", "proposals", "build", str(demo.root),
          "--method", "heatmap", "--model", "test_resnet", "--checkpoint", str(ckpt),
          "--param", "scale=2", "--workers", "1", "--no-progress", "-o", str(store)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, timeout=300,
     )
     assert build.returncode == 0, build.stderr[-3000:]
     assert "images: 8" in build.stdout
-    second = subprocess.run([*command, *common, f"data.proposals={store}",
-                             "checkpoint.enabled=False"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    second = solo.run([*command, *common, f"data.proposals={store}", "checkpoint.enabled=False"],
+                      cwd=tmp_path, timeout=300)
     assert second.returncode == 0, second.stderr[-6000:]
     assert "8 samples, 8 cropped from proposals, 0 fell back" in second.stderr
 
@@ -200,10 +199,10 @@ def test_clear_errors_through_main_pretrain(solo_root, scenes, tmp_path):
                tmp_path / "other.pth")
     script = tmp_path / "errors.py"
     script.write_text(ERRORS)
-    proc = subprocess.run(
+    proc = warm_python.shared("solo").run(
         [sys.executable, str(script), json.dumps(list(cases.values())),
          "--config-path", str(tmp_path / "recipes"), "--config-name", recipe],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])

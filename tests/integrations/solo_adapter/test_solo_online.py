@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm_python
 from solo_testing import (
     RECIPES,
     H,
@@ -141,16 +142,21 @@ def test_workers_follow_the_schedule_from_scene_crops_to_each_refreshed_store(sc
     assert transform.planner.warmup.as_dict()["samples"] == len(base)  # epoch 0's
 
 
-def _solo(cwd, *overrides, timeout=300):
-    command = shutil.which("objcrop-solo")
+def _solo(cwd, *overrides, timeout=300, ddp=False):
+    """objcrop-solo's main in a process forked from one that has imported solo-learn; with
+    ``ddp``, the console script in a fresh interpreter (Lightning starts the other ranks as
+    ``python sys.argv[0] ...``)."""
+    command = shutil.which("objcrop-solo") if ddp else None
     command = [command] if command else [sys.executable, "-m", "objcrop_plugin.solo"]
-    return subprocess.run(
+    run = subprocess.run if ddp else warm_python.shared("solo").run
+    kwargs = {"capture_output": True, "text": True} if ddp else {}
+    return run(
         [*command, "--config-path", str(RECIPES), "--config-name", "demo_cpu.yaml",
          "optimizer.batch_size=4", "data.num_workers=1", "backbone.kwargs.model_name=test_resnet",
          "++enable_progress_bar=False", "data.proposals=null", "checkpoint.dir=ck",
          "++checkpoint.keep_prev=True", "++crop.proposals.every_epochs=1",
          "++crop.proposals.params.scale=2", *overrides],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, timeout=timeout, **kwargs,
     )
 
 
@@ -255,7 +261,7 @@ def test_ddp_ranks_refresh_their_shares_into_one_store(solo_root, tmp_path):
 
     write_dataset(tmp_path / "datasets" / "objcrop-demo", n_images=16, size=(128, 96))
     run = _solo(tmp_path, "max_epochs=2", "optimizer.batch_size=2", "data.num_workers=0",
-                "checkpoint.enabled=False", "++devices=2", "++strategy=ddp")
+                "checkpoint.enabled=False", "++devices=2", "++strategy=ddp", ddp=True)
     assert run.returncode == 0, run.stderr[-6000:]
     lines = _refreshes(run.stderr)
     assert len(lines) == 2 and all(": 16 images, 160 boxes, 0 without any" in ln for ln in lines)
