@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -539,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Object-aware cropping for self-supervised learning (lightly, solo-learn).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log fallbacks and details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_CommandParser)
 
     p = sub.add_parser("show", help="write a PNG of proposals and the views recipes cut from them")
     p.add_argument("--root", help="image folder (default: the embedded demo data)")
@@ -759,20 +760,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = prop.add_parser("info", help="counts and metadata of a store")
     p.add_argument("store")
     p.set_defaults(func=cmd_info)
-    _verbose_everywhere(parser)
     return parser
 
 
-def _verbose_everywhere(parser: argparse.ArgumentParser) -> None:
-    """``-v`` after the command too (``objcrop check DATA -v``), not only before it; a
-    subcommand's flag never resets the one given before it (``SUPPRESS`` default)."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in action.choices.values():
-                if "--verbose" not in child._option_string_actions:
-                    child.add_argument("-v", "--verbose", action="store_true",
-                                       default=argparse.SUPPRESS, help="log fallbacks and details")
-                _verbose_everywhere(child)
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser (and its commands', argparse's default ``parser_class``): ``-v``
+    after the command too (``objcrop check DATA -v``), not only before it; the command's flag
+    never resets the one given before it (``SUPPRESS`` default)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                          help="log fallbacks and details")
 
 
 def main(argv: list[str] | None = None) -> int:

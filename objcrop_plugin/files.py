@@ -15,6 +15,7 @@ import socket
 import stat
 import tempfile
 import time
+import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -376,3 +377,18 @@ def normalize_key(key: str | os.PathLike[str], root: str | os.PathLike[str] | No
     while k.startswith("./"):
         k = k[2:]
     return k
+
+
+def other_unicode_forms(name: str) -> list[str]:
+    """``name`` in the other Unicode normal forms (NFC, NFD) where they differ from it: a
+    file name written composed (``café.jpg`` as most tools write it) is stored decomposed by
+    file systems such as macOS's, and a name copied from one side must still find the other.
+
+    Example:
+        >>> other_unicode_forms("caf\\u00e9.jpg") == ["cafe\\u0301.jpg"]
+        True
+    """
+    if name.isascii():
+        return []
+    forms = (unicodedata.normalize(form, name) for form in ("NFC", "NFD"))
+    return list(dict.fromkeys(other for other in forms if other != name))

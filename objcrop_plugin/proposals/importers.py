@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import unicodedata
 from array import array
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from ..files import other_unicode_forms
 from .importer_base import ProposalImporter, import_to_store
 from .jsonl import ProposalFileError
 from .store import _MAX_SIDE, ProposalRecord, _record_from, normalize_key
@@ -129,14 +129,9 @@ def _image_file(root: Path, key: str) -> Path | None:
     """The file of ``key`` under ``root``, or ``None``; a name the annotations write composed
     (NFC) is found decomposed (NFD, as files copied from macOS keep it), and the other way
     round (the store's lookups match both forms too)."""
-    file = root / key
-    if file.is_file():
-        return file
-    if not key.isascii():
-        for form in ("NFC", "NFD"):
-            other = root / unicodedata.normalize(form, key)
-            if other != file and other.is_file():
-                return other
+    for name in (key, *other_unicode_forms(key)):
+        if (file := root / name).is_file():
+            return file
     return None
 
 

@@ -43,7 +43,6 @@ import os
 import stat
 import struct
 import sys
-import unicodedata
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from .. import boxes as box_ops
-from ..files import OutputKind, atomic_write, normalize_key
+from ..files import OutputKind, atomic_write, normalize_key, other_unicode_forms
 
 _log = logging.getLogger(__name__)
 
@@ -708,11 +707,9 @@ class ProposalStore:
         composed (NFC, as most tools write ``café.jpg``) finds the entry of the same name
         decomposed (NFD, as macOS file systems hand it over), and the other way round."""
         r = self._index(key)
-        if r < 0 and not key.isascii():
-            for form in ("NFC", "NFD"):
-                other = unicodedata.normalize(form, key)
-                if other != key and (r := self._index(other)) >= 0:
-                    break
+        for other in other_unicode_forms(key) if r < 0 else ():
+            if (r := self._index(other)) >= 0:
+                break
         return r
 
     def _record(self, r: int) -> Proposals:
