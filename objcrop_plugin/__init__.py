@@ -13,26 +13,60 @@ Example:
     >>> views, target, key = ds[0]  # doctest: +SKIP
 """
 
-from .engine import ObjectCropDataset, make_photometrics
-from .images import ImageDecodeError
-from .policies import (
-    CropPolicy,
-    CropWindow,
-    NoProposalError,
-    ViewRecipe,
-    ViewSpec,
-    make_policy,
-    make_recipe,
-)
-from .proposals import (
-    MissingProposalsError,
-    ProposalGenerator,
-    ProposalImporter,
-    ProposalStore,
-    StoreFormatError,
-)
-from .registry import RegistryError, list_policies, list_proposal_sources
-from .transforms import ObjectAwareViews
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine import ObjectCropDataset, make_photometrics
+    from .images import ImageDecodeError
+    from .policies import (
+        CropPolicy,
+        CropWindow,
+        NoProposalError,
+        ViewRecipe,
+        ViewSpec,
+        make_policy,
+        make_recipe,
+    )
+    from .proposals import (
+        MissingProposalsError,
+        ProposalGenerator,
+        ProposalImporter,
+        ProposalStore,
+        StoreFormatError,
+    )
+    from .registry import RegistryError, list_policies, list_proposal_sources
+    from .transforms import ObjectAwareViews
+
+# The exports are imported on first use (PEP 562): ``import objcrop_plugin`` and the
+# ``objcrop`` command's help and light commands do not wait for torch and torchvision.
+_EXPORTS = {
+    ".engine": ("ObjectCropDataset", "make_photometrics"),
+    ".images": ("ImageDecodeError",),
+    ".policies": ("CropPolicy", "CropWindow", "NoProposalError", "ViewRecipe", "ViewSpec",
+                  "make_policy", "make_recipe"),
+    ".proposals": ("MissingProposalsError", "ProposalGenerator", "ProposalImporter",
+                   "ProposalStore", "StoreFormatError"),
+    ".registry": ("RegistryError", "list_policies", "list_proposal_sources"),
+    ".transforms": ("ObjectAwareViews",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULE_OF})
+
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,37 @@
+"""The top-level package: its exports, imported on first use."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import objcrop_plugin
+
+
+def test_every_export_resolves_and_unknown_names_raise():
+    for name in objcrop_plugin.__all__:
+        assert getattr(objcrop_plugin, name) is not None, name
+    assert set(objcrop_plugin.__all__) <= set(dir(objcrop_plugin))
+    from objcrop_plugin import ObjectCropDataset
+    from objcrop_plugin.engine import ObjectCropDataset as same
+
+    assert ObjectCropDataset is same
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchThing'"):
+        objcrop_plugin.NoSuchThing  # noqa: B018
+
+
+def test_the_package_and_the_commands_help_start_without_torch():
+    """``import objcrop_plugin`` and ``objcrop --help`` (in a fresh interpreter) import neither
+    torch nor torchvision: the help answers at once instead of after seconds of imports."""
+    code = ("import sys, objcrop_plugin\n"
+            "from objcrop_plugin.cli import main\n"
+            "try:\n"
+            "    main(['--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage: objcrop" in out.stdout and out.stdout.rstrip().endswith("[]"), out.stdout
