@@ -65,10 +65,12 @@ def kill_and_resume() -> Callable[..., Any]:
         """``kill_when``: kill as soon as the run prints a line holding this text instead
         (it must come after the first checkpoint)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        warm = warm_python.shared("objcrop")  # the runs' processes skip the imports
-        # the reference runs in a process like the others (same torch thread count: float sums
-        # in another order would differ in the last bits)
-        warm.run(cmd + [f"trainer.out_dir={ref_out}"], check=True, env=env, timeout=300)
+        warm = warm_python.shared("objcrop")  # the killed and resumed runs skip the imports
+        # the reference runs in a fresh interpreter (its own hash seed and random state), with
+        # the same torch thread count as the others (float sums in another order would differ
+        # in the last bits)
+        warm.run(cmd + [f"trainer.out_dir={ref_out}"], check=True, env=env, timeout=300,
+                 cold=True)
         proc = warm.popen(cmd, stdout=subprocess.PIPE if kill_when else subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL, env=env)
         last = out / "checkpoints" / "last.ckpt"

@@ -65,3 +65,49 @@ def test_signals_reach_the_command_and_new_sessions_are_their_own_group(warm):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == -signal.SIGINT and err.endswith("KeyboardInterrupt\n")
+
+
+def test_semantics_a_fresh_python_has(warm, tmp_path):
+    cases = [
+        # sys.exit(-1) is 255, not an interrupt
+        [sys.executable, "-c", "import sys; sys.exit(-1)"],
+        # -c code runs in a real __main__ module: its functions pickle, __spec__ is None
+        [sys.executable, "-c", "import pickle, __main__\ndef f(): pass\n"
+         "print(len(pickle.dumps(f)) > 0, __main__.f is f, __spec__)"],
+        # a hook the command sets prints its uncaught exception
+        [sys.executable, "-c", "import sys\nsys.excepthook = lambda *a: print('hooked')\n"
+         "raise RuntimeError('x')"],
+        # interpreter options are the interpreter's (these run in a fresh one)
+        [sys.executable, "-W", "error", "-c", "import warnings; warnings.warn('w')"],
+    ]
+    for cmd in cases:
+        cold, hot = both(warm, cmd, cwd=tmp_path)
+        assert (hot.returncode, hot.stdout) == (cold.returncode, cold.stdout), cmd
+    # numpy's global random state is seeded anew in each command, as in fresh interpreters
+    code = "import numpy as np; print(np.random.randint(1 << 30))"
+    draws = {warm.run([sys.executable, "-c", code]).stdout for _ in range(3)}
+    assert len(draws) == 3
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        warm.popen([sys.executable, "-c", "pass"], cwd=tmp_path / "missing")
+
+
+def test_waits_time_out_and_the_server_survives_aborted_requests_and_restarts(tmp_path):
+    import socket
+
+    server = WarmPython(tmp_path, [])
+    try:
+        proc = server.popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.2)
+        assert proc.poll() is None
+        proc.kill()
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        # a client that connects and goes away without a request
+        with socket.socket(socket.AF_UNIX) as bare:
+            bare.connect(server._address)
+        assert server.run([sys.executable, "-c", "print(2)"], timeout=30).stdout == "2\n"
+        server._server.kill()  # the server dies: the next command starts another
+        server._server.wait()
+        assert server.run([sys.executable, "-c", "print(3)"], timeout=60).stdout == "3\n"
+    finally:
+        server.close()

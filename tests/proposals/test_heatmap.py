@@ -475,8 +475,8 @@ def test_kill_9_mid_build_resumes_to_the_identical_store(tmp_path, folder):
     # on it)
     ref = tmp_path / "ref.objcrop"
     cli = [sys.executable, "-m", "objcrop_plugin.cli", "proposals", "build", str(root), "-o"]
-    warm = warm_python.shared("objcrop")  # processes forked after the imports
-    warm.run(cli + [str(ref)] + params, check=True, timeout=300)
+    warm = warm_python.shared("objcrop")  # the killed and resumed builds skip the imports
+    warm.run(cli + [str(ref)] + params, check=True, timeout=300, cold=True)
     out = tmp_path / "run" / "p.objcrop"
     cmd = cli + [str(out)] + params
     proc = warm.popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -505,7 +505,9 @@ def test_without_a_checkpoint_every_process_builds_the_same_seeded_network(tmp_p
            "--no-progress", "--max-failure-rate", "0.1", "-o"]
     a, b, c = (tmp_path / f"{n}.objcrop" for n in "abc")
     for out, extra in ((a, []), (b, []), (c, ["--param", "seed=1"])):
-        done = warm_python.shared("objcrop").run(cli + [str(out)] + extra, timeout=300)
+        # the first in a fresh interpreter: its own hash seed and global random states
+        done = warm_python.shared("objcrop").run(cli + [str(out)] + extra, timeout=300,
+                                                 cold=out == a)
         assert done.returncode == 0, done.stderr[-2000:]
         assert "keeps its initial weights (seed" in done.stderr
     assert a.read_bytes() == b.read_bytes()
