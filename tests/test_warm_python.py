@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from warm_python import WarmPython
+from warm_python import WarmPython, sigint_as_in_a_terminal
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,8 @@ def test_signals_reach_the_command_and_new_sessions_are_their_own_group(warm):
     proc.stdout.close()
     # SIGINT: Python's handler raises KeyboardInterrupt, which ends the process by SIGINT
     cmd = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"]
-    for proc in (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+    for proc in (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  preexec_fn=sigint_as_in_a_terminal),
                  warm.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)):
         assert proc.stdout.readline() == "up\n"
         proc.send_signal(signal.SIGINT)

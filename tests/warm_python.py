@@ -52,6 +52,14 @@ _START_TIMEOUT = 300.0  # the server's imports; a reply to a request comes in mi
 _STARTUP_ENV = ("PYTHON", "OMP_", "MKL_", "KMP_", "OPENBLAS_")
 
 
+def sigint_as_in_a_terminal() -> None:
+    """A ``preexec_fn`` for processes that a test interrupts: SIGINT at its default, which
+    Python turns into KeyboardInterrupt, even where this test session was started with it
+    ignored (a background job of a non-interactive shell; that disposition survives exec, and
+    Python then installs no handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _reads_at_start(key: str) -> bool:
     return key.startswith(_STARTUP_ENV) and key != "PYTHONUNBUFFERED"
 
@@ -153,7 +161,8 @@ class WarmPython:
         self._env = dict(os.environ)
         self._server = subprocess.Popen(
             [sys.executable, str(_HERE), self._address, *self._preload],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=None, cwd=_HERE.parent)
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=None, cwd=_HERE.parent,
+            preexec_fn=sigint_as_in_a_terminal)  # its commands: as started from a terminal
         assert self._server.stdout is not None
         ready = b""
         if select.select([self._server.stdout], [], [], _START_TIMEOUT)[0]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from warm_python import sigint_as_in_a_terminal
 
 from objcrop_plugin.cli import build_parser, main
 from objcrop_plugin.files import OutputFileError, atomic_write, output_lock
@@ -537,7 +538,7 @@ def test_sigint_to_a_parallel_build_exits_130_without_tracebacks(tmp_path):
     cmd = [sys.executable, "-m", "objcrop_plugin.cli", "proposals", "build", str(root),
            "--out", str(out), "--workers", "2", "--chunk-size", "1", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=sigint_as_in_a_terminal)
     parts = tmp_path / ".p.objcrop.parts"
     deadline = time.time() + 120
     while time.time() < deadline and not list(parts.glob("chunk-*.jsonl")):
