@@ -3,7 +3,8 @@
 #
 #   bash bench/device_check.sh            # OUT=/tmp/objcrop-device-check by default
 #
-# Needs the package installed (pip install -e .), lightly, Kornia and OpenCV contrib; on a
+# Runs this checkout's package (on PYTHONPATH; installing it is not needed) and needs its
+# dependencies: lightly, Lightning, Kornia, OpenCV (checked first, in seconds); on a
 # machine without a package index, see bench/offline_deps.sh.
 #
 # Parts, each ending in one RESULT line:
@@ -23,6 +24,37 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/objcrop-device-check}
 mkdir -p "$OUT"
+# this checkout's package, whether it is installed or not, or installed from another checkout
+# (device time is scarce: a run must not measure, or fail on, some other copy)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+objcrop() { python3 -m objcrop_plugin.cli "$@"; }
+# every module the parts import, before any part runs: one line naming what is missing
+if ! python3 - <<'PY'
+import importlib, sys
+from pathlib import Path
+need = ["torch", "torchvision", "timm", "lightly", "pytorch_lightning", "kornia", "cv2", "PIL",
+        "numpy", "yaml", "objcrop_plugin.cli"]
+missing = []
+for name in need:
+    try:
+        importlib.import_module(name)
+    except Exception as e:  # ImportError, or an import that fails for another reason
+        missing.append(f"{name} ({type(e).__name__}: {e})")
+if missing:
+    print("device check: cannot import " + "; ".join(missing) + ". Fix: pip install -e '.[dev]' "
+          "(on a machine without a package index: bash bench/offline_deps.sh, see its header)",
+          file=sys.stderr)
+    sys.exit(1)
+import objcrop_plugin
+here = Path.cwd().resolve()
+if Path(objcrop_plugin.__file__).parent.parent.resolve() != here:
+    print(f"device check: objcrop_plugin comes from {objcrop_plugin.__file__}, not {here}",
+          file=sys.stderr)
+    sys.exit(1)
+PY
+then
+  exit 1
+fi
 CUDA=$(python3 -c "import torch; print(int(torch.cuda.is_available()))")
 DEVICE=$(python3 -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_') if torch.cuda.is_available() else 'cpu')")
 echo "device check on: $DEVICE (outputs in $OUT)"

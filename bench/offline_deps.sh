@@ -10,8 +10,9 @@
 # and Pillow come from its image):
 #
 #   mkdir -p /tmp/site && tar -C /tmp/site -xJf .deps/site.tar.xz && export PYTHONPATH=/tmp/site
-#   python3 -m pip install --no-deps --no-build-isolation --no-index -e .
 #   OBJCROP_BING_MODEL=<the BING model folder> bash bench/device_check.sh
+#
+# (the check puts the checkout itself on PYTHONPATH: the package need not be installed)
 #
 # The packages are unpacked, not installed: pure and abi3 wheels need nothing more (no
 # scripts, no .data folders). OpenCV's Haar cascades (cv2/data) are left out.
