@@ -16,6 +16,12 @@ generator (canvas 448 px). Measures, at batch ``--batch``:
    ``roi_align`` (all boxes of one size in one kernel, adaptive sampling ratio, aligned
    pixel centres; it neither clamps to the image nor antialiases beyond its bin averaging);
    (e) torchvision v2's ``resized_crop(antialias=True)``, view by view (integer boxes);
+1c. the device stage by part, on the same batch: the parameter draw, the crop-and-resize of
+   every view slot (flips folded in), and the photometric stage with normalisation alone and
+   with each operation alone (colour jitter, grayscale, blur, solarisation; each timed on all
+   rows, as the engine runs them) and all together; with ``--compile`` (default on CUDA) also
+   the whole photometric stage under ``torch.compile`` (skipped, with the reason, when it
+   cannot compile);
 2. the GPU engine end to end: ``DeviceViewLoader`` over ``CanvasDataset`` with ``--workers``
    DataLoader workers (decoding to the canvas is then the part that runs on the CPU);
 3. the CPU engine (``ObjectCropDataset`` in ``--workers`` DataLoader workers), the same views;
@@ -30,14 +36,16 @@ given) and the run says so. The goal on an H100 is a device stage under 10% of t
 step and at least 20,000 views/s. Prints a table, then the last line ``RESULT device=<name>
 gpu_views_per_s=<x> cpu_views_per_s=<x> step_fraction=<x> matmul_views_per_s=<x>
 kornia_views_per_s=<x> grid_views_per_s=<x> roi_align_views_per_s=<x>
-tv2_loop_views_per_s=<x>`` (gpu_views_per_s: the device stage with antialiasing;
-cpu_views_per_s: the CPU engine in workers; the last five: 1b's crop-and-resize paths, ``nan``
-when skipped). Measures only; asserts nothing.
+tv2_loop_views_per_s=<x> stage_ms=<part>:<ms>,...`` (gpu_views_per_s: the device stage with
+antialiasing; cpu_views_per_s: the CPU engine in workers; the next five: 1b's crop-and-resize
+paths, ``nan`` when skipped; stage_ms: 1c's parts, ms per batch). Measures only; asserts
+nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -55,6 +63,7 @@ from objcrop_plugin.engine.datasets import (
     ObjectCropDataset,
     collate_canvas,
 )
+from objcrop_plugin.engine.device_photometric import PhotometricBatch, apply_photometric
 from objcrop_plugin.engine.gpu import GPUViewEngine
 from objcrop_plugin.engine.photometric import make_photometrics
 from objcrop_plugin.engine.resample import default_backend, resample_windows
@@ -195,6 +204,57 @@ def resnet_step(device: torch.device, views: list[torch.Tensor]) -> Callable[[],
     return step
 
 
+def stage_parts(engine: GPUViewEngine, batch: dict, device: torch.device, iters: int,
+                warmup: int, compile_photometric: bool) -> dict[str, float]:
+    """Seconds per batch of each part of the engine's device stage (1c), on ``batch``."""
+    canvas, windows, valid = batch["canvas"], batch["windows"], batch.get("valid")
+    seeds = batch.get("seed")
+    if seeds is None:
+        seeds = engine.new_seeds(canvas.shape[0], device)
+    params = engine.draw(seeds)
+    b = canvas.shape[0]
+    groups = []  # (windows, size, photometric parameters) per output size, as render() makes them
+    for size, idx in engine.groups.items():
+        p = PhotometricBatch.cat([params[i] for i in idx])
+        groups.append((torch.stack([windows[:, i] for i in idx], 1), size, p, len(idx)))
+
+    def resample() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [resample_windows(canvas, w, size, valid, flip=p.flip.view(n, b),
+                                     antialias=engine.antialias, dtype=engine._dtype)
+                    for w, size, p, n in groups]
+
+    views = resample()
+    out = {"draw": timed(lambda: engine.draw(seeds), device, iters, warmup),
+           "resample": timed(resample, device, iters, warmup)}
+
+    def photometric(ops: frozenset[str] | None, fn=apply_photometric) -> Callable[[], list]:
+        ps = [p if ops is None else dataclasses.replace(p, ops=ops) for _, _, p, _ in groups]
+
+        def run() -> list[torch.Tensor]:
+            with torch.no_grad():
+                return [fn(v, q, flip=False) for v, q in zip(views, ps)]
+        return run
+
+    out["normalise"] = timed(photometric(frozenset()), device, iters, warmup)
+    for op in ("jitter", "grayscale", "blur", "solarize"):
+        ops = frozenset({op, "hue"} if op == "jitter" else {op})
+        if any(op in p.ops for _, _, p, _ in groups):
+            out[op] = timed(photometric(ops), device, iters, warmup)
+    out["photometric"] = timed(photometric(None), device, iters, warmup)
+    if compile_photometric:
+        try:
+            compiled = torch.compile(apply_photometric, dynamic=False)
+            run = photometric(None, compiled)
+            for _ in range(2):  # compile (once per view size), outside the timing
+                run()
+            out["photometric_compiled"] = timed(run, device, iters, warmup)
+        except Exception as e:  # a missing compiler or backend: say so, measure the rest
+            print(f"torch.compile of the photometric stage failed, not timed: "
+                  f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
@@ -213,6 +273,9 @@ def main() -> int:
     parser.add_argument("--skip-resamplers", action="store_true",
                         help="skip the crop-and-resize comparison (1b)")
     parser.add_argument("--skip-step", action="store_true")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the photometric stage under torch.compile (1c); "
+                             "default: on CUDA only")
     parser.add_argument("--work-dir", default=None, help="keep data here (default: a temp dir)")
     args = parser.parse_args()
     if args.threads:
@@ -280,6 +343,12 @@ def main() -> int:
             per_path[key] = batch * n_views / sec
             rows.append((labels[key], sec, per_path[key]))
 
+    # 1c. the device stage by part
+    compile_photometric = cuda if args.compile is None else args.compile
+    parts = stage_parts(engines[True], on_device, device, iters, warmup, compile_photometric)
+    for key, sec in parts.items():
+        rows.append((f"device stage part: {key}", sec, batch * n_views / sec))
+
     # 2. end to end through the workers
     loader = DataLoader(ds, batch_size=batch, num_workers=args.workers, collate_fn=collate_canvas,
                         pin_memory=cuda, prefetch_factor=4 if args.workers else None,
@@ -325,7 +394,8 @@ def main() -> int:
                      for key in ("matmul", "kornia", "grid", "roi_align", "tv2_loop"))
     print(
         f"RESULT device={name.replace(' ', '_')} gpu_views_per_s={rows[0][2]:.0f} "
-        f"cpu_views_per_s={cpu_vps:.0f} step_fraction={fraction:.3f} {paths}"
+        f"cpu_views_per_s={cpu_vps:.0f} step_fraction={fraction:.3f} {paths} "
+        "stage_ms=" + ",".join(f"{k}:{v * 1e3:.2f}" for k, v in parts.items())
     )
     return 0
 
