@@ -9,7 +9,8 @@
 #
 # Parts, each ending in one RESULT line:
 #   1. the tests that need CUDA (the GPU engine on the device against the CPU, BING on CUDA)
-#   2. bench/gpu_views.py at batch 256: the GPU view engine against its peers, and its time as a
+#   2. bench/gpu_views.py at batch 256: the GPU view engine against its peers, its parts (and
+#      the photometric stage under torch.compile), and its time as a
 #      fraction of a ResNet-50 step (bf16, channels-last)
 #   3. the torch BING generator on the GPU and on the CPU (images/s at 512 px)
 #   4. `objcrop train`, MoCo-v2 on ResNet-50 at 224 px on generated data, a few hundred steps,
@@ -77,7 +78,7 @@ echo "RESULT part=cuda_tests device=$DEVICE rc=$rc"
 
 part "2. GPU view engine (bench/gpu_views.py)"
 if [ "$CUDA" = 1 ]; then
-  python3 bench/gpu_views.py --batch 256 --workers 16 2>&1 | tail -16 || failed=1
+  python3 bench/gpu_views.py --batch 256 --workers 16 2>&1 | tail -28 || failed=1
 else
   python3 bench/gpu_views.py --threads 1 --skip-torchvision 2>&1 | tail -4 || failed=1
 fi
