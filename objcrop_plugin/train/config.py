@@ -510,15 +510,19 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     """Apply ``dotted.key=value`` overrides (values parsed as YAML) to a raw recipe mapping.
 
     ``key=null`` sets ``None``; a missing intermediate mapping is created, so
-    ``crop.params.top_k=5`` works on a recipe without ``crop.params``. ``crop=scene``,
-    ``method=byol`` and ``backbone=resnet18`` change only the type/name of an existing section;
+    ``crop.params.top_k=5`` works on a recipe without ``crop.params``. ``method=byol`` and
+    ``backbone=resnet18`` change only the name of an existing section; ``crop=scene`` its type,
+    and its views to their scene crops (:func:`scene_counterpart`: the recipe's baseline);
     ``crop.proposals.warmup_epochs=0`` on ``crop.proposals: online`` (or ``initial``) sets the
     key in the mapping the mode stands for.
 
     Raises:
-        RecipeError: an override without ``=``, or one that walks into a non-mapping.
+        RecipeError: an override without ``=``, one that walks into a non-mapping, or one
+            that replaces a whole mapping an earlier override set a key in
+            (``crop.proposals.params.max_side=256 crop.proposals=online``: the other order).
     """
     out = dict(raw)
+    earlier: list[tuple[list[str], str]] = []  # (key path, override) of the overrides applied
     for item in overrides:
         if "=" not in item:
             raise RecipeError(
@@ -529,6 +533,15 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         parts = [p for p in path.strip().lstrip("+").split(".") if p]
         if not parts:
             raise RecipeError(f"override '{item}' has an empty key")
+        inside = [o for keys, o in earlier if len(keys) > len(parts) and keys[: len(parts)] == parts]
+        if inside and not (len(parts) == 1 and parts[0] in _SHORTHAND):
+            # a whole value replaces the mapping that an earlier override set a key in
+            raise RecipeError(
+                f"override '{item}' replaces {'.'.join(parts)}, which the earlier override "
+                f"'{inside[-1]}' set a key inside: that setting would be lost. Fix: put "
+                f"'{item}' before '{inside[-1]}'"
+            )
+        earlier.append((parts, item))
         node = out
         for i, part in enumerate(parts[:-1]):
             child = node.get(part)
@@ -554,9 +567,51 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         short = _SHORTHAND.get(parts[0]) if len(parts) == 1 else None
         if short and isinstance(value, str) and isinstance(node.get(parts[0]), Mapping):
             # `crop=scene` on a recipe with a crop section: change its type, keep the rest
+            # (the scene crops of its view recipe: the recipe's baseline)
             node[parts[0]] = {**node[parts[0]], short: value}
+            if parts[0] == "crop" and value == "scene":
+                node["crop"] = scene_counterpart(node["crop"])
         else:
             node[parts[-1]] = value
+    return out
+
+
+def scene_counterpart(crop: Mapping[str, Any]) -> dict[str, Any]:
+    """A crop section's scene-crop baseline (what the override ``crop=scene`` makes of it).
+
+    The same view size, photometrics and engine, with scene crops where the view recipe cuts
+    from proposals: a two-view object recipe (``obj_obj_dilate``, ``obj_obj``, ``obj_scene``)
+    becomes ``scene_scene``, keeping the parameters that ``scene_scene`` takes (``scale``,
+    ``ratio``; ``obj_scene``'s ``scene_scale`` as ``scale``) and dropping the object ones;
+    ``multi_crop`` keeps its views and counts and draws both groups from the scene. A list
+    of views (a custom recipe) is left as it is.
+
+    Example:
+        >>> scene_counterpart({"type": "scene", "views": "obj_obj_dilate", "size": 224,
+        ...                    "params": {"top_k": 10, "dilation": 0.1}})
+        {'type': 'scene', 'views': 'scene_scene', 'size': 224, 'params': {}}
+    """
+    out = dict(crop)
+    views = out.get("views")
+    params = out.get("params")
+    params = dict(params) if isinstance(params, Mapping) else {}
+    if views == "multi_crop":
+        for group in ("global_policy", "local_policy"):
+            spec = params.get(group, "scene" if group == "global_policy" else "object")
+            if isinstance(spec, Mapping):
+                spec = {k: v for k, v in spec.items() if k in ("scale", "ratio")}
+                params[group] = {**spec, "policy": "scene"}
+            else:
+                params[group] = "scene"
+        out["params"] = params
+    elif isinstance(views, str) or views is None:
+        if views not in (None, "scene_scene") and "scene_scale" in params:
+            params.setdefault("scale", params["scene_scale"])
+        kept = {k: v for k, v in params.items() if k in ("scale", "ratio")}
+        if views is not None:
+            out["views"] = "scene_scene"
+        if "params" in out:
+            out["params"] = kept
     return out
 
 

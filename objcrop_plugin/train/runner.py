@@ -648,6 +648,7 @@ def train(
                 "labels.json or a COCO instances JSON, or data.labels=null (or "
                 "eval.enabled=false) to train without the evaluation"
             ) from None
+        _check_labels_folder(cfg, labels[0], echo)
     dataset = build_dataset(cfg, keys)
     recipe = dataset.recipe
     sizes = {v.size for v in recipe.views}
@@ -804,6 +805,34 @@ def train(
     atomic_write(out / "results.json", json.dumps(result, indent=2).encode() + b"\n")
     echo(f"done in {secs:.0f}s; backbone weights in {out / 'backbone.pth'}")
     return result
+
+
+def _check_labels_folder(cfg: RecipeConfig, keys: Sequence[str], echo: Callable[[str], None],
+                         sample: int = 1000) -> None:
+    """Before training: are the labelled images under ``data.train_path``? Up to ``sample``
+    keys, spread over the file, are looked up. None found: the labels belong to another
+    folder (a RecipeError, not a failed evaluation after the run); some: said, with the count.
+    """
+    import numpy as np
+
+    if not keys:
+        return
+    root = Path(cfg.data.train_path)
+    picked = [keys[i] for i in np.linspace(0, len(keys) - 1, min(sample, len(keys))).astype(int)]
+    missing = [k for k in dict.fromkeys(picked) if not (root / k).is_file()]
+    if not missing:
+        return
+    shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    checked = len(dict.fromkeys(picked))
+    if len(missing) == checked:
+        raise RecipeError(
+            f"data.labels: none of the {checked} labelled images checked is under "
+            f"data.train_path {root} ({shown}): {cfg.data.labels} labels another folder. Fix: "
+            "the labels of this folder, data.train_path of the labelled images, or "
+            "data.labels=null to train without the evaluation"
+        )
+    echo(f"warning: data.labels: {len(missing)} of {checked} labelled images checked are not "
+         f"under {root} ({shown}); the evaluation leaves them out")
 
 
 def load_eval_labels(path: str | os.PathLike[str]) -> tuple[list[str], Any]:

@@ -150,6 +150,65 @@ def test_an_error_of_an_override_names_the_override_not_only_the_file():
         load_recipe(path, ["data.train_path=null"])
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "recipes" / "lightly").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_crop_scene_is_each_shipped_recipes_scene_baseline(path):
+    """`crop=scene` (the baseline the recipes' comments name): scene crops of the same size,
+    photometrics and engine; multi-crop keeps its views and counts."""
+    from objcrop_plugin.policies import make_recipe
+    from objcrop_plugin.train.config import recipe_params
+
+    cfg = load_recipe(path)
+    scene = load_recipe(path, ["crop=scene"])
+    assert scene.crop.type == "scene"
+    assert not make_recipe(scene.views, **recipe_params(scene)).needs_proposals
+    assert (scene.crop.size, scene.crop.photometrics, scene.crop.engine) == (
+        cfg.crop.size, cfg.crop.photometrics, cfg.crop.engine)
+    before = make_recipe(cfg.views, **recipe_params(cfg))
+    after = make_recipe(scene.views, **recipe_params(scene))
+    assert [v.size for v in after.views] == [v.size for v in before.views]
+    if cfg.views == "multi_crop":
+        assert scene.views == "multi_crop" and scene.crop.params["n_local"] == 6
+
+
+def test_crop_scene_keeps_what_scene_crops_take():
+    raw = apply_overrides(
+        {"crop": {"type": "object_aware", "views": "obj_scene", "size": 32,
+                  "params": {"top_k": 3, "scene_scale": [0.3, 1.0], "ratio": [0.5, 2.0]}}},
+        ["crop=scene"])
+    assert raw["crop"] == {"type": "scene", "views": "scene_scene", "size": 32,
+                           "params": {"scale": [0.3, 1.0], "ratio": [0.5, 2.0]}}
+    multi = apply_overrides(
+        {"crop": {"views": "multi_crop", "params": {
+            "n_local": 4, "local_policy": {"policy": "object", "scale": [0.1, 0.5], "top_k": 5}}}},
+        ["crop=scene"])
+    assert multi["crop"]["params"] == {
+        "n_local": 4, "global_policy": "scene",
+        "local_policy": {"scale": [0.1, 0.5], "policy": "scene"}}
+
+
+def test_an_override_that_would_drop_an_earlier_one_is_refused():
+    """`a.b.c=1 a.b=x` would lose a.b.c (silently, and a typo in it would never be checked);
+    the other order sets the key in the mapping a.b=x stands for."""
+    path = REPO / "recipes/lightly/demo_simclr.yaml"
+    with pytest.raises(RecipeError, match=r"override 'crop\.proposals=online' replaces "
+                       r"crop\.proposals, which the earlier override 'crop\.proposals\.params"
+                       r"\.max_sid=256' set a key inside.*Fix: put 'crop\.proposals=online' "
+                       r"before"):
+        load_recipe(path, ["data.proposals=null", "crop.proposals.params.max_sid=256",
+                           "crop.proposals=online"])
+    with pytest.raises(RecipeError, match=r"unknown parameter.*max_sid"):
+        load_recipe(path, ["data.proposals=null", "crop.proposals=online",
+                           "crop.proposals.params.max_sid=256"])
+    cfg = load_recipe(path, ["data.proposals=null", "crop.proposals=online",
+                             "crop.proposals.params.max_side=256"])
+    assert cfg.crop.proposals["params"]["max_side"] == 256
+    # the same key twice, or a sibling: the last wins, nothing is lost
+    assert load_recipe(path, ["trainer.epochs=2", "trainer.epochs=3"]).trainer.epochs == 3
+    # a section's shorthand keeps the rest of the section
+    assert load_recipe(path, ["crop.size=32", "crop=scene"]).crop.size == 32
+
+
 def test_the_recipes_comments_hold_commands():
     assert len(_commented_train_commands()) >= 10
 

@@ -316,6 +316,16 @@ def test_cli_errors_name_the_key_and_the_fix(tmp_path, data, capsys):
         with pytest.raises(RecipeError, match=r"data\.labels: .* cannot be read for the "
                                               r"evaluation .*Fix: .*data\.labels=null"):
             train(load_recipe(path, [f"data.labels={labels}"]), echo=lambda s: None)
+    # labels of another folder: refused before training, not an unreadable folder after it
+    import json
+
+    other_labels = json.loads(Path(data.labels_path).read_text())
+    moved = json.dumps(other_labels).replace('"images/', '"elsewhere/')
+    (tmp_path / "other.json").write_text(moved)
+    with pytest.raises(RecipeError, match=r"data\.labels: none of the 24 labelled images checked "
+                                          r"is under data\.train_path .*\(elsewhere/.*labels "
+                                          r"another folder\. Fix: .*data\.labels=null"):
+        train(load_recipe(path, [f"data.labels={tmp_path / 'other.json'}"]), echo=lambda s: None)
     (tmp_path / "empty").mkdir()
     with pytest.raises(RecipeError, match=r"data\.train_path: no images found under .*empty"):
         train(load_recipe(path, [f"data.train_path={tmp_path / 'empty'}"]), echo=lambda s: None)
