@@ -182,6 +182,28 @@ class BoxIndex:
         return j, int(index - (self._ends[j] - self.counts[j]))
 
 
+def check_store_keys(store: ProposalStore | None, keys: Sequence[str], root: Any,
+                      n: int = 200) -> None:
+    """Refuse a store that has none of (up to ``n`` evenly spaced) images of the folder: one
+    built over another folder, whose views would all be scene crops (a baseline run)."""
+    if store is None or not keys or len(store) == 0:
+        return
+    probe = keys[:: max(1, len(keys) // n)][:n]
+    if not any(k in store for k in probe):
+        raise foreign_store(store, len(probe), probe[0], f"under {root}", str(root))
+
+
+def foreign_store(store: ProposalStore, n: int, key: str, where: str, root: str) -> ValueError:
+    example = next(iter(store.keys()), "")
+    return ValueError(
+        f"proposals: none of the {n} images checked {where} has an entry in "
+        f"{store.path}: the image key '{key}' (its path relative to the folder) is not "
+        f"in the store, whose keys look like '{example}', so every view would be a scene "
+        "crop. Fix: pass the folder the store was built over, or rebuild the store from "
+        f"this one (`objcrop proposals build {root} --out STORE`)"
+    )
+
+
 # ---------------------------------------------------------------------- the shared folder
 
 class Sample(NamedTuple):
@@ -253,6 +275,7 @@ class FolderSource:
         self.keys = list(keys) if keys is not None else list_images(self.root)
         if not self.keys:
             raise ValueError(f"no images found under {self.root} (extensions {IMAGE_EXTENSIONS})")
+        check_store_keys(proposals, self.keys, self.root)
         tops = sorted({k.split("/", 1)[0] for k in self.keys if "/" in k})
         flat = any("/" not in k for k in self.keys)
         self.classes: list[str] = [] if flat or not tops else tops

@@ -53,7 +53,7 @@ except ImportError as _exc:  # lightly absent, or installed but broken
 
 from .._random import process_rng
 from ..engine.cpu import ViewEngine
-from ..engine.datasets import ObjectCropDataset
+from ..engine.datasets import ObjectCropDataset, foreign_store
 from ..engine.photometric import PhotometricSet
 from ..files import normalize_key
 from ..images import ImageDecodeError, opened_from
@@ -278,7 +278,7 @@ class ObjectAwareCollate:
         unmatched.append(key)
         if len(unmatched) >= self.KEY_PROBE:
             root = self.root or "the dataset's folder"
-            raise _foreign_store(self.store, len(unmatched), unmatched[0], "in the batches so far",
+            raise foreign_store(self.store, len(unmatched), unmatched[0], "in the batches so far",
                                  str(root))
 
     def __repr__(self) -> str:
@@ -307,28 +307,6 @@ def _warn_left_out(root: str | os.PathLike[str], listed: int) -> None:
             "not in the dataset (%d images in the subfolders are). Fix: move them into a "
             "subfolder, pass filenames=[...], or use ObjectCropDataset / objcrop train, which "
             "list every image under the folder", root, len(top), shown, listed)
-
-
-def _check_store_keys(store: ProposalStore | None, keys: Sequence[str], root: Any,
-                      n: int = 200) -> None:
-    """Refuse a store that has none of (up to ``n`` evenly spaced) images of the folder: one
-    built over another folder, whose views would all be scene crops (a baseline run)."""
-    if store is None or not keys or len(store) == 0:
-        return
-    probe = keys[:: max(1, len(keys) // n)][:n]
-    if not any(k in store for k in probe):
-        raise _foreign_store(store, len(probe), probe[0], f"under {root}", str(root))
-
-
-def _foreign_store(store: ProposalStore, n: int, key: str, where: str, root: str) -> ValueError:
-    example = next(iter(store.keys()), "")
-    return ValueError(
-        f"proposals: none of the {n} images checked {where} has an entry in "
-        f"{store.path}: the image key '{key}' (its path relative to the folder) is not "
-        f"in the store, whose keys look like '{example}', so every view would be a scene "
-        "crop. Fix: pass the folder the store was built over, or rebuild the store from "
-        f"this one (`objcrop proposals build {root} --out STORE`)"
-    )
 
 
 class ObjectAwareDataset(ObjectCropDataset):
@@ -444,7 +422,6 @@ class ObjectAwareDataset(ObjectCropDataset):
             views.scene_only, proposals = True, None
         store = _open_store(proposals)
         keys = [normalize_key(f) for f in self.filenames]
-        _check_store_keys(store, keys, root)
         super().__init__(
             root,
             store,

@@ -517,6 +517,11 @@ class ProposalStore:
     def _open(self, verify: bool) -> None:
         if not self.path.exists():
             raise FileNotFoundError(f"proposal store not found: {self.path}")
+        if self.path.is_dir():
+            raise IsADirectoryError(
+                f"{self.path} is a folder, not a proposal store (one .objcrop file). Fix: "
+                f"`objcrop proposals build {self.path} -o STORE.objcrop` makes one for its images"
+            )
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size < _PREAMBLE.size:

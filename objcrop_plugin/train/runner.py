@@ -129,6 +129,13 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
     if cfg.data.proposals and (cfg.crop.type == "object_aware" or counted):
         from ..proposals.store import ProposalStore
 
+        if Path(cfg.data.proposals).is_dir():
+            raise RecipeError(
+                f"data.proposals: {cfg.data.proposals} is a folder, not a proposal store (one "
+                f".objcrop file). Fix: `objcrop proposals build {root} -o STORE.objcrop`, then "
+                "data.proposals=STORE.objcrop (or data.proposals=null with "
+                "crop.proposals=initial or online: boxes from the backbone itself)"
+            )
         if not Path(cfg.data.proposals).is_file():
             raise FileNotFoundError(
                 f"data.proposals: proposal store not found: {cfg.data.proposals}. Fix: "

@@ -43,6 +43,23 @@ def test_same_seed_gives_same_views_and_another_seed_other_views(tmp_path):
     assert not all(torch.equal(x, y) for x, y in zip(a[0][0], vb))
 
 
+@pytest.mark.parametrize("cls", [ObjectCropDataset, CanvasDataset])
+def test_a_store_built_over_another_folder_is_refused(tmp_path, cls):
+    """None of the folder's images in the store: every view would be a scene crop (a
+    baseline run, with only per-sample warnings); refused, naming both sides' keys and the fix.
+    A store that has some of them is taken (its other images fall back, counted)."""
+    save_oriented(tmp_path / "a.jpg", 1)
+    save_oriented(tmp_path / "b.jpg", 1)
+    ProposalStore.write(tmp_path / "other.objcrop",
+                        [("images/000000.jpg", [SQUARE], [1.0], (W, H))])
+    with pytest.raises(ValueError, match=r"none of the 2 images checked under .* has an entry "
+                                         r"in .*other\.objcrop: the image key 'a\.jpg' .*keys "
+                                         r"look like 'images/000000\.jpg'.*Fix: pass the folder"):
+        cls(tmp_path, tmp_path / "other.objcrop", views="obj_obj_dilate", size=32)
+    ProposalStore.write(tmp_path / "half.objcrop", [("b.jpg", [SQUARE], [1.0], (W, H))])
+    assert len(cls(tmp_path, tmp_path / "half.objcrop", views="obj_obj_dilate", size=32)) == 2
+
+
 def _folder_of(tmp_path, n):
     from PIL import Image
 

@@ -413,3 +413,11 @@ def test_lookup_after_close_is_a_clear_error(tmp_path):
     store.close()
     with pytest.raises(ValueError, match="closed"):
         store.lookup("a.jpg")
+
+
+def test_a_missing_store_or_a_folder_says_which(tmp_path):
+    with pytest.raises(FileNotFoundError, match="proposal store not found: .*nope.objcrop"):
+        ProposalStore(tmp_path / "nope.objcrop")
+    with pytest.raises(IsADirectoryError, match=r"is a folder, not a proposal store .*Fix: "
+                                                r"`objcrop proposals build .* -o STORE\.objcrop`"):
+        ProposalStore(tmp_path)

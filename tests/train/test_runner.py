@@ -294,6 +294,10 @@ def test_cli_errors_name_the_key_and_the_fix(tmp_path, data, capsys):
     other = write_dataset(tmp_path / "other", 4, size=(64, 48), seed=9, workers=1)
     with pytest.raises(RecipeError, match="has an entry in"):
         train(load_recipe(path, [f"data.train_path={other.image_dir}"]), echo=lambda s: None)
+    with pytest.raises(RecipeError, match=r"data\.proposals: .* is a folder, not a proposal "
+                                          r"store .*Fix: `objcrop proposals build .* -o "
+                                          r"STORE\.objcrop`"):
+        train(load_recipe(path, [f"data.proposals={data.image_dir}"]), echo=lambda s: None)
     with pytest.raises(FileNotFoundError, match=r"data\.proposals: proposal store not found"):
         train(load_recipe(path, [f"data.proposals={tmp_path / 'x.objcrop'}"]), echo=lambda s: None)
     with pytest.raises(RecipeError, match=r"batch_size 1000 exceeds the 24"):
