@@ -139,9 +139,9 @@ def _load(group: str, kind: str, name: str) -> Any:
     else:
         if not candidates:
             raise RegistryError(
-                f"unknown {kind} '{name}'. Known: {', '.join(_names(group))}. A third-party "
-                f"{kind} is found when its distribution declares it in the entry-point group "
-                f"'{group}'."
+                f"unknown {kind} '{name}'.{did_you_mean(name, _names(group))} Known: "
+                f"{', '.join(_names(group))}. A third-party {kind} is found when its "
+                f"distribution declares it in the entry-point group '{group}'."
             )
         if len({ep.value for ep in candidates}) > 1:
             owners = ", ".join(f"{_dist_name(ep)} ({ep.value})" for ep in candidates)
@@ -158,6 +158,14 @@ def _load(group: str, kind: str, name: str) -> Any:
             f"{kind} '{name}' from {owner} ({ep.value}) failed to load: "
             f"{type(exc).__name__}: {exc}"
         ) from exc
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``known`` to a mistyped ``name``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 def list_policies() -> list[str]:

@@ -48,7 +48,7 @@ import torch.utils.data as torch_data
 
 from ..files import atomic_write, output_lock, remove_temporaries
 from ..images import draft_factor, list_images, load_rgb, open_image, write_bad_list
-from ..registry import load_proposal_source
+from ..registry import RegistryError, did_you_mean, list_proposal_sources, load_proposal_source
 from .generators import ProposalGenerator
 from .store import (
     FAILURES_KIND,
@@ -94,7 +94,17 @@ class BuildWorkerDied(ChildProcessError):
 
 def make_generator(name: str, **params: Any) -> ProposalGenerator:
     """A registered proposal generator by name, with keyword parameters."""
-    factory = load_proposal_source(name)
+    try:
+        factory = load_proposal_source(name)
+    except RegistryError as exc:
+        if not str(exc).startswith("unknown"):
+            raise
+        generators = list_proposal_sources(kind="generator")  # not the importers
+        raise RegistryError(
+            f"unknown proposal generator '{name}'.{did_you_mean(name, generators)} Known: "
+            f"{', '.join(generators)} (`objcrop proposals import` reads boxes from files: "
+            f"{', '.join(list_proposal_sources(kind='importer'))})"
+        ) from None
     if getattr(factory, "kind", None) != "generator":
         raise ValueError(
             f"proposal source '{name}' is an importer, not a generator: use "

@@ -448,8 +448,12 @@ def test_shard_spec_errors_and_slurm():
 
 def test_unknown_method_and_importer_as_method_are_clear_errors(tmp_path):
     root = make_folder(tmp_path / "imgs", 1)
-    with pytest.raises(LookupError, match="unknown proposal source"):
+    with pytest.raises(LookupError, match=r"unknown proposal generator 'nope'\. Known: bing, "
+                                          r".*graph_segments.* \(`objcrop proposals import` "
+                                          r"reads boxes from files: coco, jsonl, openimages\)"):
         build_store(root, tmp_path / "p.objcrop", "nope", progress=False)
+    with pytest.raises(LookupError, match=r"Did you mean 'graph_segments'\? Known: (?:(?!coco)[a-z_, ])+ \("):
+        build_store(root, tmp_path / "p.objcrop", "graph_segment", progress=False)
     with pytest.raises(ValueError, match="importer"):
         build_store(root, tmp_path / "p.objcrop", "jsonl", progress=False)
 

@@ -46,7 +46,7 @@ def test_defaults_and_shorthands():
         ({**BASE, "method": {"name": "swav"}}, r"method\.name: expected one of"),
         ({**BASE, "crop": {"engine": "tpu"}}, r"crop\.engine: expected one of 'cpu' \| 'gpu'"),
         ({**BASE, "crop": {"params": {"dilaton": 0.1}}}, r"crop\.params.*dilaton.*dilation"),
-        ({**BASE, "crop": {"views": "obj_obj_dilat"}}, r"crop\.views: unknown crop policy"),
+        ({**BASE, "crop": {"views": "obj_obj_dilat"}}, r"crop\.views: unknown crop policy 'obj_obj_dilat'\. Did you mean 'obj_obj_dilate'\?"),
         ({**BASE, "method": {"params": {"temprature": 0.1}}}, r"method\.params\.temperature"),
         ({**BASE, "crop": {"type": "scene", "views": "obj_obj"}}, r"crop\.type is scene"),
         ({**BASE, "crop": {"views": "scene_scene"}}, r"never uses proposals"),
