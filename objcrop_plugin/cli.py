@@ -102,6 +102,17 @@ def cmd_show(args: argparse.Namespace) -> int:
         root, keys = demo.root, list(demo.keys)
         store = ProposalStore(args.proposals or demo.proposals_path)
     if args.keys:
+        missing = [k for k in args.keys if not (Path(root) / k).is_file()]
+        if missing:
+            from .registry import did_you_mean
+
+            known = [str(k) for k in keys]
+            hints = "".join(did_you_mean(k, known) for k in missing[:1])
+            raise FileNotFoundError(
+                f"--keys: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not under "
+                f"{root}.{hints} Keys are image paths relative to the folder, as `objcrop "
+                f"check {root}` or the store list them (e.g. '{known[0] if known else '?'}')"
+            )
         keys = args.keys  # named by the user: one that cannot be read is an error naming it
     else:
         candidates = keys[args.first :]

@@ -59,6 +59,11 @@ def test_show_passes_over_images_it_cannot_read(tmp_path, capsys):
     assert h2 > h1  # two rows: b.jpg and c.jpg
     assert main([*common, "--keys", "a.jpg", "--out", str(tmp_path / "named.png")]) == 2
     assert "a.jpg" in capsys.readouterr().err and not (tmp_path / "named.png").exists()
+    # a key that is no file under the folder: said so, with the closest key (not "remove or
+    # replace the file")
+    assert main([*common, "--keys", "c.jpeg", "--out", str(tmp_path / "named.png")]) == 2
+    err = capsys.readouterr().err
+    assert "--keys: c.jpeg is not under" in err and "Did you mean 'c.jpg'?" in err
     assert main([*common, "--first", "1", "--n", "3", "--out", str(tmp_path / "x.png")]) == 0
     (imgs / "b.jpg").write_bytes(b"not an image")
     (imgs / "c.jpg").unlink()
