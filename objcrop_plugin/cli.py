@@ -342,6 +342,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         progress=not args.no_progress, restart=args.restart,
     )
     print(summary.format())
+    if shard[1] > 1:
+        every = Path(args.out).with_name(f"{Path(args.out).stem}.shard-*-of-{shard[1]:05d}"
+                                         f"{Path(args.out).suffix}")
+        print(f"shard {shard[0]} of 0-{shard[1] - 1}; once every shard is built: objcrop "
+              f"proposals merge {every} -o {args.out}")
     if summary.failure_rate > args.max_failure_rate:
         print(
             f"objcrop: {len(summary.failures)} of {summary.images} images failed "
@@ -686,7 +691,11 @@ def build_parser() -> argparse.ArgumentParser:
         "it); an unfinished build is resumed only with the same settings.",
     )
     p.add_argument("images_dir")
-    p.add_argument("--out", "-o", required=True, help="the store to write")
+    p.add_argument("--out", "-o", required=True,
+                   help="the store to write; with --shard i/N, shard i is written beside it, "
+                        "named with .shard-0000i-of-0000N before the suffix (p.objcrop: "
+                        "p.shard-00000-of-00002.objcrop), and `objcrop proposals merge "
+                        "SHARDS... -o OUT` joins them")
     _add_force_arg(p)
     p.add_argument("--restart", action="store_true",
                    help="discard an unfinished build of --out instead of resuming it")
@@ -708,8 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heatmap / token_cut: images per forward pass (default 32 / 16)")
     p.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="another generator parameter (repeatable)")
-    p.add_argument("--shard", help="i/N: build every N-th image from i (default: RANK/"
-                   "WORLD_SIZE or SLURM array variables, else 0/1)")
+    p.add_argument("--shard", help="i/N: build every N-th image from i, into a shard file "
+                   "named after --out (see --out; default: RANK/WORLD_SIZE or SLURM array "
+                   "variables, else 0/1)")
     p.add_argument("--chunk-size", type=_positive_int, default=64,
                    help="images per resumable unit (default 64)")
     p.add_argument("--max-pixels", type=_positive_int, default=89_478_485,

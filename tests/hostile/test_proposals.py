@@ -691,6 +691,10 @@ def test_failures_lists_keep_one_row_per_image_whatever_its_name(tmp_path, capsy
         assert main(["proposals", "build", str(root), "--out", str(tmp_path / "s.objcrop"),
                      "--shard", f"{i}/2", "--workers", "1", "--no-progress",
                      "--max-failure-rate", "1"]) == 0
+        # each shard's run says where the shards are and how to merge them
+        said = capsys.readouterr().out
+        assert (f"shard {i} of 0-1; once every shard is built: objcrop proposals merge "
+                f"{tmp_path / 's.shard-*-of-00002.objcrop'} -o {tmp_path / 's.objcrop'}") in said
     merged = tmp_path / "m.objcrop"
     assert main(["proposals", "merge", *(str(build.shard_path(tmp_path / "s.objcrop", i, 2))
                                          for i in range(2)), "--out", str(merged)]) == 0
