@@ -257,6 +257,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .proposals.jsonl import JSONL_KIND, export_jsonl
     from .proposals.store import ProposalStore
 
+    if args.out == "-":  # to standard output, for a pipe; what was done goes to stderr
+        n = export_jsonl(ProposalStore(args.store), sys.stdout.buffer)
+        print(f"wrote {n} images to standard output", file=sys.stderr)
+        return 0
     check_output(args.out, JSONL_KIND, [args.store], args.force)
     n = export_jsonl(ProposalStore(args.store), args.out)
     print(f"wrote {args.out} ({n} images)")
@@ -267,8 +271,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .proposals.store import ProposalStore
 
     store = ProposalStore(args.store)
+    meta = dict(store.meta)
+    files = meta.get("files")
+    if isinstance(files, list) and not args.files:
+        # one entry per image (the sizes a build saw, to tell a changed folder): counted here
+        meta["files"] = f"{len(files)} entries (key and size of each image; --files lists them)"
     print(json.dumps({"path": str(store.path), "images": len(store), "boxes": store.n_boxes,
-                      "meta": store.meta}, indent=2))
+                      "meta": meta}, indent=2, ensure_ascii=False))
     return 0
 
 
@@ -679,7 +688,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_import)
     p = prop.add_parser("export", help="proposal store -> JSON Lines")
     p.add_argument("store")
-    p.add_argument("--out", "-o", required=True, help="the JSON Lines file to write")
+    p.add_argument("--out", "-o", required=True,
+                   help="the JSON Lines file to write; - for standard output")
     _add_force_arg(p, "JSON Lines file")
     p.set_defaults(func=cmd_export)
     p = prop.add_parser(
@@ -780,6 +790,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_proposals_eval)
     p = prop.add_parser("info", help="counts and metadata of a store")
     p.add_argument("store")
+    p.add_argument("--files", action="store_true",
+                   help="list the metadata's file entries (key and size of each image) too")
     p.set_defaults(func=cmd_info)
     return parser
 

@@ -4,6 +4,7 @@ importer)/export/info."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -129,6 +130,30 @@ def test_import_export_info_round_trip(tmp_path, capsys):
     assert main(["proposals", "info", str(tmp_path / "s.objcrop")]) == 0
     assert '"images": 1' in capsys.readouterr().out
     assert main(["proposals", "info", str(tmp_path / "missing.objcrop")]) == 2
+    capsys.readouterr()
+    # to standard output (a pipe), the summary to stderr; no file named "-"
+    assert main(["proposals", "export", str(tmp_path / "s.objcrop"), "--out", "-"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == json.loads(src.read_text()) and "wrote 1 images" in err
+    assert not Path("-").exists()
+
+
+def test_info_counts_a_builds_file_entries_unless_asked(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 30), (40 * i, 90, 200)).save(root / f"{i}.jpg")
+    assert main(["proposals", "build", str(root), "--method", "graph_segments", "--workers", "1",
+                 "--no-progress", "--out", str(tmp_path / "b.objcrop")]) == 0
+    capsys.readouterr()
+    assert main(["proposals", "info", str(tmp_path / "b.objcrop")]) == 0
+    short = json.loads(capsys.readouterr().out)
+    assert short["meta"]["files"].startswith("3 entries")
+    assert main(["proposals", "info", "--files", str(tmp_path / "b.objcrop")]) == 0
+    assert [k for k, _ in json.loads(capsys.readouterr().out)["meta"]["files"]] == [
+        "0.jpg", "1.jpg", "2.jpg"]
 
 
 def test_import_resolves_the_source_through_the_registry_with_params(tmp_path, capsys):

@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 from ..files import OutputKind, atomic_write
 from .importer_base import ProposalImporter
@@ -139,9 +139,12 @@ def import_jsonl(
 
 
 def export_jsonl(
-    records: ProposalStore | Iterable[ProposalRecord], path: str | os.PathLike[str]
+    records: ProposalStore | Iterable[ProposalRecord], path: str | os.PathLike[str] | BinaryIO
 ) -> int:
     """Write records (or a whole store) to a JSON Lines file, atomically. Returns the count.
+
+    ``path`` may also be an open binary stream (``sys.stdout.buffer``): the lines are written
+    to it as they are made (not atomically: a stream has no rename).
 
     The file is strict JSON: a NaN score is written as ``null``, and a box with a NaN or
     infinite coordinate is left out (logged as a warning naming the keys).
@@ -160,7 +163,12 @@ def export_jsonl(
             line = json.dumps(obj, separators=(",", ":"), allow_nan=False)
             yield (line + "\n").encode("utf-8")
 
-    atomic_write(path, lines())
+    if hasattr(path, "write"):
+        for line in lines():
+            path.write(line)  # type: ignore[union-attr]
+        path.flush()  # type: ignore[union-attr]
+    else:
+        atomic_write(path, lines())
     if dropped:
         names = ", ".join(f"{k} ({n})" for k, n in dropped[:10])
         more = f" and {len(dropped) - 10} more images" if len(dropped) > 10 else ""
