@@ -111,6 +111,7 @@ class ObjectAwareSoloDataset(IndexedDataset):
         max_boxes_per_image: int | None = None,
     ) -> None:
         super().__init__(dataset)
+        _drop_non_images(dataset)
         self.transform = transform
         self.planner = transform.planner
         self.key_root = os.path.abspath(os.fspath(key_root))
@@ -209,6 +210,44 @@ class ObjectAwareSoloDataset(IndexedDataset):
 
         views, target = self.readable(index, make)
         return index, views, target
+
+
+def _drop_non_images(dataset: Any) -> None:
+    """solo-learn's listing without labels (``data.no_labels``) is ``os.listdir`` of the
+    folder: its subfolders, hidden files (``.DS_Store``) and other files would each be read
+    as an image, fail, and count against ``data.max_failure_rate``. They are left out of the
+    listing (solo-learn itself would stop at the first), with a warning naming them and the
+    images in the subfolders, which are not trained."""
+    from ...images import IMAGE_EXTENSIONS, list_images
+
+    images = getattr(dataset, "images", None)
+    if not isinstance(images, list) or getattr(dataset, "samples", None) is not None:
+        return
+    root = os.fspath(dataset.root)
+    folders, others, kept = [], [], []
+    for name in images:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            folders.append(name)
+        elif name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
+            others.append(name)
+        else:
+            kept.append(name)
+    if not folders and not others:
+        return
+    dataset.images = kept
+    if folders:
+        inside = sum(len(list_images(os.path.join(root, f))) for f in folders)
+        log.warning(
+            "objcrop: data.no_labels: solo-learn lists only the files directly in %s; its "
+            "subfolder(s) %s (%d images) are not trained. Fix: move those images into %s, or "
+            "use the subfolders as classes (data.no_labels=False)",
+            root, ", ".join(sorted(folders)[:5]) + (", ..." if len(folders) > 5 else ""),
+            inside, root)
+    if others:
+        log.warning("objcrop: data.no_labels: %d file(s) in %s that are no images left out "
+                    "(%s)", len(others), root,
+                    ", ".join(sorted(others)[:5]) + (", ..." if len(others) > 5 else ""))
 
 
 def unwrap_solo_dataset(dataset: Any) -> Any:

@@ -99,3 +99,39 @@ def test_dataset_skips_a_corrupt_image_for_the_next_readable_one(scenes, tmp_pat
 
     with pytest.raises(TooManyBadImagesError, match="002.png"):
         strict[2]
+
+
+def test_a_listing_without_labels_leaves_out_subfolders_and_other_files(scenes, tmp_path, caplog):
+    """solo-learn's no_labels listing is os.listdir: a subfolder or a .DS_Store would each be
+    read as an image, fail and count against max_failure_rate (2 of 10 here: the run would
+    stop); they are left out, with warnings naming them and the subfolder's images."""
+    import logging
+    import os
+    import shutil
+
+    root = tmp_path / "flat"
+    shutil.copytree(scenes / "flat", root)
+    shutil.copytree(scenes / "train" / "a", root / "sub")
+    (root / ".DS_Store").write_bytes(b"\0\1")
+    (root / "notes.txt").write_text("x")
+
+    class NoLabels(torch.utils.data.Dataset):  # solo-learn's CustomDatasetWithoutLabels listing
+        def __init__(self, root):
+            self.root, self.images = root, os.listdir(root)
+
+        def __len__(self):
+            return len(self.images)
+
+    plan = parse_object_aware(make_cfg([make_entry("object_aware")],
+                                       proposals=str(scenes / "flat.objcrop")))
+    transform = ObjectAwareTransform(plan, [solo_like_pipeline(64)])
+    with caplog.at_level(logging.WARNING, logger="objcrop_plugin"):
+        dataset = ObjectAwareSoloDataset(NoLabels(root), transform, root)
+    assert sorted(dataset.dataset.images) == [f"{i:03d}.png" for i in range(8)]
+    assert len(dataset) == 8 and dataset.bad.n == 8
+    said = caplog.text
+    assert "subfolder(s) sub (4 images) are not trained" in said
+    assert "2 file(s) in" in said and ".DS_Store, notes.txt" in said
+    for i in range(8):
+        assert dataset[i][0] == i
+    assert dataset.bad.count == 0
