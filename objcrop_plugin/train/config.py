@@ -583,8 +583,8 @@ def scene_counterpart(crop: Mapping[str, Any]) -> dict[str, Any]:
     from proposals: a two-view object recipe (``obj_obj_dilate``, ``obj_obj``, ``obj_scene``)
     becomes ``scene_scene``, keeping the parameters that ``scene_scene`` takes (``scale``,
     ``ratio``; ``obj_scene``'s ``scene_scale`` as ``scale``) and dropping the object ones;
-    ``multi_crop`` keeps its views and counts and draws both groups from the scene. A list
-    of views (a custom recipe) is left as it is.
+    ``multi_crop`` keeps its views and counts and draws both groups from the scene. Other
+    views (a list, a plugin's recipe) are left as they are.
 
     Example:
         >>> scene_counterpart({"type": "scene", "views": "obj_obj_dilate", "size": 224,
@@ -604,8 +604,8 @@ def scene_counterpart(crop: Mapping[str, Any]) -> dict[str, Any]:
             else:
                 params[group] = "scene"
         out["params"] = params
-    elif isinstance(views, str) or views is None:
-        if views not in (None, "scene_scene") and "scene_scale" in params:
+    elif views is None or views in _OBJECT_RECIPES:
+        if views is not None and "scene_scale" in params:
             params.setdefault("scale", params["scene_scale"])
         kept = {k: v for k, v in params.items() if k in ("scale", "ratio")}
         if views is not None:
@@ -614,6 +614,9 @@ def scene_counterpart(crop: Mapping[str, Any]) -> dict[str, Any]:
             out["params"] = kept
     return out
 
+
+#: the built-in view recipes and policies that cut from proposals (see scene_counterpart)
+_OBJECT_RECIPES = ("obj_obj_dilate", "obj_obj", "obj_scene", "object", "object_dilated")
 
 #: sections that a plain string stands for: ``crop: scene`` is ``crop: {type: scene}``
 _SHORTHAND = {"crop": "type", "method": "name", "backbone": "name"}
