@@ -211,5 +211,17 @@ def test_per_box_errors_name_the_argument_and_the_fix(folder, tmp_path_factory):
     other = tmp_path_factory.mktemp("other")
     shutil.copytree(folder / "a", other / "x")
     shutil.copy(folder / "p.objcrop", other / "p.objcrop")
-    with pytest.raises(ValueError, match=r"has a box in .*Fix: use the store built over"):
+    with pytest.raises(ValueError, match=r"none of the 2 images checked .* has an entry in .*"
+                                         r"Fix: pass the folder the store was built over"):
         per_box(other)
+
+
+def test_per_box_refuses_a_store_whose_boxes_make_no_item(folder):
+    """The folder's images are in the store but no box can be cut (under 2 px): nothing to
+    sample per box, said with the fix."""
+    keys = ["a/0.png", "a/1.png", "b/2.png", "b/3.png"]
+    ProposalStore.write(folder / "tiny.objcrop", [(k, [[0, 0, 1, 1]], [1.0], (W, H)) for k in keys])
+    with pytest.raises(ValueError, match=r"none of the 4 images under .* has a box in .*tiny\.objcrop"
+                                         r".*Fix: .*sampling='per_image'"):
+        ObjectCropDataset(folder, folder / "tiny.objcrop", views="obj_obj", size=16,
+                          sampling="per_box")
