@@ -48,6 +48,30 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+#: fonts with CJK glyphs (Noto CJK, WenQuanYi, Droid Sans Fallback), for a caption DejaVu
+#: Sans cannot draw
+_CJK_FONTS = ("NotoSansCJK-Regular.ttc", "NotoSansCJKsc-Regular.otf", "NotoSansCJK.ttc",
+              "wqy-zenhei.ttc", "wqy-microhei.ttc", "DroidSansFallbackFull.ttf",
+              "DroidSansFallback.ttf")
+_CJK_START = 0x2E80  # CJK radicals onwards (and the scripts after them DejaVu lacks too)
+
+
+def _caption(text: str, size: int, font: ImageFont.ImageFont | ImageFont.FreeTypeFont
+             ) -> tuple[str, ImageFont.ImageFont | ImageFont.FreeTypeFont]:
+    """``(text, font)`` to draw a caption (a file name) with: ``font`` for names DejaVu Sans
+    covers; a CJK font of the system for others; without one, those characters as
+    ``\\uXXXX`` escapes, so the file can still be told (not a row of empty boxes)."""
+    if all(ord(c) < _CJK_START for c in text):
+        return text, font
+    for name in _CJK_FONTS:
+        try:
+            return text, ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return "".join(c if ord(c) < _CJK_START else f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF
+                   else f"\\U{ord(c):08x}" for c in text), font
+
+
 def _fit(img: Image.Image, tile: int, tile_h: int | None = None) -> tuple[Image.Image, float]:
     scale = min(tile / img.size[0], (tile_h or tile) / img.size[1])
     size = (max(1, round(img.size[0] * scale)), max(1, round(img.size[1] * scale)))
@@ -138,7 +162,8 @@ def crops_figure(
                 x += tile + pad
             x += pad
         canvas.paste(thumb, (pad, y))
-        draw.text((pad, y + thumb.size[1] + 1), key, fill=(170, 170, 170), font=small)
+        caption, caption_font = _caption(key, 11, small)
+        draw.text((pad, y + thumb.size[1] + 1), caption, fill=(170, 170, 170), font=caption_font)
         for cx, cell, colour, w in cells:
             draw.rectangle([cx, y, cx + cell.size[0] + 3, y + cell.size[1] + 3], outline=colour, width=2)
             canvas.paste(cell, (cx + 2, y + 2))

@@ -347,3 +347,28 @@ def test_verbose_flag_before_or_after_the_command(monkeypatch):
 def test_show_writes_png_only(tmp_path, capsys):
     assert main(["show", "--out", str(tmp_path / "x.jpg")]) == 2
     assert "a name ending in .png" in capsys.readouterr().err and not (tmp_path / "x.jpg").exists()
+
+
+def test_a_caption_in_a_script_the_font_lacks_stays_readable(monkeypatch):
+    """A file name with CJK characters: drawn with a CJK font of the system where there is
+    one, else those characters as escapes (not a row of empty boxes)."""
+    from objcrop_plugin import viz
+
+    font = viz._font(11)
+    assert viz._caption("été.jpg", 11, font) == ("été.jpg", font)  # DejaVu draws it
+    monkeypatch.setattr(viz, "_CJK_FONTS", ("no-such-font-objcrop.ttc",))
+    assert viz._caption("my photo 日本.jpg", 11, font) == ("my photo \\u65e5\\u672c.jpg", font)
+    if _has_dejavu():  # a font file the system has stands in for a CJK one
+        monkeypatch.setattr(viz, "_CJK_FONTS", ("no-such-font-objcrop.ttc", "DejaVuSans.ttf"))
+        text, used = viz._caption("日本.jpg", 11, font)
+        assert text == "日本.jpg" and used is not font
+
+
+def _has_dejavu() -> bool:
+    from PIL import ImageFont
+
+    try:
+        ImageFont.truetype("DejaVuSans.ttf", 11)
+        return True
+    except OSError:
+        return False
