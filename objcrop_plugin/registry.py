@@ -83,6 +83,15 @@ BUILTIN_PROPOSAL_SOURCES: dict[str, str] = {
     "token_cut": "objcrop_plugin.proposals.token_cut:TokenCutGenerator",
 }
 
+#: the ``kind`` of each built-in proposal source, known without importing it (listing the
+#: generators and the importers need not load torch, OpenCV and every model; a test checks
+#: these against the classes)
+_BUILTIN_SOURCE_KINDS: dict[str, str] = {
+    "jsonl": "importer", "coco": "importer", "openimages": "importer",
+    "bing": "generator", "bing_opencv": "generator", "graph_segments": "generator",
+    "heatmap": "generator", "selective_search": "generator", "token_cut": "generator",
+}
+
 _BUILTINS = {POLICY_GROUP: BUILTIN_POLICIES, PROPOSAL_GROUP: BUILTIN_PROPOSAL_SOURCES}
 _BUILTIN_OWNER = "objcrop-plugin (built-in)"
 
@@ -178,14 +187,19 @@ def list_proposal_sources(kind: str | None = None) -> list[str]:
 
     Args:
         kind: ``None``: every name, loaded or not. ``"generator"`` or ``"importer"``: only the
-            sources of that kind (each one is loaded to read its ``kind``; sources that fail to
-            load are left out, :func:`load_proposal_source` says why).
+            sources of that kind (a plugin's is loaded to read its ``kind``; those that fail
+            to load are left out, :func:`load_proposal_source` says why; the built-ins' kinds
+            are known without loading them).
     """
     names = _names(PROPOSAL_GROUP)
     if kind is None:
         return names
     out = []
     for name in names:
+        if name in _BUILTIN_SOURCE_KINDS and not _entry_points(PROPOSAL_GROUP).get(name):
+            if _BUILTIN_SOURCE_KINDS[name] == kind:
+                out.append(name)
+            continue
         try:
             source = load_proposal_source(name)
         except RegistryError:

@@ -355,3 +355,13 @@ def test_third_party_importer_is_usable_from_the_cli(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert "unknown proposal importer 'no_such_importer'" in err
     assert "coco, jsonl, myimporter, openimages" in err
+
+
+def test_the_built_in_sources_kinds_are_those_of_their_classes():
+    """list_proposal_sources(kind=...) reads the built-ins' kinds from a table, without
+    importing them: the table must say what each class says."""
+    from objcrop_plugin import registry
+
+    assert set(registry._BUILTIN_SOURCE_KINDS) == set(registry.BUILTIN_PROPOSAL_SOURCES)
+    for name, kind in registry._BUILTIN_SOURCE_KINDS.items():
+        assert registry.load_proposal_source(name).kind == kind, name
