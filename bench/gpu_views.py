@@ -206,7 +206,9 @@ def resnet_step(device: torch.device, views: list[torch.Tensor]) -> Callable[[],
 
 def stage_parts(engine: GPUViewEngine, batch: dict, device: torch.device, iters: int,
                 warmup: int, compile_photometric: bool) -> dict[str, float]:
-    """Seconds per batch of each part of the engine's device stage (1c), on ``batch``."""
+    """Seconds per batch of each part of the engine's device stage (1c), on ``batch``. The
+    parts need not add up to the stage: the photometric parameters of each view size are
+    concatenated once, outside every part, and each operation is timed alone."""
     canvas, windows, valid = batch["canvas"], batch["windows"], batch.get("valid")
     seeds = batch.get("seed")
     if seeds is None:
@@ -238,8 +240,9 @@ def stage_parts(engine: GPUViewEngine, batch: dict, device: torch.device, iters:
 
     out["normalise"] = timed(photometric(frozenset()), device, iters, warmup)
     for op in ("jitter", "grayscale", "blur", "solarize"):
-        ops = frozenset({op, "hue"} if op == "jitter" else {op})
-        if any(op in p.ops for _, _, p, _ in groups):
+        present = frozenset().union(*(p.ops for _, _, p, _ in groups))
+        ops = frozenset({op} | ({"hue"} & present if op == "jitter" else set()))
+        if op in present:
             out[op] = timed(photometric(ops), device, iters, warmup)
     out["photometric"] = timed(photometric(None), device, iters, warmup)
     if compile_photometric:
@@ -251,7 +254,7 @@ def stage_parts(engine: GPUViewEngine, batch: dict, device: torch.device, iters:
             out["photometric_compiled"] = timed(run, device, iters, warmup)
         except Exception as e:  # a missing compiler or backend: say so, measure the rest
             print(f"torch.compile of the photometric stage failed, not timed: "
-                  f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                  f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
     return out
 
 

@@ -512,14 +512,18 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     ``key=null`` sets ``None``; a missing intermediate mapping is created, so
     ``crop.params.top_k=5`` works on a recipe without ``crop.params``. ``method=byol`` and
     ``backbone=resnet18`` change only the name of an existing section; ``crop=scene`` its type,
-    and its views to their scene crops (:func:`scene_counterpart`: the recipe's baseline);
+    and its views to their scene crops (:func:`scene_counterpart`: the recipe's baseline;
+    with ``data.sampling: per_box``, images sampled as many times as the boxes,
+    ``epoch_length: boxes``, as ``released_mocov2_scene_matched.yaml``);
     ``crop.proposals.warmup_epochs=0`` on ``crop.proposals: online`` (or ``initial``) sets the
     key in the mapping the mode stands for.
 
     Raises:
-        RecipeError: an override without ``=``, one that walks into a non-mapping, or one
-            that replaces a whole mapping an earlier override set a key in
-            (``crop.proposals.params.max_side=256 crop.proposals=online``: the other order).
+        RecipeError: an override without ``=``, one that walks into a non-mapping, or a
+            scalar that replaces a whole mapping an earlier override set a key in
+            (``crop.proposals.params.max_side=256 crop.proposals=online``: the other order
+            sets the key in the mapping ``online`` stands for; ``null`` or a mapping replaces
+            it on purpose).
     """
     out = dict(raw)
     earlier: list[tuple[list[str], str]] = []  # (key path, override) of the overrides applied
@@ -533,9 +537,13 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         parts = [p for p in path.strip().lstrip("+").split(".") if p]
         if not parts:
             raise RecipeError(f"override '{item}' has an empty key")
+        value = _parse_value(text)
         inside = [o for keys, o in earlier if len(keys) > len(parts) and keys[: len(parts)] == parts]
-        if inside and not (len(parts) == 1 and parts[0] in _SHORTHAND):
-            # a whole value replaces the mapping that an earlier override set a key in
+        merged = len(parts) == 1 and parts[0] in _SHORTHAND and isinstance(value, str)
+        if inside and value is not None and not isinstance(value, Mapping) and not merged:
+            # a scalar (a mode such as `online`) replaces the mapping that an earlier override
+            # set a key in; null or a mapping replaces it on purpose, a section's shorthand
+            # keeps the rest of the section
             raise RecipeError(
                 f"override '{item}' replaces {'.'.join(parts)}, which the earlier override "
                 f"'{inside[-1]}' set a key inside: that setting would be lost. Fix: put "
@@ -563,7 +571,6 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             child = dict(child)
             node[part] = child
             node = child
-        value = _parse_value(text)
         short = _SHORTHAND.get(parts[0]) if len(parts) == 1 else None
         if short and isinstance(value, str) and isinstance(node.get(parts[0]), Mapping):
             # `crop=scene` on a recipe with a crop section: change its type, keep the rest
@@ -571,6 +578,11 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             node[parts[0]] = {**node[parts[0]], short: value}
             if parts[0] == "crop" and value == "scene":
                 node["crop"] = scene_counterpart(node["crop"])
+                data = node.get("data")
+                if isinstance(data, Mapping) and data.get("sampling") == "per_box":
+                    # per-box sampling of scene crops would see an image once per box: the
+                    # matched baseline samples images, as many as the per-box run's boxes
+                    node["data"] = {**data, "sampling": "per_image", "epoch_length": "boxes"}
         else:
             node[parts[-1]] = value
     return out
@@ -581,10 +593,13 @@ def scene_counterpart(crop: Mapping[str, Any]) -> dict[str, Any]:
 
     The same view size, photometrics and engine, with scene crops where the view recipe cuts
     from proposals: a two-view object recipe (``obj_obj_dilate``, ``obj_obj``, ``obj_scene``)
-    becomes ``scene_scene``, keeping the parameters that ``scene_scene`` takes (``scale``,
-    ``ratio``; ``obj_scene``'s ``scene_scale`` as ``scale``) and dropping the object ones;
-    ``multi_crop`` keeps its views and counts and draws both groups from the scene. Other
-    views (a list, a plugin's recipe) are left as they are.
+    becomes ``scene_scene``, keeping the parameters that ``scene_scene`` takes (``size``,
+    ``scale``, ``ratio``; ``obj_scene``'s ``scene_scale`` as ``scale``) and dropping the
+    object ones; ``object`` / ``object_dilated`` (``n_views`` of one policy) become as many
+    ``scene`` views; ``multi_crop`` keeps its views and counts and draws both groups from the
+    scene. Other views (a list, a plugin's recipe) are left as they are. ``crop.proposals``
+    (online or initial boxes) is dropped. (The override also turns per-box sampling into
+    ``epoch_length: boxes``: see :func:`apply_overrides`.)
 
     Example:
         >>> scene_counterpart({"type": "scene", "views": "obj_obj_dilate", "size": 224,
@@ -592,10 +607,15 @@ def scene_counterpart(crop: Mapping[str, Any]) -> dict[str, Any]:
         {'type': 'scene', 'views': 'scene_scene', 'size': 224, 'params': {}}
     """
     out = dict(crop)
+    out.pop("proposals", None)  # online / initial boxes: no proposals for scene crops
     views = out.get("views")
     params = out.get("params")
     params = dict(params) if isinstance(params, Mapping) else {}
-    if views == "multi_crop":
+    if views in ("object", "object_dilated"):  # n views of one policy: n scene crops
+        out["views"] = "scene"
+        out["params"] = {k: v for k, v in params.items()
+                         if k in ("n_views", "size", "scale", "ratio")}
+    elif views == "multi_crop":
         for group in ("global_policy", "local_policy"):
             spec = params.get(group, "scene" if group == "global_policy" else "object")
             if isinstance(spec, Mapping):
@@ -607,7 +627,7 @@ def scene_counterpart(crop: Mapping[str, Any]) -> dict[str, Any]:
     elif views is None or views in _OBJECT_RECIPES:
         if views is not None and "scene_scale" in params:
             params.setdefault("scale", params["scene_scale"])
-        kept = {k: v for k, v in params.items() if k in ("scale", "ratio")}
+        kept = {k: v for k, v in params.items() if k in ("size", "scale", "ratio")}
         if views is not None:
             out["views"] = "scene_scene"
         if "params" in out:

@@ -169,6 +169,11 @@ def test_crop_scene_is_each_shipped_recipes_scene_baseline(path):
     assert [v.size for v in after.views] == [v.size for v in before.views]
     if cfg.views == "multi_crop":
         assert scene.views == "multi_crop" and scene.crop.params["n_local"] == 6
+    if cfg.data.sampling == "per_box":  # the matched baseline: images, as many as the boxes
+        assert (scene.data.sampling, scene.data.epoch_length) == ("per_image", "boxes")
+        matched = load_recipe(path.with_name(f"{path.stem}_scene_matched.yaml"))
+        assert (scene.views, scene.crop.params, scene.data.max_boxes_per_image) == (
+            matched.views, matched.crop.params, matched.data.max_boxes_per_image)
 
 
 def test_crop_scene_keeps_what_scene_crops_take():
@@ -178,6 +183,14 @@ def test_crop_scene_keeps_what_scene_crops_take():
         ["crop=scene"])
     assert raw["crop"] == {"type": "scene", "views": "scene_scene", "size": 32,
                            "params": {"scale": [0.3, 1.0], "ratio": [0.5, 2.0]}}
+    # a view size in the parameters, n views of one policy, online boxes
+    sized = apply_overrides({"crop": {"views": "obj_obj", "size": 224, "params": {"size": 160}}},
+                            ["crop=scene"])
+    assert sized["crop"]["params"] == {"size": 160}
+    many = apply_overrides(
+        {"crop": {"views": "object_dilated", "params": {"n_views": 4, "dilation": 0.2},
+                  "proposals": "online"}}, ["crop=scene"])
+    assert many["crop"] == {"views": "scene", "params": {"n_views": 4}, "type": "scene"}
     multi = apply_overrides(
         {"crop": {"views": "multi_crop", "params": {
             "n_local": 4, "local_policy": {"policy": "object", "scale": [0.1, 0.5], "top_k": 5}}}},
@@ -207,6 +220,10 @@ def test_an_override_that_would_drop_an_earlier_one_is_refused():
     assert load_recipe(path, ["trainer.epochs=2", "trainer.epochs=3"]).trainer.epochs == 3
     # a section's shorthand keeps the rest of the section
     assert load_recipe(path, ["crop.size=32", "crop=scene"]).crop.size == 32
+    # null or a mapping replaces the mapping on purpose ("last one wins")
+    assert apply_overrides({}, ["crop.proposals.warmup_epochs=0", "crop.proposals=null"]) == {
+        "crop": {"proposals": None}}
+    assert apply_overrides({}, ["a.b.c=1", "a.b={d: 2}"]) == {"a": {"b": {"d": 2}}}
 
 
 def test_the_recipes_comments_hold_commands():

@@ -449,3 +449,18 @@ def test_the_warm_up_lasts_its_epochs_when_max_steps_ends_the_run(tmp_path, data
     train(load_recipe(path), echo=lambda s: None)
     factor = made["scheduler"].lr_lambdas[0]
     assert [round(factor(i), 2) for i in range(5)] == [0.33, 0.67, 1.0, 1.0, 1.0]
+
+
+def test_labels_partly_under_the_folder_are_said_before_training(tmp_path, data):
+    from objcrop_plugin.train.runner import _check_labels_folder
+
+    path = recipe(tmp_path, data)
+    cfg = load_recipe(path, [f"data.labels={data.labels_path}"])
+    keys = sorted(p.relative_to(data.root).as_posix() for p in data.image_dir.iterdir())
+    said: list[str] = []
+    _check_labels_folder(cfg, keys, said.append)
+    assert said == []  # all there: nothing to say
+    _check_labels_folder(cfg, keys + ["images/gone.jpg"], said.append)
+    assert len(said) == 1 and said[0].startswith(
+        f"warning: data.labels: 1 of {len(keys) + 1} labelled images checked are not under")
+    assert "images/gone.jpg" in said[0]

@@ -111,7 +111,7 @@ class ObjectAwareSoloDataset(IndexedDataset):
         max_boxes_per_image: int | None = None,
     ) -> None:
         super().__init__(dataset)
-        _drop_non_images(dataset)
+        drop_non_images(dataset)
         self.transform = transform
         self.planner = transform.planner
         self.key_root = os.path.abspath(os.fspath(key_root))
@@ -212,13 +212,17 @@ class ObjectAwareSoloDataset(IndexedDataset):
         return index, views, target
 
 
-def _drop_non_images(dataset: Any) -> None:
+def drop_non_images(dataset: Any) -> None:
     """solo-learn's listing without labels (``data.no_labels``) is ``os.listdir`` of the
     folder: its subfolders, hidden files (``.DS_Store``) and other files would each be read
     as an image, fail, and count against ``data.max_failure_rate``. They are left out of the
-    listing (solo-learn itself would stop at the first), with a warning naming them and the
-    images in the subfolders, which are not trained."""
-    from ...images import IMAGE_EXTENSIONS, list_images
+    listing (solo-learn itself would stop at the first), with a warning naming them: the
+    images in the subfolders are not trained.
+
+    Raises:
+        SoloConfigError: nothing is left (class subfolders read without labels).
+    """
+    from ...images import IMAGE_EXTENSIONS
 
     images = getattr(dataset, "images", None)
     if not isinstance(images, list) or getattr(dataset, "samples", None) is not None:
@@ -235,19 +239,26 @@ def _drop_non_images(dataset: Any) -> None:
             kept.append(name)
     if not folders and not others:
         return
+
+    def named(names: list[str]) -> str:
+        return ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+
+    if not kept:
+        raise SoloConfigError(
+            f"data.no_labels: solo-learn lists only the files directly in {root}, and none of "
+            f"them is an image (subfolders: {named(folders) or 'none'}; other files: "
+            f"{named(others) or 'none'}). Fix: data.no_labels=False to read the subfolders as "
+            "classes (solo-learn's ImageFolder), or point data.train_path at a folder of images"
+        )
     dataset.images = kept
     if folders:
-        inside = sum(len(list_images(os.path.join(root, f))) for f in folders)
         log.warning(
-            "objcrop: data.no_labels: solo-learn lists only the files directly in %s; its "
-            "subfolder(s) %s (%d images) are not trained. Fix: move those images into %s, or "
-            "use the subfolders as classes (data.no_labels=False)",
-            root, ", ".join(sorted(folders)[:5]) + (", ..." if len(folders) > 5 else ""),
-            inside, root)
+            "objcrop: data.no_labels: solo-learn lists only the files directly in %s; the "
+            "images in its subfolder(s) %s are not trained. Fix: move them into %s, or use the "
+            "subfolders as classes (data.no_labels=False)", root, named(folders), root)
     if others:
         log.warning("objcrop: data.no_labels: %d file(s) in %s that are no images left out "
-                    "(%s)", len(others), root,
-                    ", ".join(sorted(others)[:5]) + (", ..." if len(others) > 5 else ""))
+                    "(%s)", len(others), root, named(others))
 
 
 def unwrap_solo_dataset(dataset: Any) -> Any:

@@ -19,7 +19,7 @@ import torch
 from ..._random import sample_rng
 from ...policies import ScenePolicy
 from .config import ObjectAwareConfig, as_plain
-from .datasets import IndexedDataset, ObjectAwareSoloDataset, SoloBadImages
+from .datasets import IndexedDataset, ObjectAwareSoloDataset, SoloBadImages, drop_non_images
 from .errors import SoloConfigError
 from .transform import SlotPlanner
 
@@ -173,6 +173,7 @@ class ObjectAwareCanvasDataset(ObjectAwareSoloDataset):
         max_boxes_per_image: int | None = None,
     ) -> None:
         IndexedDataset.__init__(self, dataset)
+        drop_non_images(dataset)
         self.planner = gpu.planner
         self.scenes = gpu.scenes
         self.canvas = gpu.canvas

@@ -130,8 +130,12 @@ def test_a_listing_without_labels_leaves_out_subfolders_and_other_files(scenes, 
     assert sorted(dataset.dataset.images) == [f"{i:03d}.png" for i in range(8)]
     assert len(dataset) == 8 and dataset.bad.n == 8
     said = caplog.text
-    assert "subfolder(s) sub (4 images) are not trained" in said
+    assert "the images in its subfolder(s) sub are not trained" in said
     assert "2 file(s) in" in said and ".DS_Store, notes.txt" in said
     for i in range(8):
         assert dataset[i][0] == i
     assert dataset.bad.count == 0
+    # class folders read without labels: nothing left, said with the fix (not an empty sampler)
+    with pytest.raises(SoloConfigError, match=r"data\.no_labels: .* none of them is an image "
+                                              r"\(subfolders: a, b; .*Fix: data\.no_labels=False"):
+        ObjectAwareSoloDataset(NoLabels(scenes / "train"), transform, scenes / "train")

@@ -137,3 +137,28 @@ def test_gpu_dataset_skips_a_corrupt_image(scenes, tmp_path):
     item = dataset[7]
     assert item["index"] == 7 and item["key"] == "a/000.png"  # wraps around to index 0
     assert dataset.bad.indices() == [7]
+
+
+def test_gpu_dataset_without_labels_leaves_out_what_is_no_image(scenes, tmp_path):
+    """As the CPU dataset: solo-learn's os.listdir listing loses its subfolders and other
+    files before they are read as images (and counted as failures)."""
+    import os
+    import shutil
+
+    pytest.importorskip("kornia")
+    root = tmp_path / "flat"
+    shutil.copytree(scenes / "flat", root)
+    (root / "sub").mkdir()
+    (root / ".DS_Store").write_bytes(b"\0")
+
+    class NoLabels(torch.utils.data.Dataset):  # solo-learn's CustomDatasetWithoutLabels listing
+        def __init__(self, root):
+            self.root, self.images = root, os.listdir(root)
+
+        def __len__(self):
+            return len(self.images)
+
+    _, _, views = gpu_setup(scenes, [make_entry("object_aware")])
+    dataset = ObjectAwareCanvasDataset(NoLabels(root), views, root)
+    assert sorted(dataset.dataset.images) == [f"{i:03d}.png" for i in range(8)]
+    assert len(dataset) == 8 and dataset.bad.n == 8
