@@ -280,7 +280,7 @@ def recall(
     Returns:
         A dict: ``images`` (of ``gt``), ``images_without_gt`` (gt images with no box; they do
         not count), ``degenerate_gt_boxes`` (ground-truth boxes of no area once clipped to
-        the image, left out; the others are clipped as proposals are), ``missing_images`` and ``missing_keys`` (the first 20),
+        the image, left out; the others are clipped to the image, as the proposals are), ``missing_images`` and ``missing_keys`` (the first 20),
         ``mismatched_images`` (stored at another aspect ratio; ``transposed_images`` of them
         with width and height swapped) and ``mismatched_keys`` (the first 20), ``gt_boxes``,
         ``gt_boxes_by_size`` (``small, medium, large``), ``recall[t][k]`` and
@@ -295,6 +295,8 @@ def recall(
     if isinstance(store, (str, os.PathLike)):
         store = ProposalStore(store)
     ths = np.asarray([float(t) for t in iou_thresholds], dtype=np.float64)
+    if not ((ths > 0) & (ths <= 1)).all():
+        raise ValueError(f"recall: IoU thresholds must be in (0, 1], got {list(iou_thresholds)}")
     k_keys: list[int | str] = []
     for k in ks:
         if k is None:
@@ -339,7 +341,9 @@ def recall(
                 continue
             props = props.rescaled(rec.image_size)
         order = np.argsort(-np.asarray(props.scores, dtype=np.float64), kind="stable")
-        p = box_ops.as_boxes(props.boxes)[order[:kmax]]
+        # clipped as the ground truth is, and as the crop policies clip a box before cutting
+        # a view from it (imported boxes may reach past the image)
+        p = box_ops.clip(box_ops.as_boxes(props.boxes)[order[:kmax]], rec.image_size)
         if len(p) == 0:
             continue
         # best IoU among the first j+1 proposals, for every j: one IoU matrix serves every k

@@ -257,6 +257,19 @@ def test_ground_truth_is_clipped_to_its_image_and_boxes_of_no_area_left_out(tmp_
     assert "2 ground-truth boxes of no area in their image left out" in format_recall(r)
 
 
+def test_boxes_evaluated_against_themselves_have_recall_one(tmp_path):
+    """Stored boxes reaching past the image (imported ones are not clipped) are clipped as
+    the ground truth is: the same boxes on both sides are found at any threshold."""
+    records = [("e.jpg", [[70, 40, 120, 90], [-10, -5, 20, 15], [5, 5, 30, 30]], [1.0, 1.0, 1.0],
+                (96, 64))]
+    same = _store(tmp_path, "same", records)
+    r = recall(same, same, iou_thresholds=(0.5, 0.7, 0.95), ks=(10,))
+    assert r["recall"] == {0.5: {10: 1.0}, 0.7: {10: 1.0}, 0.95: {10: 1.0}}
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"IoU thresholds must be in \(0, 1\]"):
+            recall(same, same, iou_thresholds=(bad,))
+
+
 def test_json_lines_ground_truth_may_start_with_a_blank_line(tmp_path):
     from objcrop_plugin.proposals.evaluate import open_ground_truth
     from objcrop_plugin.proposals.jsonl import JsonLinesImporter
