@@ -128,7 +128,10 @@ def _key(prefix: str, name: str) -> str:
 def _image_file(root: Path, key: str) -> Path | None:
     """The file of ``key`` under ``root``, or ``None``; a name the annotations write composed
     (NFC) is found decomposed (NFD, as files copied from macOS keep it), and the other way
-    round (the store's lookups match both forms too)."""
+    round (the store's lookups match both forms too). The key is looked up as the store
+    will hold it (:func:`~objcrop_plugin.files.normalize_key`: ``sub\\a.jpg``, as a COCO file
+    written on Windows names it, is ``sub/a.jpg``)."""
+    key = normalize_key(key)
     for name in (key, *other_unicode_forms(key)):
         if (file := root / name).is_file():
             return file
@@ -547,7 +550,7 @@ def coco_labels(
     y[idx[keep], cols[keep]] = 1.0
     if images.file_names:
         _check_prefix(key_prefix, images.file_names[0])
-    keys = [_key(key_prefix, n) for n in images.file_names]
+    keys = [normalize_key(_key(key_prefix, n)) for n in images.file_names]  # as a store's
     return keys, y, names
 
 

@@ -102,6 +102,21 @@ def test_coco_images_root_finds_a_name_stored_in_the_other_unicode_form(tmp_path
     assert [r.key for r in importer.records()] == ["caf\u00e9.jpg"] and importer.missing == []
 
 
+def test_coco_images_root_finds_a_name_written_with_backslashes(tmp_path):
+    """A COCO file written on Windows names `sub\\a.jpg`: the store's key is `sub/a.jpg`,
+    and that file is what --images-root must find (it was skipped as missing)."""
+    data = _coco(images=[{"id": 7, "file_name": "sub\\a.jpg", "width": 64, "height": 48}],
+                 annotations=[])
+    path = _write(tmp_path / "ann.json", data)
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    Image.new("RGB", (64, 48)).save(tmp_path / "imgs" / "sub" / "a.jpg")
+    importer = CocoImporter(path, images_root=tmp_path / "imgs")
+    assert [r.key for r in importer.records()] == ["sub/a.jpg"] and importer.missing == []
+    data["categories"] = [{"id": 1, "name": "x"}]
+    keys, _, _ = coco_labels(_write(tmp_path / "labels.json", data))  # the evaluation's keys
+    assert keys == ["sub/a.jpg"]
+
+
 def test_coco_annotation_scores_are_used_and_sorted(tmp_path):
     data = _coco()
     data["annotations"][0]["score"] = 0.2
