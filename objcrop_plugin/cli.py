@@ -449,7 +449,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"objcrop eval needs labels: {labels_file} not found. Fix: pass --labels FILE "
                 '(JSON: {"classes": [names], "images": [{"key": path relative to --root, '
                 '"labels": [class indices]}]}) or --coco instances.json')
-        keys, labels, _ = load_labels(labels_file)
+        with open(labels_file, encoding="utf-8") as f:
+            head = json.load(f)
+        if isinstance(head, dict) and "annotations" in head and "images" in head:
+            from .proposals.importers import coco_labels  # a COCO file, as data.labels takes
+
+            keys, labels, _ = coco_labels(labels_file, key_prefix=args.key_prefix)
+        else:
+            keys, labels, _ = load_labels(labels_file)
     net = load_backbone(args.model, args.checkpoint, args.prefix)
     if len(args.image_size) > 2:
         raise ValueError(f"--image-size takes one side or HEIGHT WIDTH, got "
@@ -624,7 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="multi-label linear probe (mAP) and kNN on frozen features")
     p.add_argument("--root", required=True, help="dataset root (label keys are relative to it)")
     p.add_argument("--labels", help='labels JSON (default ROOT/labels.json): {"classes": [names], '
-                   '"images": [{"key": path relative to ROOT, "labels": [class indices]}]}')
+                   '"images": [{"key": path relative to ROOT, "labels": [class indices]}]}, or '
+                   "a COCO instances JSON (as --coco)")
     p.add_argument("--coco", help="COCO annotations JSON: multi-hot of the categories present")
     p.add_argument("--key-prefix", default="")
     p.add_argument("--model", default="resnet18", help="timm model name")

@@ -268,6 +268,24 @@ def test_eval_command_on_demo_data(tmp_path, capsys, demo_data, monkeypatch, cap
     assert res["probe_map"] is None and res["classes_evaluated"] == 0
     assert "no class has a positive" in caplog.text
 
+    # --labels takes a COCO instances file as data.labels does (by its content)
+    demo_labels = json.loads((demo.root / "labels.json").read_text())
+    coco = {"images": [], "annotations": [],
+            "categories": [{"id": i + 1, "name": n} for i, n in enumerate(demo_labels["classes"])]}
+    for i, image in enumerate(demo_labels["images"]):
+        coco["images"].append({"id": i, "file_name": image["key"], "width": image["width"],
+                               "height": image["height"]})
+        for c in image["labels"]:
+            coco["annotations"].append({"id": len(coco["annotations"]), "image_id": i,
+                                        "category_id": c + 1, "bbox": [1, 1, 8, 8],
+                                        "iscrowd": 0, "area": 64})
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    assert main(["eval", "--root", str(demo.root), "--labels", str(tmp_path / "coco.json"),
+                 "--model", "resnet10t", "--image-size", "32", "--epochs", "2", "--k", "3",
+                 "--json", str(tmp_path / "coco-r.json")]) == 0
+    res = json.loads((tmp_path / "coco-r.json").read_text())
+    assert res["n_train"] + res["n_test"] == 12 and res["probe_map"] is not None
+
 
 def test_demo_command_quick_budget_writes_results_picture_and_ends_with_result(tmp_path, capsys):
     out = tmp_path / "demo"

@@ -409,9 +409,10 @@ class CocoImporter(ProposalImporter):
         if self.is_results and self.images_json is None:
             raise ValueError(
                 f"{self.path} is a COCO detection-results list ({{image_id, bbox, score, ...}} "
-                "per box), which has no image file names or sizes. Fix: also pass images_json= "
-                "the COCO annotations file of the same split (e.g. instances_val2017.json), "
-                "which maps image_id to file_name, width and height."
+                "per box), which has no image file names or sizes. Fix: also pass the COCO "
+                "annotations file of the same split (e.g. instances_val2017.json), which maps "
+                "image_id to file_name, width and height: --images-json (objcrop proposals "
+                "import-coco), --gt-images-json (proposals eval), images_json= (Python)."
             )
 
     @property

@@ -146,7 +146,9 @@ def test_coco_images_root_skips_and_lists_missing_files(tmp_path, caplog):
 # -- COCO detection results ----------------------------------------------------------------------
 def test_coco_results_need_images_json_and_explain_the_fix(tmp_path):
     res = _write(tmp_path / "dets.json", [{"image_id": 7, "bbox": [0, 0, 1, 1], "score": 0.5}])
-    with pytest.raises(ValueError, match="images_json") as info:
+    with pytest.raises(ValueError, match=r"--images-json \(objcrop proposals import-coco\), "
+                                         r"--gt-images-json \(proposals eval\), images_json= "
+                                         r"\(Python\)") as info:
         CocoImporter(res)
     assert str(res) in str(info.value)
 
