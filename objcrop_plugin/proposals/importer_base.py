@@ -105,9 +105,11 @@ def import_to_store(importer: Any, out_path: PathLike, meta: dict[str, Any] | No
     """
     src_meta = getattr(importer, "meta", None)
     merged = {**(src_meta if isinstance(src_meta, dict) else {}), **(meta or {})}
+    check = BoxCheck()
     with ProposalStoreWriter(out_path, merged) as writer:
         for item in importer.records():
             rec = _as_record(item)
+            check.add(rec)
             try:
                 writer.add_record(rec)
             except ValueError:  # a repeated key: name the input, not the store being written
@@ -131,6 +133,7 @@ def import_to_store(importer: Any, out_path: PathLike, meta: dict[str, Any] | No
             )
         count = len(writer)
     remove_stale_failures(out_path)  # a build's list beside an earlier store of this name
+    check.warn(getattr(importer, "path", importer))
     missing = getattr(importer, "missing", None)
     if missing:
         log.info("%s: %d images skipped as missing", out_path, len(missing))
@@ -139,6 +142,68 @@ def import_to_store(importer: Any, out_path: PathLike, meta: dict[str, Any] | No
         log.warning("%s: %d images skipped as unreadable (first: %s); they get no proposals",
                     out_path, len(unreadable), unreadable[0])
     return count
+
+
+class BoxCheck:
+    """What an import's boxes say about the file's format, counted over every record.
+
+    Imported boxes are stored as the file gives them (pixel ``x1, y1, x2, y2`` of the upright
+    image); a file in another convention imports without an error and would give views from
+    the wrong places. Counted: boxes no view can be cut from (not finite, inverted, or of no
+    area in the image: often ``x, y, w, h`` read as corners), boxes reaching past the image
+    by more than its own size (often normalised and pixel coordinates mixed up, or the
+    image's size wrong), and keys that are absolute paths (keys are relative to the image
+    folder). :meth:`warn` logs one warning with the counts and an example of each.
+    """
+
+    def __init__(self) -> None:
+        self.boxes = 0
+        self.unusable = self.far_outside = self.absolute = 0
+        self.examples: dict[str, str] = {}
+
+    def add(self, rec: ProposalRecord) -> None:
+        import numpy as np
+
+        from .. import boxes as box_ops
+
+        if rec.key.startswith("/") or (len(rec.key) > 2 and rec.key[1:3] in (":/", ":\\")):
+            self.absolute += 1
+            self.examples.setdefault("absolute", rec.key)
+        b = box_ops.as_boxes(rec.boxes)
+        if not len(b):
+            return
+        self.boxes += len(b)
+        bad = ~box_ops.valid_mask(b, rec.image_size, min_side=1e-6)
+        w, h = (float(v) for v in rec.image_size)
+        with np.errstate(invalid="ignore"):
+            far = ((b[:, 0] < -w) | (b[:, 2] > 2 * w) | (b[:, 1] < -h) | (b[:, 3] > 2 * h))
+        far &= ~bad
+        if bad.any():
+            self.unusable += int(bad.sum())
+            self.examples.setdefault("unusable", f"{rec.key} {b[bad][0].tolist()}")
+        if far.any():
+            self.far_outside += int(far.sum())
+            self.examples.setdefault("far_outside", f"{rec.key} {b[far][0].tolist()} in "
+                                                    f"{int(w)}x{int(h)}")
+
+    def warn(self, source: Any) -> None:
+        said = []
+        if self.unusable:
+            said.append(f"{self.unusable} of {self.boxes} boxes are inverted, not finite or of "
+                        f"no area in their image (e.g. {self.examples['unusable']}; x, y, w, h "
+                        "read as corners?)")
+        if self.far_outside:
+            said.append(f"{self.far_outside} boxes reach past their image by more than its "
+                        f"size (e.g. {self.examples['far_outside']}; pixel and normalised "
+                        "coordinates mixed up, or the image sizes wrong?)")
+        if self.absolute:
+            said.append(f"{self.absolute} keys are absolute paths (e.g. "
+                        f"{self.examples['absolute']}), which match no image: keys are paths "
+                        "relative to the image folder")
+        if said:
+            log.warning("%s: %s. Boxes are stored as given: pixel x1, y1, x2, y2 of the upright "
+                        "image (`objcrop proposals stats STORE` counts the unusable ones)",
+                        source, "; ".join(said))
 
 
 def _options(factory: Any) -> list[str]:

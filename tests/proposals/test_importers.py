@@ -508,3 +508,31 @@ def test_make_importer_passes_options_and_names_unknown_ones(tmp_path):
     csv.write_text("ImageID,XMin,XMax,YMin,YMax\na,0,0.5,0,0.5\n", encoding="utf-8")
     rec = next(make_importer("openimages", csv, sizes={"a": [10, 20]}).records())
     assert rec.key == "a.jpg" and rec.boxes.tolist() == [[0, 0, 5, 10]]
+
+
+def test_an_import_says_what_its_boxes_suggest_about_the_files_format(tmp_path, caplog):
+    """Boxes are stored as given; inverted ones (x, y, w, h read as corners), ones far past
+    the image (pixels where fractions were meant) and absolute keys are counted and said."""
+    rows = [
+        {"key": "a.jpg", "width": 96, "height": 64,
+         "boxes": [[30, 2, 3, 4], [10, 10, 150, 40], [1, 1, 10, 10], [-200, 0, 20, 20]],
+         "scores": [1, 1, 1, 1]},
+        {"key": "/data/b.jpg", "width": 96, "height": 64, "boxes": [[1, 1, 9, 9]], "scores": [1]},
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING):
+        assert import_to_store(make_importer("jsonl", src), tmp_path / "s.objcrop") == 2
+    said = caplog.text
+    assert "1 of 5 boxes are inverted, not finite or of no area in their image (e.g. a.jpg " \
+           "[30.0, 2.0, 3.0, 4.0]; x, y, w, h read as corners?)" in said
+    assert "1 boxes reach past their image by more than its size (e.g. a.jpg " \
+           "[-200.0, 0.0, 20.0, 20.0] in 96x64; pixel and normalised" in said
+    assert "1 keys are absolute paths (e.g. /data/b.jpg)" in said
+    assert len(ProposalStore(tmp_path / "s.objcrop")["a.jpg"].boxes) == 4  # stored as given
+    caplog.clear()
+    rows[0]["boxes"], rows[0]["scores"], rows[1]["key"] = [[1, 1, 10, 10]], [1], "b.jpg"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level(logging.WARNING):
+        import_to_store(make_importer("jsonl", src), tmp_path / "t.objcrop")
+    assert "boxes are" not in caplog.text and "absolute" not in caplog.text
