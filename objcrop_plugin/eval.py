@@ -46,6 +46,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -764,6 +765,12 @@ def evaluate_backbone(
             unreadable = [keys[i] for i in np.flatnonzero(bad)]
             train_idx, test_idx = train_idx[~bad[train_idx]], test_idx[~bad[test_idx]]
             shown = ", ".join(unreadable[:3]) + (", ..." if len(unreadable) > 3 else "")
+            absent = [k for k in unreadable if not (Path(root) / k).exists()]
+            if absent:  # a label's name that no file has: not a bad file objcrop check can list
+                log.warning("evaluation: %d labelled images do not exist under %s (%s): the "
+                            "labels name files that are not there (another folder, or a name "
+                            "that differs by case or extension)", len(absent), root,
+                            ", ".join(absent[:3]) + (", ..." if len(absent) > 3 else ""))
             log.warning("evaluation: %d of %d images could not be read and are left out of the "
                         "probe and kNN (%s); objcrop check lists every bad file with the reason",
                         len(unreadable), len(keys), shown)

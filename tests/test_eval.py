@@ -295,7 +295,7 @@ def test_evaluate_backbone_end_to_end(demo):
         evaluate_backbone(None, demo.root, keys, y, split=([0, 1], [1, 2]), features=res["features"])
 
 
-def test_unreadable_images_are_left_out_of_the_evaluation(demo, tmp_path):
+def test_unreadable_images_are_left_out_of_the_evaluation(demo, tmp_path, caplog):
     """A corrupt file among the labelled images: left out of both splits and listed (the run
     it ends would otherwise have trained for nothing); the other images keep their split."""
     import shutil
@@ -322,6 +322,14 @@ def test_unreadable_images_are_left_out_of_the_evaluation(demo, tmp_path):
     assert torch.isnan(res["features"][[keys.index(k) for k in bad]]).all()
     with pytest.raises(ImageDecodeError, match="truncated|cannot"):
         evaluate_backbone(_resnet(0), root, keys, y, skip_unreadable=False, **kw)
+    # a labelled name that no file has is said as such (objcrop check cannot list it)
+    import logging
+
+    gone = keys[int(full["test_indices"][0])]
+    (root / gone).rename(root / (gone + ".moved"))
+    with caplog.at_level(logging.WARNING, logger="objcrop_plugin"):
+        evaluate_backbone(_resnet(0), root, keys, y, **kw)
+    assert f"1 labelled images do not exist under {root} ({gone})" in caplog.text
     for key in keys:
         (root / key).write_bytes(b"")
     with pytest.raises(ValueError, match=r"8 of 8 images .* could not be read .* leaving no"):
