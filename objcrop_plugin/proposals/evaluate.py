@@ -248,6 +248,14 @@ def open_ground_truth(
                 "COCO ground truth only. Fix: leave them out."
             )
         return ProposalStore(path) if kind == "proposal store" else JsonLinesImporter(path)
+    if b"ImageID" in line and b"XMin" in line:  # an OpenImages boxes CSV's header
+        raise ValueError(
+            f"{path} looks like an OpenImages boxes CSV "
+            f"({line[:60].decode('utf-8', 'replace').strip()!r}), "
+            "which needs the images' sizes to give pixel boxes. Fix: import it first "
+            f"(`objcrop proposals import-openimages {path} --images-root IMAGES_DIR "
+            "-o gt.objcrop`), then --gt gt.objcrop"
+        )
     return CocoImporter(path, images_json=images_json, key_prefix=key_prefix)
 
 

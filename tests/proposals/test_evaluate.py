@@ -277,3 +277,14 @@ def test_json_lines_ground_truth_may_start_with_a_blank_line(tmp_path):
     path = tmp_path / "gt.jsonl"
     path.write_text('\n{"key": "a.jpg", "width": 10, "height": 10, "boxes": [[1, 1, 5, 5]]}\n')
     assert isinstance(open_ground_truth(path), JsonLinesImporter)
+
+
+def test_an_openimages_csv_as_ground_truth_is_told_to_be_imported_first(tmp_path):
+    from objcrop_plugin.proposals.evaluate import open_ground_truth
+
+    csv = tmp_path / "boxes.csv"
+    csv.write_text("ImageID,XMin,XMax,YMin,YMax\nabc,0.1,0.5,0.1,0.5\n")
+    with pytest.raises(ValueError, match=r"looks like an OpenImages boxes CSV \('ImageID,XMin.*Fix: import it first "
+                                         r"\(`objcrop proposals import-openimages .*boxes\.csv "
+                                         r"--images-root IMAGES_DIR -o gt\.objcrop`\)"):
+        open_ground_truth(csv)
