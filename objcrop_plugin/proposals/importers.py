@@ -138,6 +138,34 @@ def _image_file(root: Path, key: str) -> Path | None:
     return None
 
 
+def _check_sizes(source: Path, sampled: list[tuple[str, Path, tuple[int, int]]]) -> None:
+    """Warn when images' files have another upright size than the annotations give (EXIF
+    orientation the annotations ignored, or another copy of the images): their boxes would
+    land elsewhere, so such images get scene crops (counted as mismatched)."""
+    from .. import boxes as box_ops
+    from ..images import ImageDecodeError, open_image
+
+    wrong: list[str] = []
+    checked = 0
+    for key, file, size in sampled:
+        try:
+            opened = open_image(file)
+        except ImageDecodeError:
+            continue
+        upright = opened.size
+        opened.image.close()
+        checked += 1
+        if box_ops.size_mismatch(size, upright) is not None:
+            wrong.append(f"{key}: annotations {size[0]}x{size[1]}, image {upright[0]}x"
+                         f"{upright[1]} upright")
+    if wrong:
+        log.warning("%s: %d of %d images checked have another size than the annotations give "
+                    "(e.g. %s): boxes refer to the upright image, so these images would get "
+                    "scene crops (counted as mismatched). Fix: width and height of the upright "
+                    "image in the annotations (EXIF orientation applied), or the images they "
+                    "were made for", source, len(wrong), checked, wrong[0])
+
+
 def _check_prefix(prefix: str, example: str) -> None:
     """Warn about a key prefix without its trailing slash: the keys are plain concatenations,
     so ``train2017`` makes ``train2017000000000139.jpg``, which names no image."""
@@ -467,17 +495,25 @@ class CocoImporter(ProposalImporter):
         boxes, scores = boxes[order], scores[order]
         if images.file_names:
             _check_prefix(self.key_prefix, images.file_names[0])
+        step = max(1, len(images.file_names) // 64)  # the sizes of up to 64 files are checked
+        sampled: list[tuple[str, Path, tuple[int, int]]] = []
         for j, name in enumerate(images.file_names):
             key = _key(self.key_prefix, name)
-            if self.images_root is not None and _image_file(self.images_root, key) is None:
-                self.missing.append(key)
-                continue
+            file = None
+            if self.images_root is not None:
+                file = _image_file(self.images_root, key)
+                if file is None:
+                    self.missing.append(key)
+                    continue
             a, b = offsets[j], offsets[j + 1]
             try:
                 rec = _record_from(key, boxes[a:b], scores[a:b], images.sizes[j])
             except ValueError as exc:
                 raise ProposalFileError(f"{images.path}: images[{j}] ({name}): {exc}") from None
+            if file is not None and j % step == 0:
+                sampled.append((rec.key, file, tuple(rec.image_size)))
             yield rec
+        _check_sizes(images.path, sampled)
         if self.missing:
             log.warning(
                 "%s: %d of %d images are not in %s and were skipped (first: %s)",

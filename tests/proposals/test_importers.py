@@ -536,3 +536,25 @@ def test_an_import_says_what_its_boxes_suggest_about_the_files_format(tmp_path, 
     with caplog.at_level(logging.WARNING):
         import_to_store(make_importer("jsonl", src), tmp_path / "t.objcrop")
     assert "boxes are" not in caplog.text and "absolute" not in caplog.text
+
+
+def test_coco_images_root_says_when_files_have_another_size_than_the_annotations(tmp_path, caplog):
+    """An image turned by its EXIF orientation (or another copy of the images): the
+    annotations' size is not the upright image's, and its boxes would land elsewhere."""
+    data = _coco(images=[{"id": 1, "file_name": "a.jpg", "width": 64, "height": 48},
+                         {"id": 2, "file_name": "b.jpg", "width": 64, "height": 48}],
+                 annotations=[])
+    path = _write(tmp_path / "ann.json", data)
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (48, 64)).save(tmp_path / "imgs" / "a.jpg")  # turned
+    Image.new("RGB", (128, 96)).save(tmp_path / "imgs" / "b.jpg")  # the same aspect: rescaled
+    with caplog.at_level(logging.WARNING):
+        keys = [r.key for r in CocoImporter(path, images_root=tmp_path / "imgs").records()]
+    assert keys == ["a.jpg", "b.jpg"]
+    assert ("1 of 2 images checked have another size than the annotations give (e.g. a.jpg: "
+            "annotations 64x48, image 48x64 upright)") in caplog.text
+    caplog.clear()
+    Image.new("RGB", (64, 48)).save(tmp_path / "imgs" / "a.jpg")
+    with caplog.at_level(logging.WARNING):
+        list(CocoImporter(path, images_root=tmp_path / "imgs").records())
+    assert "another size" not in caplog.text
