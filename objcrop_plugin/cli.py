@@ -376,6 +376,11 @@ def cmd_import_coco(args: argparse.Namespace) -> int:
     )
     n = import_to_store(imp, args.out)
     print(f"wrote {args.out} ({n} images)")
+    left_out = {why: k for why, k in getattr(imp, "left_out", {}).items() if k}
+    if left_out:
+        hints = {"crowd": " (--include-crowd keeps them)", "below min_score": ""}
+        print("left out: " + ", ".join(f"{k} {why} annotations{hints.get(why, '')}"
+                                      for why, k in left_out.items()))
     missing = getattr(imp, "missing", [])
     if missing:
         print(f"{len(missing)} images listed in the JSON are not under --images-root (skipped)")

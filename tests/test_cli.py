@@ -212,14 +212,18 @@ def test_stats_eval_and_coco_import_commands(tmp_path, capsys):
     coco = {
         "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 80}],
         "annotations": [{"id": 1, "image_id": 1, "bbox": [10, 10, 30, 20], "category_id": 3,
-                         "iscrowd": 0}],
+                         "iscrowd": 0},
+                        {"id": 2, "image_id": 1, "bbox": [0, 0, 90, 70], "category_id": 3,
+                         "iscrowd": 1}],
         "categories": [{"id": 3, "name": "cat"}],
     }
     ann = tmp_path / "ann.json"
     ann.write_text(json.dumps(coco))
     gt = tmp_path / "gt.objcrop"
+    capsys.readouterr()
     assert main(["proposals", "import-coco", str(ann), "--out", str(gt)]) == 0
     assert ProposalStore(gt)["a.jpg"].boxes.tolist() == [[10, 10, 40, 30]]
+    assert "left out: 1 crowd annotations (--include-crowd keeps them)" in capsys.readouterr().out
     ProposalStore.write(tmp_path / "p.objcrop", [("a.jpg", [[11, 10, 40, 30], [0, 0, 5, 5]],
                                                   [0.9, 0.1], (100, 80))])
     capsys.readouterr()

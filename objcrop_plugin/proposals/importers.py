@@ -484,11 +484,14 @@ class CocoImporter(ProposalImporter):
             ``(K,)`` best first, ``image_size`` ``(width, height)`` from the image table.
         """
         self.missing = []
+        self.left_out: dict[str, int] = {}  # annotations not imported, by why
         images, (idx, boxes, scores, crowd, _) = self._load()
         keep = np.ones(len(idx), dtype=bool)
         if not self.include_crowd:
             keep &= ~crowd
+            self.left_out["crowd"] = int(crowd.sum())
         if self.min_score is not None:
+            self.left_out["below min_score"] = int((keep & (scores < self.min_score)).sum())
             keep &= scores >= self.min_score
         idx, boxes, scores = idx[keep], boxes[keep], scores[keep]
         order, offsets = _group(idx, scores, len(images))
