@@ -923,8 +923,13 @@ def merge_stores(
         for key in store:
             if key in owner:
                 raise ValueError(
-                    f"key '{key}' is in both {stores[owner[key]].path} and {store.path}. "
-                    "Fix: merge each shard once, and shards of the same build only."
+                    f"key '{key}' is in both {stores[owner[key]].path} and {store.path}: merge "
+                    "joins stores of disjoint images (the shards of a build, or stores of "
+                    "different folders), and each image's boxes come from one store. Fix: "
+                    "merge each shard once, and shards of the same build only; for two "
+                    "sources of boxes for the same images, pick one per run (data.proposals), "
+                    "or export both (`objcrop proposals export`), join each image's boxes in "
+                    "one JSON Lines record and import that"
                 )
             owner[key] = si
     # what a shard or a partial merge says of itself is not what tells builds apart

@@ -484,3 +484,14 @@ def test_shards_run_on_their_own_devices_and_still_merge(tmp_path, monkeypatch):
     assert resolve_device("auto") == torch.device("cuda", 1)
     monkeypatch.delenv("LOCAL_RANK")
     assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_merging_two_sources_of_boxes_for_the_same_images_says_what_merge_is_for(tmp_path):
+    a, b = tmp_path / "gt.objcrop", tmp_path / "mine.objcrop"
+    ProposalStore.write(a, [("x.jpg", [[1, 1, 9, 9]], [1.0], (20, 10))], meta={"source": "coco"})
+    ProposalStore.write(b, [("x.jpg", [[2, 2, 8, 8]], [1.0], (20, 10))], meta={"source": "jsonl"})
+    with pytest.raises(ValueError, match=r"key 'x\.jpg' is in both .*gt\.objcrop and .*mine\."
+                                         r"objcrop: merge joins stores of disjoint images.*pick "
+                                         r"one per run \(data\.proposals\)"):
+        merge_stores(tmp_path / "m.objcrop", [a, b], allow_mixed=True)
+    assert not (tmp_path / "m.objcrop").exists()
