@@ -81,6 +81,19 @@ def _readable(root: Path, keys: list[str], n: int) -> list[str]:
     return chosen
 
 
+def _k_or_all(text: str) -> int | None:
+    """``--k`` of proposals eval: a count >= 1, or ``all`` (every proposal)."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        k = int(text)
+    except ValueError:
+        k = 0
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a count >= 1, or 'all'")
+    return k
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from .files import check_output
     from .proposals.store import ProposalStore
@@ -797,8 +810,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "results list")
     p.add_argument("--key-prefix", default="", help="COCO ground truth only: prepended to "
                    "file_name")
-    p.add_argument("--iou", type=float, nargs="+", default=[0.5, 0.7])
-    p.add_argument("--k", type=int, nargs="+", default=[1, 10, 100])
+    p.add_argument("--iou", type=float, nargs="+", default=[0.5, 0.7],
+                   help="IoU thresholds in (0, 1] (default 0.5 0.7)")
+    p.add_argument("--k", type=_k_or_all, nargs="+", default=[1, 10, 100],
+                   help="proposals per image counted, >= 1, or 'all' (default 1 10 100)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_proposals_eval)
     p = prop.add_parser("info", help="counts and metadata of a store")

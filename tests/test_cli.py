@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from objcrop_plugin.cli import main
@@ -232,6 +233,12 @@ def test_stats_eval_and_coco_import_commands(tmp_path, capsys):
     assert main(["proposals", "eval", str(tmp_path / "p.objcrop"), "--gt", str(ann), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["recall"]["0.5"]["1"] == 1.0
+    assert main(["proposals", "eval", str(tmp_path / "p.objcrop"), "--gt", str(ann), "--json",
+                 "--k", "1", "all"]) == 0
+    assert set(json.loads(capsys.readouterr().out)["recall"]["0.5"]) == {"1", "all"}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["proposals", "eval", str(tmp_path / "p.objcrop"), "--gt", str(ann), "--k", "0"])
+    assert exit_info.value.code == 2 and "a count >= 1, or 'all'" in capsys.readouterr().err
 
 
 def test_eval_command_on_demo_data(tmp_path, capsys, demo_data, monkeypatch, caplog):
