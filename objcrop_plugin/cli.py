@@ -467,14 +467,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 f"objcrop eval needs labels: {labels_file} not found. Fix: pass --labels FILE "
                 '(JSON: {"classes": [names], "images": [{"key": path relative to --root, '
                 '"labels": [class indices]}]}) or --coco instances.json')
-        with open(labels_file, encoding="utf-8") as f:
-            head = json.load(f)
-        if isinstance(head, dict) and "annotations" in head and "images" in head:
-            from .proposals.importers import coco_labels  # a COCO file, as data.labels takes
-
-            keys, labels, _ = coco_labels(labels_file, key_prefix=args.key_prefix)
-        else:
+        try:
             keys, labels, _ = load_labels(labels_file)
+        except ValueError as exc:  # a COCO instances file, as data.labels takes, or neither
+            if "'classes'" not in str(exc):
+                raise
+            from .proposals.importers import ProposalFileError, coco_labels
+
+            try:
+                keys, labels, _ = coco_labels(labels_file, key_prefix=args.key_prefix)
+            except (ProposalFileError, ValueError):
+                raise exc from None
     net = load_backbone(args.model, args.checkpoint, args.prefix)
     if len(args.image_size) > 2:
         raise ValueError(f"--image-size takes one side or HEIGHT WIDTH, got "

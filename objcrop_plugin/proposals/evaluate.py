@@ -248,7 +248,8 @@ def open_ground_truth(
                 "COCO ground truth only. Fix: leave them out."
             )
         return ProposalStore(path) if kind == "proposal store" else JsonLinesImporter(path)
-    if b"ImageID" in line and b"XMin" in line:  # an OpenImages boxes CSV's header
+    if (line.lstrip()[:1] not in (b"{", b"[") and b"ImageID" in line
+            and b"XMin" in line):  # an OpenImages boxes CSV's header
         raise ValueError(
             f"{path} looks like an OpenImages boxes CSV "
             f"({line[:60].decode('utf-8', 'replace').strip()!r}), "
@@ -351,7 +352,9 @@ def recall(
         order = np.argsort(-np.asarray(props.scores, dtype=np.float64), kind="stable")
         # clipped as the ground truth is, and as the crop policies clip a box before cutting
         # a view from it (imported boxes may reach past the image)
-        p = box_ops.clip(box_ops.as_boxes(props.boxes)[order[:kmax]], rec.image_size)
+        raw = box_ops.as_boxes(props.boxes)[order[:kmax]]
+        p = box_ops.clip(raw, rec.image_size)
+        p[~np.isfinite(raw).all(axis=1)] = np.nan  # no view is cut from it: never a hit
         if len(p) == 0:
             continue
         # best IoU among the first j+1 proposals, for every j: one IoU matrix serves every k

@@ -156,37 +156,61 @@ class BoxCheck:
     folder). :meth:`warn` logs one warning with the counts and an example of each.
     """
 
+    #: records checked together (one vectorised pass: an import may hold millions)
+    CHUNK = 4096
+
     def __init__(self) -> None:
         self.boxes = 0
         self.unusable = self.far_outside = self.absolute = 0
         self.examples: dict[str, str] = {}
+        self._pending: list[ProposalRecord] = []
 
     def add(self, rec: ProposalRecord) -> None:
+        key = rec.key
+        if key.startswith("/") or (len(key) > 2 and key[1:3] in (":/", ":\\")):
+            self.absolute += 1
+            self.examples.setdefault("absolute", key)
+        self._pending.append(rec)
+        if len(self._pending) >= self.CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
         import numpy as np
 
-        from .. import boxes as box_ops
-
-        if rec.key.startswith("/") or (len(rec.key) > 2 and rec.key[1:3] in (":/", ":\\")):
-            self.absolute += 1
-            self.examples.setdefault("absolute", rec.key)
-        b = box_ops.as_boxes(rec.boxes)
-        if not len(b):
+        recs = [r for r in self._pending if len(r.boxes)]
+        self._pending = []
+        if not recs:
             return
+        counts = np.array([len(r.boxes) for r in recs])
+        b = np.concatenate([np.asarray(r.boxes, dtype=np.float64).reshape(-1, 4) for r in recs])
+        wh = np.repeat(np.array([r.image_size for r in recs], dtype=np.float64), counts, axis=0)
+        owner = np.repeat(np.arange(len(recs)), counts)
         self.boxes += len(b)
-        bad = ~box_ops.valid_mask(b, rec.image_size, min_side=1e-6)
-        w, h = (float(v) for v in rec.image_size)
+        finite = np.isfinite(b).all(axis=1)
         with np.errstate(invalid="ignore"):
-            far = ((b[:, 0] < -w) | (b[:, 2] > 2 * w) | (b[:, 1] < -h) | (b[:, 3] > 2 * h))
-        far &= ~bad
+            c = np.where(finite[:, None], b, 0.0)
+            cw = np.minimum(np.maximum(c[:, 2], 0), wh[:, 0]) - np.minimum(
+                np.maximum(c[:, 0], 0), wh[:, 0])
+            ch = np.minimum(np.maximum(c[:, 3], 0), wh[:, 1]) - np.minimum(
+                np.maximum(c[:, 1], 0), wh[:, 1])
+            bad = ~finite | (cw <= 0) | (ch <= 0)  # no area in the image: no view from it
+            far = ~bad & ((b[:, 0] < -wh[:, 0]) | (b[:, 2] > 2 * wh[:, 0])
+                          | (b[:, 1] < -wh[:, 1]) | (b[:, 3] > 2 * wh[:, 1]))
         if bad.any():
             self.unusable += int(bad.sum())
-            self.examples.setdefault("unusable", f"{rec.key} {b[bad][0].tolist()}")
+            i = int(np.flatnonzero(bad)[0])
+            self.examples.setdefault("unusable", f"{recs[owner[i]].key} "
+                                                 f"{[round(v, 1) for v in b[i].tolist()]}")
         if far.any():
             self.far_outside += int(far.sum())
-            self.examples.setdefault("far_outside", f"{rec.key} {b[far][0].tolist()} in "
-                                                    f"{int(w)}x{int(h)}")
+            i = int(np.flatnonzero(far)[0])
+            w, h = recs[owner[i]].image_size
+            self.examples.setdefault("far_outside",
+                                     f"{recs[owner[i]].key} {[round(v, 1) for v in b[i].tolist()]}"
+                                     f" in {int(w)}x{int(h)}")
 
     def warn(self, source: Any) -> None:
+        self._flush()
         said = []
         if self.unusable:
             said.append(f"{self.unusable} of {self.boxes} boxes are inverted, not finite or of "

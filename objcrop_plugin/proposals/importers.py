@@ -498,7 +498,7 @@ class CocoImporter(ProposalImporter):
         boxes, scores = boxes[order], scores[order]
         if images.file_names:
             _check_prefix(self.key_prefix, images.file_names[0])
-        step = max(1, len(images.file_names) // 64)  # the sizes of up to 64 files are checked
+        step = -(-len(images.file_names) // 64) or 1  # the sizes of up to 64 files are checked
         sampled: list[tuple[str, Path, tuple[int, int]]] = []
         for j, name in enumerate(images.file_names):
             key = _key(self.key_prefix, name)
@@ -506,7 +506,7 @@ class CocoImporter(ProposalImporter):
             if self.images_root is not None:
                 file = _image_file(self.images_root, key)
                 if file is None:
-                    self.missing.append(key)
+                    self.missing.append(normalize_key(key))  # as the store would hold it
                     continue
             a, b = offsets[j], offsets[j + 1]
             try:

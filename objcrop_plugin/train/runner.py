@@ -849,7 +849,9 @@ def load_eval_labels(path: str | os.PathLike[str]) -> tuple[list[str], Any]:
         raise FileNotFoundError(f"data.labels: file not found: {p}")
     with open(p if p.is_file() else p / "labels.json", encoding="utf-8") as f:
         head = json.load(f)
-    if isinstance(head, dict) and "annotations" in head and "images" in head:
+    coco = isinstance(head, dict) and "annotations" in head and "images" in head
+    del head  # a COCO train split is gigabytes parsed: not held while it is read again
+    if coco:
         from ..proposals.importers import coco_labels
 
         keys, y, _ = coco_labels(p)

@@ -265,6 +265,12 @@ def test_boxes_evaluated_against_themselves_have_recall_one(tmp_path):
     same = _store(tmp_path, "same", records)
     r = recall(same, same, iou_thresholds=(0.5, 0.7, 0.95), ks=(10,))
     assert r["recall"] == {0.5: {10: 1.0}, 0.7: {10: 1.0}, 0.95: {10: 1.0}}
+    # a box with an infinite side is no box a view is cut from: clipped, it would cover the
+    # whole image and be found
+    inf = _store(tmp_path, "inf", [("e.jpg", [[float("-inf"), 0, float("inf"), 64]], [1.0],
+                                    (96, 64))])
+    whole = _store(tmp_path, "whole", [("e.jpg", [[0, 0, 96, 64]], None, (96, 64))])
+    assert recall(inf, whole, iou_thresholds=(0.5,), ks=(10,))["recall"] == {0.5: {10: 0.0}}
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match=r"IoU thresholds must be in \(0, 1\]"):
             recall(same, same, iou_thresholds=(bad,))
