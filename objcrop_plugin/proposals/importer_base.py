@@ -214,8 +214,8 @@ class BoxCheck:
         said = []
         if self.unusable:
             said.append(f"{self.unusable} of {self.boxes} boxes are inverted, not finite or of "
-                        f"no area in their image (e.g. {self.examples['unusable']}; x, y, w, h "
-                        "read as corners?)")
+                        f"no area in their image (e.g. {self.examples['unusable']}; inverted ones "
+                        "are often x, y, w, h read as corners)")
         if self.far_outside:
             said.append(f"{self.far_outside} boxes reach past their image by more than its "
                         f"size (e.g. {self.examples['far_outside']}; pixel and normalised "

@@ -525,7 +525,7 @@ def test_an_import_says_what_its_boxes_suggest_about_the_files_format(tmp_path, 
         assert import_to_store(make_importer("jsonl", src), tmp_path / "s.objcrop") == 2
     said = caplog.text
     assert "1 of 5 boxes are inverted, not finite or of no area in their image (e.g. a.jpg " \
-           "[30.0, 2.0, 3.0, 4.0]; x, y, w, h read as corners?)" in said
+           "[30.0, 2.0, 3.0, 4.0]; inverted ones are often x, y, w, h read as corners)" in said
     assert "1 boxes reach past their image by more than its size (e.g. a.jpg " \
            "[-200.0, 0.0, 20.0, 20.0] in 96x64; pixel and normalised" in said
     assert "1 keys are absolute paths (e.g. /data/b.jpg)" in said
