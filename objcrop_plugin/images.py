@@ -42,6 +42,7 @@ __all__ = [
     "read_image",
     "scan_images",
     "to_rgb",
+    "upright_size",
     "write_bad_list",
 ]
 
@@ -472,6 +473,17 @@ def _is_utf8(name: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def upright_size(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """The displayed ``(width, height)`` of an image from its header (EXIF orientation
+    applied, nothing decoded), or ``None`` when the file cannot be opened as an image."""
+    try:
+        opened = open_image(path)
+    except ImageDecodeError:
+        return None
+    opened.image.close()
+    return opened.size
 
 
 def read_image(path: str | os.PathLike[str]) -> OpenedImage:

@@ -143,17 +143,14 @@ def _check_sizes(source: Path, sampled: list[tuple[str, Path, tuple[int, int]]])
     orientation the annotations ignored, or another copy of the images): their boxes would
     land elsewhere, so such images get scene crops (counted as mismatched)."""
     from .. import boxes as box_ops
-    from ..images import ImageDecodeError, open_image
+    from ..images import upright_size
 
     wrong: list[str] = []
     checked = 0
     for key, file, size in sampled:
-        try:
-            opened = open_image(file)
-        except ImageDecodeError:
+        upright = upright_size(file)
+        if upright is None:
             continue
-        upright = opened.size
-        opened.image.close()
         checked += 1
         if box_ops.size_mismatch(size, upright) is not None:
             wrong.append(f"{key}: annotations {size[0]}x{size[1]}, image {upright[0]}x"

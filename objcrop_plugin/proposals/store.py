@@ -139,7 +139,7 @@ def sizes_fit_none(store: ProposalStore, pairs: Iterable[tuple[str, str | os.Pat
     an entry and a readable header, every stored size has another aspect ratio than the
     image (every sample would take scene crops). ``None`` when one agrees or none could be
     checked, else an example for the error message."""
-    from ..images import ImageDecodeError, open_image
+    from ..images import upright_size
 
     checked, example = 0, None
     for key, path in pairs:
@@ -148,12 +148,9 @@ def sizes_fit_none(store: ProposalStore, pairs: Iterable[tuple[str, str | os.Pat
         props = store.get(key)
         if props is None:
             continue
-        try:
-            opened = open_image(path)
-        except ImageDecodeError:
+        size = upright_size(path)
+        if size is None:
             continue
-        size = opened.size
-        opened.image.close()
         checked += 1
         if box_ops.size_mismatch(props.image_size, size) is None:
             return None
