@@ -187,27 +187,24 @@ class BoxCheck:
         owner = np.repeat(np.arange(len(recs)), counts)
         self.boxes += len(b)
         finite = np.isfinite(b).all(axis=1)
-        with np.errstate(invalid="ignore"):
-            c = np.where(finite[:, None], b, 0.0)
-            cw = np.minimum(np.maximum(c[:, 2], 0), wh[:, 0]) - np.minimum(
-                np.maximum(c[:, 0], 0), wh[:, 0])
-            ch = np.minimum(np.maximum(c[:, 3], 0), wh[:, 1]) - np.minimum(
-                np.maximum(c[:, 1], 0), wh[:, 1])
-            bad = ~finite | (cw <= 0) | (ch <= 0)  # no area in the image: no view from it
-            far = ~bad & ((b[:, 0] < -wh[:, 0]) | (b[:, 2] > 2 * wh[:, 0])
-                          | (b[:, 1] < -wh[:, 1]) | (b[:, 3] > 2 * wh[:, 1]))
+        c = np.where(finite[:, None], b, 0.0)
+        x = np.clip(c[:, 0::2], 0.0, wh[:, :1])  # clipped to each box's own image
+        y = np.clip(c[:, 1::2], 0.0, wh[:, 1:])
+        bad = ~finite | (x[:, 1] <= x[:, 0]) | (y[:, 1] <= y[:, 0])  # no view from it
+        far = ~bad & ((c[:, 0::2] < -wh[:, :1]) | (c[:, 0::2] > 2 * wh[:, :1])
+                      | (c[:, 1::2] < -wh[:, 1:]) | (c[:, 1::2] > 2 * wh[:, 1:])).any(axis=1)
+
+        def example(i: int, with_size: bool = False) -> str:
+            w, h = recs[owner[i]].image_size
+            return (f"{recs[owner[i]].key} {[round(v, 1) for v in b[i].tolist()]}"
+                    + (f" in {int(w)}x{int(h)}" if with_size else ""))
+
         if bad.any():
             self.unusable += int(bad.sum())
-            i = int(np.flatnonzero(bad)[0])
-            self.examples.setdefault("unusable", f"{recs[owner[i]].key} "
-                                                 f"{[round(v, 1) for v in b[i].tolist()]}")
+            self.examples.setdefault("unusable", example(int(np.flatnonzero(bad)[0])))
         if far.any():
             self.far_outside += int(far.sum())
-            i = int(np.flatnonzero(far)[0])
-            w, h = recs[owner[i]].image_size
-            self.examples.setdefault("far_outside",
-                                     f"{recs[owner[i]].key} {[round(v, 1) for v in b[i].tolist()]}"
-                                     f" in {int(w)}x{int(h)}")
+            self.examples.setdefault("far_outside", example(int(np.flatnonzero(far)[0]), True))
 
     def warn(self, source: Any) -> None:
         self._flush()

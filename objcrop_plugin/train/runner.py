@@ -154,12 +154,13 @@ def build_dataset(cfg: RecipeConfig, keys: Sequence[str] | None = None) -> Any:
             f"data.train_path: no images found under {root} (extensions {IMAGE_EXTENSIONS}, "
             "hidden files excluded). Fix: point it at the folder of training images"
         )
-    if store is not None and not any(k in store for k in keys[:200]):
-        raise RecipeError(
-            f"data.proposals: none of the first {min(200, len(keys))} images of "
-            f"{root} (e.g. '{keys[0]}') has an entry in {cfg.data.proposals}. Store keys "
-            "must be paths relative to data.train_path; rebuild the store from that folder"
-        )
+    if store is not None:  # the datasets' own check, named as the recipe's key
+        from ..engine.datasets import check_store_keys
+
+        try:
+            check_store_keys(store, keys, root)
+        except ValueError as exc:
+            raise RecipeError(f"data.{exc}") from None
     if store is not None:
         from ..proposals.store import sizes_fit_none, warn_if_files_changed
 
@@ -825,12 +826,13 @@ def _check_labels_folder(cfg: RecipeConfig, keys: Sequence[str], echo: Callable[
     if not keys:
         return
     root = Path(cfg.data.train_path)
-    picked = [keys[i] for i in np.linspace(0, len(keys) - 1, min(sample, len(keys))).astype(int)]
-    missing = [k for k in dict.fromkeys(picked) if not (root / k).is_file()]
+    spread = np.linspace(0, len(keys) - 1, min(sample, len(keys))).astype(int)
+    picked = list(dict.fromkeys(keys[i] for i in spread))
+    missing = [k for k in picked if not (root / k).is_file()]
     if not missing:
         return
     shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
-    checked = len(dict.fromkeys(picked))
+    checked = len(picked)
     if len(missing) == checked:
         raise RecipeError(
             f"data.labels: none of the {checked} labelled images checked is under "
